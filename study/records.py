@@ -1,0 +1,165 @@
+"""The three records every part of the arena speaks: Candidate, Trial, Result.
+
+Searchers produce candidates, the loop turns them into trials, launchers return results. They are
+plain dataclasses that round-trip through JSON because the journal (the source of truth) and
+`trial.json` on a remote node must hold them exactly; nothing here imports a searcher, a launcher
+or torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Outcomes of a trial. The first six come from the harness; the last two from a launcher, when the
+# infrastructure (not the candidate) ended the trial: `cancelled` (scancel, Ctrl-C, study stop) and
+# `lost` (node failure, preemption, a cluster that died, a job the scheduler forgot).
+HARNESS_STATUSES = ("ok", "crash", "timeout", "oom", "nan", "invalid")
+INFRA_STATUSES = ("cancelled", "lost")
+STATUSES = HARNESS_STATUSES + INFRA_STATUSES
+
+# Numbers a result may carry; every one is logged under this same name in the journal and MLflow.
+RESULT_NUMBERS = (
+    "val_bpb",
+    "training_seconds",
+    "total_seconds",
+    "num_steps",
+    "tokens",
+    "num_params",
+    "peak_memory_mb",
+    "mfu",
+    "tokens_per_second",
+    "queue_seconds",
+    "budget",
+    "agent_usd",
+)
+
+
+@dataclass
+class Candidate:
+    """One full `train.py` plus why it exists.
+
+    `knobs` holds the knob values this candidate sets (all of them for classical searchers, the
+    changed ones for an agent); `meta` is the searcher's private bookkeeping (an Optuna trial
+    number, a grid index) and must be JSON-serialisable so a resumed study can hand it back.
+    """
+
+    source: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+    hypothesis: str = ""
+    device_kind: str | None = None
+    seed: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(**{k: d[k] for k in _field_names(cls) if k in d})
+
+
+@dataclass
+class Trial:
+    """One run of one candidate on one slot. `objective` is what the harness needs (budget kind
+    and value, hard limit, data settings) and is written verbatim into `trial.json`."""
+
+    trial_id: str
+    index: int
+    candidate: Candidate
+    objective: dict[str, Any]
+    seed: int = 0
+    directory: str = ""
+    slot: str | None = None
+    device_kind: str | None = None
+    submitted_at: float | None = None  # seconds since study start (virtual under the simulator)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["candidate"] = self.candidate.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trial":
+        kw = {k: d[k] for k in _field_names(cls) if k in d}
+        kw["candidate"] = Candidate.from_dict(d["candidate"])
+        return cls(**kw)
+
+    def harness_spec(self) -> dict:
+        """What goes into `trial.json`: everything the harness on a bare node needs, nothing more."""
+        return {
+            "trial_id": self.trial_id,
+            "seed": self.seed if self.candidate.seed is None else self.candidate.seed,
+            "objective": self.objective,
+        }
+
+
+@dataclass
+class Result:
+    """What a trial produced. Harness fields follow `train/harness.py`'s `result.json`; the
+    launcher adds where and when (`slot`, `queue_seconds`, times since study start)."""
+
+    status: str
+    val_bpb: float | None = None
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    num_steps: int | None = None
+    tokens: int | None = None
+    num_params: int | None = None
+    peak_memory_mb: float | None = None
+    mfu: float | None = None
+    tokens_per_second: float | None = None
+    device: str | None = None
+    device_kind: str | None = None
+    host: str | None = None
+    torch_version: str | None = None
+    budget_kind: str | None = None
+    budget: float | None = None
+    error: str | None = None
+    reason: str | None = None
+    slot: str | None = None
+    queue_seconds: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown trial status {self.status!r}; expected one of {STATUSES}")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and self.val_bpb is not None and math.isfinite(self.val_bpb)
+
+    def score(self) -> float:
+        """The value a minimiser should see: val_bpb for a good trial, +inf for any failure, so a
+        crash can never look like a good score."""
+        return float(self.val_bpb) if self.ok else math.inf
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Result":
+        names = _field_names(cls)
+        kw = {k: d[k] for k in names if k in d}
+        extra = dict(d.get("extra") or {})
+        extra.update({k: v for k, v in d.items() if k not in names})
+        kw["extra"] = extra
+        return cls(**kw)
+
+    def numbers(self) -> dict[str, float]:
+        """Every finite number this result carries (fields and extra), for MLflow and analysis."""
+        out = {}
+        for k, v in {**self.extra, **self.to_dict()}.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if math.isfinite(v):
+                out[k] = float(v)
+        return out
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
