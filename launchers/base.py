@@ -73,8 +73,10 @@ class Launcher(ABC):
         """Seconds on the study's clock. Real time unless the launcher simulates it."""
         return time.time()
 
-    def idle(self, seconds: float) -> None:
-        """Advance the clock while the loop has nothing to submit (used by the simulator)."""
+    def advance(self, seconds: float) -> None:
+        """The searcher just spent `seconds` of real time thinking (an `ask`). A real clock has
+        already moved; a simulated clock adds them, so agent latency is real time on the virtual
+        clock. Under a simulated clock the loop calls `ask` synchronously, then this."""
 
     def close(self, cancel_running: bool = True) -> None:
         pass

@@ -1,0 +1,242 @@
+"""Run trials on this machine: one per GPU, or N CPU slots with the cores split between them.
+
+Each trial is the harness in a subprocess in its own session (process group), so a hard kill takes
+its whole tree. The children also outlive a `kill -9` of the orchestrator: each trial writes its
+pid next to its results, so a resumed study adopts a trial that is still running (or already wrote
+its result) instead of running it twice.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launchers.base import Launcher, LauncherError, Slot, harness_command, harness_env, read_result
+from study.records import Result, Trial
+
+KILL_GRACE_S = 30.0  # the harness enforces hard_limit_s itself; this is the backstop
+
+
+@dataclass
+class _Proc:
+    trial: Trial
+    slot: Slot
+    pid: int
+    popen: subprocess.Popen | None
+    started: float
+    deadline: float
+    cancelled: bool = False
+    killed_at_limit: bool = False
+
+
+class LocalLauncher(Launcher):
+    name = "local"
+
+    def __init__(self, slots: int | str = "auto", gpus: str | list[int] | None = "auto",
+                 threads_per_slot: int | None = None, pin_cores: bool = True, name: str = "local",
+                 python: str | None = None):
+        self.requested_slots = slots
+        self.gpus = gpus
+        self.threads_per_slot = threads_per_slot
+        self.pin_cores = pin_cores
+        self.python = python
+        self._slots: list[Slot] = []
+        self._procs: dict[str, _Proc] = {}
+
+    # -- setup ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        gpus = self._visible_gpus()
+        if gpus:
+            n = len(gpus) if self.requested_slots in ("auto", None) else int(self.requested_slots)
+            if n < 1 or n > len(gpus):
+                raise LauncherError(f"launcher.slots={n} but {len(gpus)} GPU(s) are visible (one trial per GPU)")
+            self._slots = [
+                Slot(name=f"gpu{idx}", device_kind=device_kind(gpu_name), info={"gpu": idx, "device": gpu_name})
+                for idx, gpu_name in gpus[:n]
+            ]
+            return
+        cores = sorted(os.sched_getaffinity(0))
+        n = len(cores) if self.requested_slots in ("auto", None) else int(self.requested_slots)
+        if n < 1:
+            raise LauncherError(f"launcher.slots must be >= 1, not {n}")
+        per = self.threads_per_slot or max(1, len(cores) // n)
+        self._slots = []
+        for i in range(n):
+            own = [cores[(i * per + j) % len(cores)] for j in range(per)]
+            self._slots.append(Slot(name=f"cpu{i}", device_kind="cpu", info={"threads": per, "cores": own}))
+
+    def _visible_gpus(self) -> list[tuple[int, str]]:
+        """GPUs from nvidia-smi, so the orchestrator never imports torch or touches CUDA."""
+        if self.gpus in (None, "none", False, []):
+            return []
+        if not shutil.which("nvidia-smi"):
+            if self.gpus not in ("auto",):
+                raise LauncherError(f"launcher.gpus={self.gpus} but nvidia-smi is not on PATH")
+            return []
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=True).stdout
+        except (subprocess.SubprocessError, OSError):
+            return []
+        found = []
+        for line in out.strip().splitlines():
+            idx, _, gpu_name = line.partition(",")
+            found.append((int(idx), gpu_name.strip()))
+        if isinstance(self.gpus, (list, tuple)):
+            found = [g for g in found if g[0] in set(self.gpus)]
+        return found
+
+    def slots(self) -> list[Slot]:
+        if not self._slots:
+            self.start()
+        return list(self._slots)
+
+    # -- running ----------------------------------------------------------------------------------
+    def submit(self, trial: Trial, slot: Slot) -> None:
+        trial_dir = Path(trial.directory)
+        env = harness_env(self._slot_env(slot))
+        out = open(trial_dir / "stdout.log", "ab")
+        cores = slot.info.get("cores") if self.pin_cores else None
+
+        def pin():  # runs in the child before exec: the slot's cores only
+            if cores:
+                os.sched_setaffinity(0, cores)
+
+        popen = subprocess.Popen(harness_command(trial_dir, self.python), cwd=trial_dir, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=pin if cores else None)
+        out.close()
+        (trial_dir / "pid").write_text(str(popen.pid))
+        now = time.time()
+        limit = float(trial.objective.get("hard_limit_s") or 3600)
+        self._procs[trial.trial_id] = _Proc(trial, slot, popen.pid, popen, now, now + limit + KILL_GRACE_S)
+
+    def _slot_env(self, slot: Slot) -> dict[str, str]:
+        if "gpu" in slot.info:
+            return {"CUDA_VISIBLE_DEVICES": str(slot.info["gpu"])}
+        threads = str(slot.info.get("threads", 1))
+        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                "ARENA_THREADS": threads}
+
+    def wait(self, timeout: float) -> list[tuple[str, Result]]:
+        deadline = time.time() + timeout
+        while True:
+            done = self._poll()
+            if done or time.time() >= deadline:
+                return done
+            time.sleep(min(0.02, max(0.0, deadline - time.time())))
+
+    def _poll(self) -> list[tuple[str, Result]]:
+        done = []
+        now = time.time()
+        for trial_id, p in list(self._procs.items()):
+            if now > p.deadline and not p.killed_at_limit:
+                p.killed_at_limit = True
+                _kill_group(p.pid)
+            if _alive(p):
+                continue
+            del self._procs[trial_id]
+            done.append((trial_id, self._result(p, now)))
+        return done
+
+    def _result(self, p: _Proc, now: float) -> Result:
+        trial_dir = Path(p.trial.directory)
+        if p.cancelled:
+            result = Result(status="cancelled", reason="cancelled by the study")
+        elif p.killed_at_limit:
+            result = read_result(trial_dir, missing_status="timeout",
+                                 reason=f"killed by the launcher past hard_limit_s+{KILL_GRACE_S:.0f}s")
+        else:
+            code = p.popen.returncode if p.popen else None
+            result = read_result(trial_dir, reason=f"harness exited with code {code} and no result.json")
+            if not (trial_dir / "result.json").exists():
+                result.error = (result.error or "") + _tail(trial_dir / "stdout.log")
+        result.slot = p.slot.name
+        result.started_at = result.started_at or p.started
+        result.finished_at = now
+        result.queue_seconds = 0.0
+        return result
+
+    def cancel(self, trial_id: str) -> None:
+        p = self._procs.get(trial_id)
+        if p and not p.cancelled:
+            p.cancelled = True
+            _kill_group(p.pid)
+
+    def adopt(self, trial: Trial, slot: Slot) -> bool:
+        """A trial from before a restart: adopt it if it is still running or already wrote its
+        result; otherwise the loop runs it again."""
+        trial_dir = Path(trial.directory)
+        try:
+            pid = int((trial_dir / "pid").read_text())
+        except (OSError, ValueError):
+            return False
+        running = _is_our_harness(pid, trial_dir)
+        if not running and not (trial_dir / "result.json").exists():
+            return False
+        now = time.time()
+        limit = float(trial.objective.get("hard_limit_s") or 3600)
+        started = (trial_dir / "pid").stat().st_mtime
+        self._procs[trial.trial_id] = _Proc(trial, slot, pid, None, started, started + limit + KILL_GRACE_S)
+        if not running:
+            self._procs[trial.trial_id].deadline = now + limit
+        return True
+
+    def close(self, cancel_running: bool = True) -> None:
+        if cancel_running:
+            for p in self._procs.values():
+                _kill_group(p.pid)
+
+
+def device_kind(gpu_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100': the kind agents and analysis group by."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", gpu_name.replace("NVIDIA", ""))
+    return m.group(1) if m else gpu_name.strip()
+
+
+def _alive(p: _Proc) -> bool:
+    if p.popen is not None:
+        return p.popen.poll() is None
+    return _is_our_harness(p.pid, Path(p.trial.directory))
+
+
+def _is_our_harness(pid: int, trial_dir: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    if "\nState:\tZ" in status:
+        return False
+    return b"train.harness" in cmdline and str(trial_dir).encode() in cmdline
+
+
+def _kill_group(pid: int) -> None:
+    for sig in (signal.SIGTERM,):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+    # SIGKILL shortly after, without blocking the loop
+    import threading
+
+    def later():
+        time.sleep(3.0)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    threading.Thread(target=later, daemon=True).start()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,357 @@
+"""The asynchronous study loop: keep every slot busy, let the searcher think beside the trials.
+
+Hydra's sweepers are batch-synchronous and its submitit launcher blocks, so this loop is ours:
+whenever a slot frees it is refilled at once from candidates already proposed; `ask` runs on a
+worker thread (an agent may think for minutes) while results keep being collected. Every event goes
+to the journal first (the source of truth), then to the MLflow mirror and the live display.
+Searcher calls are serialised: results that arrive while an `ask` is running are told to the
+searcher as soon as it returns, so a searcher never needs to be thread-safe.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launchers.base import Launcher, Slot
+from searchers.base import SearchContext, Searcher
+from study.journal import Journal, JournalState
+from study.records import Candidate, Result, Trial
+from study.trialdir import write_trial_dir
+
+log = logging.getLogger("arena.loop")
+
+
+@dataclass
+class StopRules:
+    max_trials: int | None = None
+    max_hours: float | None = None
+    target_val_bpb: float | None = None
+    on_stop: str = "cancel"  # what a time limit, a reached target or Ctrl-C does to trials in flight
+
+    def __post_init__(self):
+        if self.on_stop not in ("cancel", "finish"):
+            raise ValueError(f"study.on_stop must be 'cancel' or 'finish', not {self.on_stop!r}")
+        if self.max_trials is not None and self.max_trials < 1:
+            raise ValueError(f"study.max_trials must be >= 1, not {self.max_trials}")
+        if self.max_hours is not None and self.max_hours <= 0:
+            raise ValueError(f"study.max_hours must be > 0, not {self.max_hours}")
+
+
+@dataclass
+class Running:
+    trial: Trial
+    slot: Slot
+
+
+@dataclass
+class StudyState:
+    """What the display and the end-of-study summary read."""
+
+    slots: list[Slot] = field(default_factory=list)
+    running: dict[str, Running] = field(default_factory=dict)
+    history: list[tuple[Trial, Result]] = field(default_factory=list)
+    best: tuple[Trial, Result] | None = None
+    elapsed: float = 0.0
+    thinking: bool = False
+    stop_reason: str | None = None
+
+
+class StudyLoop:
+    def __init__(self, *, searcher: Searcher, launcher: Launcher, ctx: SearchContext, objective: dict,
+                 study_dir: Path, seed: int, rules: StopRules, mirror=None, display=None):
+        self.searcher = searcher
+        self.launcher = launcher
+        self.ctx = ctx
+        self.objective = objective
+        self.study_dir = Path(study_dir)
+        self.seed = seed
+        self.rules = rules
+        self.mirror = mirror
+        self.display = display
+        self.journal_path = self.study_dir / "journal.jsonl"
+        self.state = StudyState()
+        self.pending: list[Candidate] = []
+        self.untold: list[tuple[Trial, Result]] = []
+        self.next_index = 0
+        self.clock_origin = 0.0
+        self.staircase: list[tuple[int, float, str]] = []
+        self._ask_future: Future | None = None
+        self._ask_started = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="searcher-ask")
+        self._interrupts = 0
+        self._stop_submitting = False
+
+    # -- public ---------------------------------------------------------------------------------
+    def run(self, header: dict) -> StudyState:
+        journal_state = JournalState.load(self.journal_path)
+        self.journal = Journal(self.journal_path)
+        self.state.slots = self.launcher.slots()
+        if journal_state.header is None:
+            self.clock_origin = self.launcher.now()
+            self.journal.append("study", clock_origin=self.clock_origin, **header)
+        else:
+            self.clock_origin = journal_state.header["clock_origin"]
+            self.journal.append("resumed", at=self.launcher.now())
+        self.searcher.setup(self.ctx)
+        self._replay(journal_state)
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        try:
+            self._loop()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.journal.append("stopped", reason=self.state.stop_reason, at=self.now())
+            self.journal.close()
+        return self.state
+
+    def now(self) -> float:
+        """Seconds since the study started, on the launcher's clock (virtual when simulated)."""
+        return self.launcher.now() - self.clock_origin
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _replay(self, js: JournalState) -> None:
+        """Tell the searcher everything the journal says finished, then adopt or re-run the
+        trials that were in flight when the previous orchestrator died."""
+        self.next_index = 1 + max((t.index for t in js.trials.values()), default=-1)
+        for trial, result in js.finished():
+            self._record(trial, result, mirror=False)
+        if self.mirror:
+            self.mirror.catch_up([(t, r, self._times(t, r)) for t, r in self.state.history], self.staircase)
+        free = {s.name: s for s in self.state.slots}
+        for trial in js.in_flight():
+            slot = free.pop(trial.slot, None) or (free.pop(next(iter(free))) if free else None)
+            if slot is None:  # fewer slots than before the restart
+                result = Result(status="lost", reason="in flight at restart; no slot to resume it on")
+                self.journal.append("finished", trial_id=trial.trial_id, result=result.to_dict())
+                self._record(trial, result, mirror=True)
+                continue
+            if slot.name == trial.slot and self.launcher.adopt(trial, slot):
+                self.state.running[trial.trial_id] = Running(trial, slot)
+                self.journal.append("adopted", trial_id=trial.trial_id, slot=slot.name)
+                log.info("adopted %s still running on %s", trial.trial_id, slot.name)
+            else:
+                self._rerun(trial, slot)
+
+    def _rerun(self, trial: Trial, slot: Slot) -> None:
+        for name in ("result.json", "run.log"):
+            (Path(trial.directory) / name).unlink(missing_ok=True)
+        trial.slot, trial.device_kind = slot.name, slot.device_kind
+        trial.submitted_at = self.now()
+        self.journal.append("resubmitted", trial=trial.to_dict())
+        self.journal.append("submitted", trial=trial.to_dict())
+        self.launcher.submit(trial, slot)
+        self.state.running[trial.trial_id] = Running(trial, slot)
+        log.info("re-running %s (was in flight, not adoptable)", trial.trial_id)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self.state.elapsed = self.now()
+            self._check_stop()
+            self._collect_ask()
+            self._fill_slots()
+            self._maybe_ask()
+            if self._finished():
+                break
+            if self.display:
+                self.display.update(self.state, self.rules)
+            asking = self._ask_future is not None
+            for trial_id, result in self.launcher.wait(timeout=0.05 if asking else 0.5):
+                self._on_result(trial_id, result)
+        if self.display:
+            self.display.update(self.state, self.rules)
+
+    def _free_slots(self) -> list[Slot]:
+        busy = {r.slot.name for r in self.state.running.values()}
+        return [s for s in self.state.slots if s.name not in busy]
+
+    def _budget_left(self) -> int:
+        if self.rules.max_trials is None:
+            return 1 << 30
+        return max(0, self.rules.max_trials - self.next_index)
+
+    def _fill_slots(self) -> None:
+        if self._stop_submitting:
+            return
+        for slot in self._free_slots():
+            if not self.pending or self._budget_left() <= 0:
+                return
+            candidate = self._take_candidate(slot)
+            self._submit(candidate, slot)
+
+    def _take_candidate(self, slot: Slot) -> Candidate:
+        """Prefer a candidate that asked for this slot's device kind, else the oldest."""
+        for i, c in enumerate(self.pending):
+            if c.device_kind == slot.device_kind:
+                return self.pending.pop(i)
+        for i, c in enumerate(self.pending):
+            if c.device_kind is None:
+                return self.pending.pop(i)
+        return self.pending.pop(0)
+
+    def _submit(self, candidate: Candidate, slot: Slot) -> None:
+        index = self.next_index
+        self.next_index += 1
+        trial = Trial(
+            trial_id=f"t{index:04d}", index=index, candidate=candidate, objective=self.objective,
+            seed=self.seed if candidate.seed is None else candidate.seed,
+            slot=slot.name, device_kind=slot.device_kind,
+        )
+        trial.directory = str(write_trial_dir(self.study_dir / "trials" / trial.trial_id, trial))
+        trial.submitted_at = self.now()
+        self.journal.append("submitted", trial=trial.to_dict())
+        self.state.running[trial.trial_id] = Running(trial, slot)
+        self.launcher.submit(trial, slot)
+
+    def _maybe_ask(self) -> None:
+        if self._ask_future is not None or self._stop_submitting or self.searcher.done():
+            return
+        wanted = min(len(self._free_slots()), self._budget_left()) - len(self.pending)
+        if wanted <= 0:
+            return
+        self._tell_untold()
+        self.ctx.history = list(self.state.history)
+        self.ctx.in_flight = [r.trial for r in self.state.running.values()]
+        self._ask_started = time.time()
+        if self.launcher.simulated_time:
+            # Under a virtual clock, thinking time is charged explicitly, so ask in line.
+            self._ask_future = Future()
+            try:
+                self._ask_future.set_result(self.searcher.ask(wanted, self.ctx))
+            except Exception as e:  # noqa: BLE001
+                self._ask_future.set_exception(e)
+            self.launcher.advance(time.time() - self._ask_started)
+        else:
+            self._ask_future = self._pool.submit(self.searcher.ask, wanted, self.ctx)
+        self.state.thinking = True
+        self._collect_ask()
+
+    def _collect_ask(self) -> None:
+        fut = self._ask_future
+        if fut is None or not fut.done():
+            return
+        self._ask_future = None
+        self.state.thinking = False
+        try:
+            candidates = fut.result()
+        except Exception as e:  # noqa: BLE001 - a searcher bug ends the searcher, not the study
+            log.error("searcher.ask failed: %s: %s; no more candidates", type(e).__name__, e)
+            self.journal.append("searcher_error", error=f"{type(e).__name__}: {e}")
+            self._stop_submitting = True
+            self.state.stop_reason = self.state.stop_reason or f"searcher error: {type(e).__name__}: {e}"
+            candidates = []
+        self.pending.extend(candidates or [])
+        self.journal.append("asked", n=len(candidates or []), seconds=round(time.time() - self._ask_started, 3))
+        self._tell_untold()
+
+    def _tell_untold(self) -> None:
+        if self._ask_future is not None:
+            return
+        while self.untold:
+            trial, result = self.untold.pop(0)
+            try:
+                self.searcher.tell(trial, result)
+            except Exception as e:  # noqa: BLE001
+                log.error("searcher.tell(%s) failed: %s: %s", trial.trial_id, type(e).__name__, e)
+
+    def _on_result(self, trial_id: str, result: Result) -> None:
+        running = self.state.running.pop(trial_id, None)
+        if running is None:
+            return  # a late duplicate (e.g. cancelled twice)
+        trial = running.trial
+        now = self.now()
+        if result.finished_at is None:
+            result.finished_at = now + self.clock_origin
+        if result.started_at is None:
+            result.started_at = trial.submitted_at + self.clock_origin
+        if result.queue_seconds is None:
+            result.queue_seconds = max(0.0, result.started_at - self.clock_origin - trial.submitted_at)
+        result.slot = result.slot or running.slot.name
+        result.device_kind = result.device_kind or running.slot.device_kind
+        self.journal.append("finished", trial_id=trial_id, result=result.to_dict())
+        self._record(trial, result, mirror=True)
+
+    def _record(self, trial: Trial, result: Result, *, mirror: bool) -> None:
+        self.state.history.append((trial, result))
+        self.untold.append((trial, result))
+        self._tell_untold()
+        improved = result.ok and (self.state.best is None or result.score() < self.state.best[1].score())
+        if improved:
+            self.state.best = (trial, result)
+            self.staircase.append((len(self.state.history) - 1, result.val_bpb, trial.trial_id))
+            self._mark_best(trial)
+        if mirror and self.mirror:
+            self.mirror.trial_finished(trial, result, self._times(trial, result))
+            if improved:
+                self.mirror.best_improved(len(self.state.history) - 1, result.val_bpb, trial.trial_id)
+
+    def _times(self, trial: Trial, result: Result) -> dict[str, float]:
+        o = self.clock_origin
+        return {
+            "t_submitted": trial.submitted_at,
+            "t_started": None if result.started_at is None else result.started_at - o,
+            "t_finished": None if result.finished_at is None else result.finished_at - o,
+        }
+
+    def _mark_best(self, trial: Trial) -> None:
+        """The best candidate's directory is always findable: `best` links to it."""
+        link = self.study_dir / "best"
+        tmp = self.study_dir / ".best.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path("trials") / trial.trial_id)
+        tmp.replace(link)
+        shutil.copyfile(Path(trial.directory) / "train.py", self.study_dir / "best_train.py")
+
+    # -- stopping -------------------------------------------------------------------------------
+    def _check_stop(self) -> None:
+        if self._stop_submitting:
+            return
+        r = self.rules
+        reason = None
+        if r.max_hours is not None and self.now() >= r.max_hours * 3600:
+            reason = f"max_hours={r.max_hours} reached"
+        elif r.target_val_bpb is not None and self.state.best and self.state.best[1].val_bpb <= r.target_val_bpb:
+            reason = f"target val_bpb <= {r.target_val_bpb} reached by {self.state.best[0].trial_id}"
+        if reason:
+            self._stop(reason, cancel=r.on_stop == "cancel")
+
+    def _stop(self, reason: str, cancel: bool) -> None:
+        self._stop_submitting = True
+        self.state.stop_reason = reason
+        self.pending.clear()
+        log.info("stopping: %s (%s trials in flight)", reason, "cancelling" if cancel else "finishing")
+        if cancel:
+            for trial_id in list(self.state.running):
+                self.launcher.cancel(trial_id)
+
+    def _finished(self) -> bool:
+        if self.state.running:
+            return False
+        if self._stop_submitting:
+            return True
+        if self._budget_left() <= 0:
+            self.state.stop_reason = self.state.stop_reason or f"max_trials={self.rules.max_trials} reached"
+            return True
+        if self._ask_future is None and not self.pending and self.searcher.done():
+            self.state.stop_reason = self.state.stop_reason or "searcher has nothing more to propose"
+            return True
+        return False
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._interrupts += 1
+        if self._interrupts == 1 and not self._stop_submitting:
+            self._stop("interrupted (Ctrl-C)", cancel=self.rules.on_stop == "cancel")
+        else:
+            self._stop("interrupted twice (Ctrl-C): cancelling", cancel=True)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+

@@ -1,0 +1,269 @@
+"""From a resolved Hydra config to a finished study.
+
+Everything that can be checked is checked here, before a single trial starts, so bad input costs
+one clear line instead of compute: the preset's knobs against train.py, the space, the searcher
+(an agent without an API key), the launcher (a partition that does not exist), the tracking URI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from launchers.base import PROJECT_ROOT, Launcher, LauncherError
+from searchers.base import SearchContext, Searcher
+from study.journal import JournalState
+from study.loop import StopRules, StudyLoop
+from study.leaderboard import print_leaderboard
+
+log = logging.getLogger("arena")
+
+BUDGET_KINDS = ("seconds", "steps", "tokens")
+
+
+class ConfigError(ValueError):
+    """Bad input, reported as one line before any compute is spent."""
+
+
+def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: Launcher | None = None):
+    """Run (or resume) the study `cfg` describes. `searcher`/`launcher` may be passed in already
+    built (tests use this to inject a fake Anthropic transport); otherwise Hydra instantiates them."""
+    from hydra.utils import instantiate
+
+    conf = OmegaConf.to_container(cfg, resolve=True)
+    objective = check_objective(conf["objective"])
+    baseline = baseline_source(conf, objective)
+    space = check_space(conf.get("space") or {}, baseline)
+    study_dir = Path(conf["study"]["dir"]).resolve()
+    rules = StopRules(max_trials=conf["study"].get("max_trials"), max_hours=conf["study"].get("max_hours"),
+                      target_val_bpb=conf["study"].get("target_val_bpb"),
+                      on_stop=conf["study"].get("on_stop", "cancel"))
+    header = study_header(conf, objective, space)
+    existing = JournalState.load(study_dir / "journal.jsonl").header
+    if existing:
+        check_same_study(existing, header, study_dir)
+        header["study_id"] = existing["study_id"]
+
+    searcher = searcher or _build(instantiate, cfg.searcher, "searcher")
+    launcher = launcher or _build(instantiate, cfg.launcher, "launcher")
+    try:
+        launcher.start()
+    except LauncherError as e:
+        raise ConfigError(f"launcher {conf['launcher'].get('name')}: {e}") from None
+    slots = launcher.slots()
+
+    mirror = None
+    if conf["mlflow"].get("enabled", True):
+        from study.mirror import Mirror, MirrorError
+
+        mirror = Mirror(
+            tracking_uri=conf["mlflow"]["tracking_uri"], experiment=conf["study"]["experiment"],
+            study_id=header["study_id"], study_name=conf["study"]["name"], searcher=header["searcher"],
+            tags=parent_tags(conf, header, launcher, slots), params=flatten(conf), baseline_source=baseline)
+        try:
+            mirror.check()
+        except MirrorError as e:
+            raise ConfigError(str(e)) from None
+
+    if not getattr(launcher, "prepares_data_remotely", False):
+        prepare_data(objective)
+
+    ctx = SearchContext(
+        baseline_source=baseline, baseline_knobs=_read_knobs(baseline), space=space, seed=int(conf["seed"]),
+        study_dir=str(study_dir), objective=objective, device_kinds=device_kinds(slots))
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "baseline_train.py").write_text(baseline)
+    (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    display = None
+    if conf.get("progress", True):
+        from study.progress import LiveDisplay
+
+        display = LiveDisplay(conf["study"]["name"], launcher.simulated_time)
+    if mirror:
+        mirror.start()
+    loop = StudyLoop(searcher=searcher, launcher=launcher, ctx=ctx, objective=objective, study_dir=study_dir,
+                     seed=int(conf["seed"]), rules=rules, mirror=mirror, display=display)
+    started = time.time()
+    try:
+        if display:
+            display.start()
+        state = loop.run(header)
+    finally:
+        if display:
+            display.stop()
+        launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
+        searcher_summary = _safe_summary(searcher)
+        searcher.close()
+        if mirror:
+            mirror.finish(end_metrics(loop, searcher_summary, started), [study_dir / "agent"],
+                          status="KILLED" if loop.state.stop_reason and "interrupt" in loop.state.stop_reason
+                          else "FINISHED")
+            if not mirror.flush(float(conf["mlflow"].get("flush_timeout_s", 60))):
+                print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
+                      file=sys.stderr)
+            mirror.close()
+    print_leaderboard(state, conf, study_dir, mirror is not None, launcher.simulated_time)
+    return state
+
+
+def _build(instantiate, node, what: str):
+    try:
+        return instantiate(node, _convert_="all")
+    except Exception as e:  # noqa: BLE001 - Hydra wraps the real error; show its last line
+        cause = e
+        while getattr(cause, "__cause__", None) is not None:
+            cause = cause.__cause__
+        raise ConfigError(f"{what} {node.get('name', '?')}: {cause}") from None
+
+
+def check_objective(o: dict) -> dict:
+    o = dict(o)
+    if o.get("budget_kind") not in BUDGET_KINDS:
+        raise ConfigError(f"objective.budget_kind must be one of {BUDGET_KINDS}, not {o.get('budget_kind')!r}")
+    for key in ("budget", "hard_limit_s", "eval_tokens"):
+        value = o.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"objective.{key} must be a number > 0, not {value!r}")
+    if o["budget_kind"] == "seconds" and o["hard_limit_s"] <= o["budget"]:
+        raise ConfigError(f"objective.hard_limit_s ({o['hard_limit_s']}) must exceed a seconds budget ({o['budget']})")
+    o["cache_dir"] = str(Path(o["cache_dir"]).expanduser().resolve())
+    o.pop("knobs", None)
+    return o
+
+
+def baseline_source(conf: dict, objective: dict) -> str:
+    from train.knobs import KnobError, write_knobs
+
+    path = Path(conf["study"].get("baseline") or PROJECT_ROOT / "train" / "train.py")
+    if not path.is_file():
+        raise ConfigError(f"study.baseline {str(path)!r} is not a file")
+    source = path.read_text()
+    knobs = conf["objective"].get("knobs") or {}
+    try:
+        return write_knobs(source, knobs) if knobs else source
+    except KnobError as e:
+        raise ConfigError(f"objective.knobs: {e}") from None
+
+
+def check_space(space: dict, baseline: str) -> dict:
+    from searchers.space import validate_space
+
+    try:
+        return validate_space(space, _read_knobs(baseline))
+    except ValueError as e:
+        raise ConfigError(f"space: {e}") from None
+
+
+def _read_knobs(source: str) -> dict:
+    from train.knobs import read_knobs
+
+    return read_knobs(source)
+
+
+def study_header(conf: dict, objective: dict, space: dict) -> dict:
+    """What identifies a study: resuming with any of these changed would mix two experiments."""
+    return {
+        "study_id": f"{conf['study']['name']}-{uuid.uuid4().hex[:8]}",
+        "name": conf["study"]["name"],
+        "searcher": conf["searcher"].get("name", "?"),
+        "launcher": conf["launcher"].get("name", "?"),
+        "seed": conf["seed"],
+        "objective": objective,
+        "space": space,
+        "git_sha": git_sha(),
+    }
+
+
+def check_same_study(old: dict, new: dict, study_dir: Path) -> None:
+    differs = [k for k in ("searcher", "seed", "objective", "space") if json.dumps(old.get(k), sort_keys=True,
+                                                                                   default=str) !=
+               json.dumps(new.get(k), sort_keys=True, default=str)]
+    if differs:
+        raise ConfigError(f"{study_dir} holds a study with a different {', '.join(differs)}; "
+                          "resume it with the same settings or choose another study.name")
+
+
+def parent_tags(conf: dict, header: dict, launcher: Launcher, slots) -> dict[str, str]:
+    return {
+        "searcher": header["searcher"],
+        "launcher": header["launcher"],
+        "slots": str(len(slots)),
+        "objective": str(conf["objective"].get("preset")),
+        "seed": str(conf["seed"]),
+        "git_sha": header["git_sha"],
+        "time_mode": "simulated" if launcher.simulated_time else "real",
+        "device_kinds": json.dumps(device_kinds(slots), sort_keys=True),
+    }
+
+
+def device_kinds(slots) -> dict[str, dict[str, Any]]:
+    kinds: dict[str, dict[str, Any]] = {}
+    for s in slots:
+        k = kinds.setdefault(s.device_kind, {"count": 0, "speed": s.speed})
+        k["count"] += 1
+    return kinds
+
+
+def end_metrics(loop: StudyLoop, searcher_summary: dict, started: float) -> dict[str, float]:
+    history = loop.state.history
+    metrics = {
+        "n_trials": float(len(history)),
+        "n_ok": float(sum(r.ok for _, r in history)),
+        "wall_seconds": loop.now(),
+        "slot_seconds": float(sum((r.finished_at or 0) - (r.started_at or 0) for _, r in history)),
+        "orchestrator_seconds": time.time() - started,
+    }
+    if loop.state.best:
+        metrics["best_val_bpb_final"] = loop.state.best[1].val_bpb
+    for k, v in searcher_summary.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            metrics[k] = float(v)
+    return metrics
+
+
+def _safe_summary(searcher: Searcher) -> dict:
+    try:
+        return searcher.summary() or {}
+    except Exception as e:  # noqa: BLE001
+        log.warning("searcher.summary failed: %s", e)
+        return {}
+
+
+def prepare_data(objective: dict) -> None:
+    """Build the corpus, tokenizer and token caches once, before N trials would race to."""
+    cmd = [sys.executable, "-m", "train.prepare", "--corpus", str(objective["corpus"]),
+           "--vocab-size", str(objective["vocab_size"])]
+    env = {**os.environ, "ARENA_CACHE": objective["cache_dir"],
+           "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ConfigError(f"data preparation failed: {lines[-1] if lines else proc.returncode}")
+
+
+def flatten(conf: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in conf.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

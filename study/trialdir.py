@@ -1,0 +1,29 @@
+"""A trial's directory: the exact code that ran and everything needed to run it again anywhere."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from study.records import Trial
+
+
+def write_trial_dir(directory: Path, trial: Trial) -> Path:
+    """Write train.py and trial.json. trial.json carries the harness spec plus, for people, where
+    the candidate came from; the harness reads only the spec keys."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in ("result.json", "run.log"):
+        (directory / stale).unlink(missing_ok=True)
+    (directory / "train.py").write_text(trial.candidate.source)
+    spec = trial.harness_spec()
+    spec["candidate"] = {
+        "hypothesis": trial.candidate.hypothesis,
+        "parent": trial.candidate.parent,
+        "knobs": trial.candidate.knobs,
+        "device_kind": trial.candidate.device_kind,
+    }
+    tmp = directory / "trial.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=2, default=str))
+    os.replace(tmp, directory / "trial.json")
+    return directory
