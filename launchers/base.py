@@ -83,7 +83,8 @@ class Launcher(ABC):
 
 
 def harness_command(trial_dir: str | os.PathLike, python: str | None = None) -> list[str]:
-    return [python or sys.executable, "-m", "train.harness", str(trial_dir)]
+    # -P: the trial dir (the cwd) holds a train.py that must not shadow the `train` package
+    return [python or sys.executable, "-P", "-m", "train.harness", str(trial_dir)]
 
 
 def harness_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -88,7 +88,7 @@ class StudyLoop:
         self._stop_submitting = False
 
     # -- public ---------------------------------------------------------------------------------
-    def run(self, header: dict) -> StudyState:
+    def run(self, header: dict, setup_searcher: bool = True) -> StudyState:
         journal_state = JournalState.load(self.journal_path)
         self.journal = Journal(self.journal_path)
         self.state.slots = self.launcher.slots()
@@ -98,7 +98,8 @@ class StudyLoop:
         else:
             self.clock_origin = journal_state.header["clock_origin"]
             self.journal.append("resumed", at=self.launcher.now())
-        self.searcher.setup(self.ctx)
+        if setup_searcher:
+            self.searcher.setup(self.ctx)
         self._replay(journal_state)
         previous = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
         try:
@@ -217,7 +218,7 @@ class StudyLoop:
         if wanted <= 0:
             return
         self._tell_untold()
-        self.ctx.history = list(self.state.history)
+        self.ctx.history = self.state.history  # live and append-only: no copy per ask
         self.ctx.in_flight = [r.trial for r in self.state.running.values()]
         self._ask_started = time.time()
         if self.launcher.simulated_time:

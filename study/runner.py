@@ -54,11 +54,14 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
 
     searcher = searcher or _build(instantiate, cfg.searcher, "searcher")
     launcher = launcher or _build(instantiate, cfg.launcher, "launcher")
+    ctx = SearchContext(
+        baseline_source=baseline, baseline_knobs=_read_knobs(baseline), space=space, seed=int(conf["seed"]),
+        study_dir=str(study_dir), objective=objective)
+    study_dir.mkdir(parents=True, exist_ok=True)
     try:
-        launcher.start()
-    except LauncherError as e:
-        raise ConfigError(f"launcher {conf['launcher'].get('name')}: {e}") from None
-    slots = launcher.slots()
+        searcher.setup(ctx)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ConfigError(f"searcher {header['searcher']}: {e}") from None
 
     mirror = None
     if conf["mlflow"].get("enabled", True):
@@ -67,7 +70,7 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
         mirror = Mirror(
             tracking_uri=conf["mlflow"]["tracking_uri"], experiment=conf["study"]["experiment"],
             study_id=header["study_id"], study_name=conf["study"]["name"], searcher=header["searcher"],
-            tags=parent_tags(conf, header, launcher, slots), params=flatten(conf), baseline_source=baseline)
+            tags={}, params=flatten(conf), baseline_source=baseline)
         try:
             mirror.check()
         except MirrorError as e:
@@ -75,11 +78,15 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
 
     if not getattr(launcher, "prepares_data_remotely", False):
         prepare_data(objective)
+    try:  # the last check, because for cloud launchers it is the first thing that costs money
+        launcher.start()
+    except LauncherError as e:
+        raise ConfigError(f"launcher {conf['launcher'].get('name')}: {e}") from None
+    slots = launcher.slots()
+    ctx.device_kinds.update(device_kinds(slots))
+    if mirror:
+        mirror.tags = parent_tags(conf, header, launcher, slots)
 
-    ctx = SearchContext(
-        baseline_source=baseline, baseline_knobs=_read_knobs(baseline), space=space, seed=int(conf["seed"]),
-        study_dir=str(study_dir), objective=objective, device_kinds=device_kinds(slots))
-    study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "baseline_train.py").write_text(baseline)
     (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -96,7 +103,7 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
     try:
         if display:
             display.start()
-        state = loop.run(header)
+        state = loop.run(header, setup_searcher=False)
     finally:
         if display:
             display.stop()
@@ -157,6 +164,8 @@ def baseline_source(conf: dict, objective: dict) -> str:
 def check_space(space: dict, baseline: str) -> dict:
     from searchers.space import validate_space
 
+    if not space:  # an agent needs no space; a classical searcher says so itself
+        return {}
     try:
         return validate_space(space, _read_knobs(baseline))
     except ValueError as e:

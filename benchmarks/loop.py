@@ -1,0 +1,93 @@
+"""How much of the hardware the loop wastes.
+
+1. Scheduler overhead per trial: 1,000 slots of instant fake trials, so only the loop's own work
+   (journal, bookkeeping, trial directories, ask/tell) is timed. Goal < 1 ms.
+2. Idle gap of a slot between a trial ending and the next starting, and the share of slot-time
+   spent in counted training, from a real study run with `python run.py` on this CPU. Goals:
+   median gap <= 0.5 s; >= 90 % of slot-time in training at a 30 s budget (run with --minutes 10).
+
+    python benchmarks/loop.py                      # overhead + a short real study (tiny preset)
+    python benchmarks/loop.py --real cpu --minutes 10   # the 10-minute study at the cpu preset
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from searchers.base import SearchContext  # noqa: E402
+from study.journal import JournalState  # noqa: E402
+from study.loop import StopRules, StudyLoop  # noqa: E402
+from tests.fakes import InstantLauncher, ListSearcher  # noqa: E402
+
+
+def scheduler_overhead(slots: int = 1000, trials: int = 10000) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = SearchContext(baseline_source="X = 0\n", baseline_knobs={"X": 0}, space={}, seed=0,
+                            study_dir=tmp, objective={"hard_limit_s": 10})
+        loop = StudyLoop(searcher=ListSearcher(limit=trials), launcher=InstantLauncher(slots), ctx=ctx,
+                         objective={"hard_limit_s": 10}, study_dir=Path(tmp), seed=0,
+                         rules=StopRules(max_trials=trials))
+        start = time.perf_counter()
+        state = loop.run({"study_id": "bench"})
+        elapsed = time.perf_counter() - start
+        assert len(state.history) == trials
+    return elapsed / trials
+
+
+def real_study(preset: str, minutes: float, slots: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"objective={preset}", "progress=false", f"launcher.slots={slots}", "searcher=random",
+                     f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/out"]
+        if preset == "cpu":
+            overrides += ["objective.budget_kind=seconds", "objective.budget=30", "objective.hard_limit_s=120",
+                          f"study.max_hours={minutes / 60}", "study.max_trials=1000", "study.on_stop=finish"]
+        else:
+            overrides += ["study.max_trials=12"]
+        start = time.time()
+        subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides], cwd=tmp, check=True,
+                       stdout=subprocess.DEVNULL)
+        wall = time.time() - start
+        js = JournalState.load(next(Path(tmp, "studies").iterdir()) / "journal.jsonl")
+        origin = js.header["clock_origin"]
+        per_slot = defaultdict(list)
+        for trial, result in js.finished():
+            per_slot[trial.slot].append((trial.submitted_at, result.finished_at - origin, result))
+        gaps = []
+        for runs in per_slot.values():
+            runs.sort(key=lambda r: r[0])
+            gaps += [nxt[0] - prev[1] for prev, nxt in zip(runs, runs[1:])]
+        first = min(t.submitted_at for t in js.trials.values())
+        last = max(r.finished_at - origin for r in js.results.values())
+        slot_time = len(per_slot) * (last - first)
+        training = sum(r.training_seconds or 0 for r in js.results.values())
+        overhead = [r.total_seconds - r.training_seconds for r in js.results.values()
+                    if r.total_seconds and r.training_seconds]
+        print(f"real study ({preset}, {len(per_slot)} slots, {len(js.results)} trials, {wall:.0f} s wall):")
+        print(f"  slot idle gap between trials: median {statistics.median(gaps):.3f} s, max {max(gaps):.3f} s")
+        print(f"  harness fixed overhead per trial (total - training): median {statistics.median(overhead):.2f} s")
+        print(f"  share of slot-time in counted training: {training / slot_time * 100:.1f} %")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--real", default="tiny", choices=["tiny", "cpu", "none"])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--slots", type=int, default=2)
+    args = ap.parse_args()
+    per_trial = scheduler_overhead()
+    print(f"scheduler overhead: {per_trial * 1e3:.3f} ms per trial (1,000 slots, 10,000 instant trials)")
+    if args.real != "none":
+        real_study(args.real, args.minutes, args.slots)
+
+
+if __name__ == "__main__":
+    main()
