@@ -151,14 +151,16 @@ class Mirror:
 
         self._submit("catch-up", job)
 
-    def finish(self, metrics: dict[str, float], artifact_dirs: list[Path], status: str = "FINISHED") -> None:
+    def finish(self, metrics: dict[str, float], artifact_dirs: list[Path], status: str = "FINISHED",
+               tags: dict[str, str] | None = None) -> None:
         def job():
             self._ensure_parent()
             import mlflow.entities as ent
 
             now = int(time.time() * 1000)
             self.client.log_batch(self.parent_run_id, metrics=[
-                ent.Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None])
+                ent.Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+                tags=[ent.RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()])
             for d in artifact_dirs:
                 if Path(d).is_dir() and any(Path(d).iterdir()):
                     self.client.log_artifacts(self.parent_run_id, str(d), artifact_path=Path(d).name)

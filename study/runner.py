@@ -112,6 +112,8 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
         searcher.close()
         if mirror:
             mirror.finish(end_metrics(loop, searcher_summary, started), [study_dir / "agent"],
+                          tags={"stop_reason": loop.state.stop_reason or "",
+                                **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
                           status="KILLED" if loop.state.stop_reason and "interrupt" in loop.state.stop_reason
                           else "FINISHED")
             if not mirror.flush(float(conf["mlflow"].get("flush_timeout_s", 60))):

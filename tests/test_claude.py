@@ -1,0 +1,607 @@
+"""The Claude searcher driven through the real `anthropic` SDK against a scripted Messages API
+(tests/fake_anthropic.py); no test reaches the network. The end-to-end test runs a real study on
+the local launcher with real (tiny) training."""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from searchers.base import SearchContext
+from searchers.claude import ClaudeSearcher, ClaudeSearcherError
+from searchers.claude_board import Board
+from study.records import Candidate, Result, Trial
+from tests.conftest import ROOT, run_arena
+from tests.fake_anthropic import (
+    EDITOR, ENV_DUMP, FakeMessagesAPI, KnobAgent, bad_key, credit_too_low, knob_line, message, overloaded,
+    rate_limited, spend_limit, text, thinking, tool_use,
+)
+from train.knobs import read_knobs, write_knobs
+
+KEY = "sk-ant-api03-arenaTEST-0123456789abcdefghijklmnopqrstuvwxyz-SECRETSECRET"
+CONF = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml"))
+TINY_KNOBS = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"))["knobs"]
+BASELINE = write_knobs((ROOT / "train" / "train.py").read_text(), TINY_KNOBS)
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+
+
+def build(api: FakeMessagesAPI, **overrides) -> ClaudeSearcher:
+    kwargs = {k: v for k, v in CONF.items() if k != "_target_"}
+    kwargs.update({"max_retries": 2, "wave_backoff_s": 0, **overrides})
+    return ClaudeSearcher(**kwargs, http_client=api.client())
+
+
+def make_ctx(tmp_path, budget_kind="steps", kinds=None) -> SearchContext:
+    return SearchContext(baseline_source=BASELINE, baseline_knobs=read_knobs(BASELINE), space={}, seed=0,
+                         study_dir=str(tmp_path / "study"),
+                         objective={"budget_kind": budget_kind, "budget": 8, "hard_limit_s": 60, "warmup_steps": 1,
+                                    "corpus": "austen", "vocab_size": 512},
+                         device_kinds=kinds or {"cpu": {"count": 2, "speed": 1.0}})
+
+
+def started(ctx: SearchContext, searcher: ClaudeSearcher, cand: Candidate, index: int, kind: str = "cpu") -> Trial:
+    """What the loop does with a candidate: a trial with its own directory."""
+    trial = Trial(trial_id=f"t{index:04d}", index=index, candidate=cand, objective=ctx.objective,
+                  seed=ctx.seed if cand.seed is None else cand.seed, device_kind=kind)
+    d = Path(ctx.study_dir) / "trials" / trial.trial_id
+    d.mkdir(parents=True)
+    trial.directory = str(d)
+    (d / "train.py").write_text(cand.source)
+    return trial
+
+
+def finish(searcher, trial: Trial, val_bpb: float | None, status: str = "ok", log: str = "step 8 loss 5.1") -> None:
+    (Path(trial.directory) / "run.log").write_text(log + "\n")
+    searcher.tell(trial, Result(status=status, val_bpb=val_bpb, device_kind=trial.device_kind,
+                                error=None if status == "ok" else "Traceback: boom"))
+
+
+def tool_results(request: dict) -> list[dict]:
+    return [b for b in request["messages"][-1]["content"] if b.get("type") == "tool_result"]
+
+
+def baseline_line(knob: str) -> str:
+    return knob_line("\n".join(f"{i}\t{l}" for i, l in enumerate(BASELINE.splitlines(), 1)), knob)
+
+
+# -- configuration -------------------------------------------------------------------------------
+def test_no_api_key_is_one_clear_line(monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    with pytest.raises(ClaudeSearcherError) as e:
+        build(FakeMessagesAPI())
+    assert "ANTHROPIC_API_KEY" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_run_py_without_a_key_stops_in_one_line_before_any_trial(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    proc = run_arena(tmp_path, "objective=tiny", "progress=false", "searcher=claude", "~space", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "ANTHROPIC_API_KEY" in last
+    assert not list(tmp_path.glob("studies/*/trials/*")), "no trial may start without a key"
+
+
+def test_a_model_without_a_price_is_refused():
+    with pytest.raises(ClaudeSearcherError, match="no price for model 'claude-unknown'"):
+        build(FakeMessagesAPI(), model="claude-unknown")
+
+
+# -- a wave through the SDK -------------------------------------------------------------------------
+def test_a_wave_edits_candidates_through_the_sdk(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 2.0]))
+    searcher, ctx = build(api), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(3, ctx)
+
+    assert [c.meta["role"] for c in out] == ["baseline", "agent", "agent"]
+    assert out[0].source == BASELINE
+    lr = read_knobs(BASELINE)["MATRIX_LR"]
+    for cand, factor in zip(out[1:], [0.5, 2.0]):
+        assert cand.knobs == {"MATRIX_LR": lr * factor}
+        assert read_knobs(cand.source) == {**read_knobs(BASELINE), **cand.knobs}
+        changed = [l for l in difflib.ndiff(BASELINE.splitlines(), cand.source.splitlines()) if l[:1] in "+-"]
+        assert len(changed) == 2, changed  # one line out, one line in: the edit and nothing else
+        assert cand.parent is None and "MATRIX_LR" in cand.hypothesis
+
+    first = api.requests[0]
+    assert first["model"] == CONF["model"] and first["thinking"] == CONF["thinking"]
+    assert {"type": "text_editor_20250728", "name": EDITOR} == {k: first["tools"][0][k] for k in ("type", "name")}
+    assert {t["name"] for t in first["tools"][1:]} == {"read_results", "read_trial", "start_from",
+                                                        "submit_candidate", "keep_note"}
+    system = first["system"][0]
+    assert system["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    assert BASELINE in system["text"] and "`cpu`: 2 slot(s), relative speed 1.0" in system["text"]
+    assert "**0.01** val_bpb" in system["text"] and "8 optimizer steps" in system["text"]
+    # thinking blocks go back exactly as received, and only the conversation's tail is a breakpoint
+    assert api.requests[1]["messages"][1]["content"] == api.responses[0][1]["content"]
+    marks = [b for m in api.requests[1]["messages"] for b in m["content"] if "cache_control" in b]
+    assert marks == [api.requests[1]["messages"][-1]["content"][-1]]
+
+    transcript = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
+    assert transcript["outcome"] == "ok" and [s["file"] for s in transcript["submitted"]] == ["c1", "c2"]
+    assert transcript["messages"][1]["content"] == api.responses[0][1]["content"]
+    assert (tmp_path / "study" / "agent" / "notes.md").read_text() == "wave 1: tried MATRIX_LR"
+
+
+def test_cost_adds_up_from_the_usage_fields(tmp_path):
+    api = FakeMessagesAPI([message(text("Let me think first."), output_tokens=50)],
+                          policy=KnobAgent("MATRIX_LR", [0.5, 2.0, 0.8]))
+    searcher, ctx = build(api, max_nudges=1, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(3, ctx)  # a reminded turn, then a full wave of 3
+    assert [c.knobs["MATRIX_LR"] / read_knobs(BASELINE)["MATRIX_LR"] for c in out] == pytest.approx([0.5, 2.0, 0.8])
+
+    p = CONF["prices"][CONF["model"]]
+    expected = sum(u["input_tokens"] * p["input"] + u["cache_creation"]["ephemeral_5m_input_tokens"] * p["cache_write_5m"]
+                   + u["cache_creation"]["ephemeral_1h_input_tokens"] * p["cache_write_1h"]
+                   + u["cache_read_input_tokens"] * p["cache_read"] + u["output_tokens"] * p["output"]
+                   for u in api.usages()) / 1e6
+    summary = searcher.summary()
+    assert summary["agent_usd_total"] == pytest.approx(expected)
+    assert summary["agent_calls"] == len(api.usages()) == 4
+    assert summary["agent_output_tokens"] == sum(u["output_tokens"] for u in api.usages())
+    assert summary["agent_cache_read_tokens"] == sum(u["cache_read_input_tokens"] for u in api.usages())
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "costs.jsonl").read_text().splitlines()]
+    assert sum(r["usd"] for r in rows) == pytest.approx(expected) and rows[-1]["usd_total"] == pytest.approx(expected)
+    assert sum(c.meta["agent_usd"] for c in out) == pytest.approx(expected)
+    assert sum(c.meta["agent_input_tokens"] for c in out) == pytest.approx(summary["agent_input_tokens"])
+
+
+# -- tools: confinement and checks ----------------------------------------------------------------
+def test_path_traversal_and_fixed_files_are_refused(tmp_path):
+    evil = tmp_path / "evil.py"
+    prepare = (ROOT / "train" / "prepare.py").read_bytes()
+    old = baseline_line("WEIGHT_DECAY")
+    api = FakeMessagesAPI([
+        message(thinking(),
+                tool_use(EDITOR, {"command": "view", "path": "../../../etc/passwd"}),
+                tool_use(EDITOR, {"command": "create", "path": str(evil), "file_text": "x = 1\n"}),
+                tool_use(EDITOR, {"command": "str_replace", "path": "train/prepare.py",
+                                  "old_str": "def evaluate_bpb", "new_str": "def _evaluate_bpb"}),
+                tool_use(EDITOR, {"command": "create", "path": "c1/../train/harness.py", "file_text": ""}),
+                tool_use(EDITOR, {"command": "view", "path": "/train/prepare.py", "view_range": [1, 5]})),
+        message(tool_use(EDITOR, {"command": "str_replace", "path": "/c1/train.py", "old_str": old,
+                                  "new_str": old.replace("=", "= 0.5 *", 1)})),
+        message(tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "halve weight decay"})),
+    ])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+
+    results = tool_results(api.requests[1])
+    assert [bool(r.get("is_error")) for r in results] == [True, True, True, True, False]
+    assert "outside this wave's workspace" in results[0]["content"]
+    assert "fixed" in results[2]["content"] and "fixed" in results[3]["content"]
+    assert "1\t" in results[4]["content"]  # the fixed files can be read
+    assert not evil.exists() and (ROOT / "train" / "prepare.py").read_bytes() == prepare
+    assert len(out) == 1 and out[0].knobs == {"WEIGHT_DECAY": 0.5 * read_knobs(BASELINE)["WEIGHT_DECAY"]}
+    assert searcher.summary()["agent_refused_tool_calls"] == 4
+
+
+def test_a_broken_candidate_goes_back_to_the_model_as_feedback(tmp_path):
+    old = baseline_line("MATRIX_LR")
+    broken = old.replace("=", "= (", 1)
+    api = FakeMessagesAPI([
+        message(tool_use(EDITOR, {"command": "str_replace", "path": "c1/train.py", "old_str": old, "new_str": broken}),
+                tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "lower LR"})),
+        message(thinking(), tool_use(EDITOR, {"command": "str_replace", "path": "c1/train.py", "old_str": broken,
+                                              "new_str": "MATRIX_LR = 0.03"}),
+                tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "lower LR"})),
+    ])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+
+    first = tool_results(api.requests[1])
+    assert not first[0].get("is_error") and first[1]["is_error"] and "does not compile" in first[1]["content"]
+    assert len(out) == 1 and out[0].knobs == {"MATRIX_LR": 0.03}
+    compile(out[0].source, "train.py", "exec")
+    assert searcher.summary()["agent_broken_submissions"] == 1
+
+
+def test_unchanged_and_duplicate_candidates_are_refused(tmp_path):
+    old = baseline_line("MATRIX_LR")
+    api = FakeMessagesAPI([
+        message(tool_use(EDITOR, {"command": "insert", "path": "c1/train.py",
+                                  "insert_line": BASELINE.splitlines().index(old),
+                                  "insert_text": "# a comment changes nothing that runs\n"}),
+                tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "a new seed"})),
+        message(tool_use(EDITOR, {"command": "str_replace", "path": "c1/train.py", "old_str": old,
+                                  "new_str": "MATRIX_LR  =  0.03   # same value, other layout"}),
+                tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "lower LR"})),
+        message(tool_use(EDITOR, {"command": "str_replace", "path": "c1/train.py", "old_str": "MATRIX_LR  =  0.03",
+                                  "new_str": "MATRIX_LR = 0.05"}),
+                tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "higher LR"})),
+    ])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    ctx.in_flight = [started(ctx, searcher, Candidate(source=write_knobs(BASELINE, {"MATRIX_LR": 0.03}),
+                                                      hypothesis="someone else's idea"), 7)]
+    out = searcher.ask(1, ctx)
+
+    assert "same code as its starting point" in tool_results(api.requests[1])[1]["content"]
+    assert "same code as t0007" in tool_results(api.requests[2])[1]["content"]
+    assert [c.knobs for c in out] == [{"MATRIX_LR": 0.05}] and "# a comment changes nothing" in out[0].source
+
+
+def test_a_candidate_still_waiting_for_a_slot_is_not_proposed_twice(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.5, 0.7]))
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    first = searcher.ask(1, ctx)  # the loop holds it until a slot frees
+    second = searcher.ask(1, ctx)
+    state = api.requests[3]["messages"][0]["content"][0]["text"]
+    assert f"(waiting for a slot) {first[0].hypothesis}" in state
+    refused = tool_results(api.requests[6])  # wave 2: view, edit, submit -> refused; then the agent tries again
+    assert refused[1]["is_error"] and "same code as candidate c1 of wave 1" in refused[1]["content"]
+    assert [c.knobs["MATRIX_LR"] for c in second] == pytest.approx([read_knobs(BASELINE)["MATRIX_LR"] * 0.5 * 0.7])
+
+
+def test_results_logs_and_diffs_are_readable_and_start_from_sets_the_parent(tmp_path):
+    searcher, ctx = build(FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5]))), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    base, cand = searcher.ask(2, ctx)
+    t0, t1 = started(ctx, searcher, base, 0), started(ctx, searcher, cand, 1)
+    finish(searcher, t0, 2.50)
+    finish(searcher, t1, 2.60, log="step 8 loss 5.3\nfinal note from t0001")
+
+    old = knob_line("\n".join(f"0\t{l}" for l in cand.source.splitlines()), "MATRIX_LR")
+    api = FakeMessagesAPI([
+        message(tool_use("read_results", {"top": 5, "last": 5}),
+                tool_use("read_trial", {"trial_id": "t0001", "part": "log", "lines": 1}),
+                tool_use("read_trial", {"trial_id": "t0001", "part": "diff", "against": "baseline"}),
+                tool_use("start_from", {"candidate": "c1", "trial_id": "t0001"})),
+        message(tool_use(EDITOR, {"command": "str_replace", "path": "c1/train.py", "old_str": old,
+                                  "new_str": "MATRIX_LR = 0.011"}),
+                tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "even lower LR"})),
+    ])
+    searcher.client = build(api).client
+    out = searcher.ask(1, ctx)
+    table, log, diff, _ = (r["content"] for r in tool_results(api.requests[1]))
+    assert "t0000\tok\t2.5000" in table and "t0001\tok\t2.6000\t+0.1000" in table and "discarded" in table
+    assert log == "final note from t0001"
+    assert f"-{baseline_line('MATRIX_LR')}" in diff and f"+{old}" in diff
+    assert out[0].parent == "t0001" and out[0].knobs == {"MATRIX_LR": 0.011}
+
+
+# -- the keep rule ----------------------------------------------------------------------------------
+def _run(board: Board, tid: str, source: str, val: float | None, *, seed=0, kind="cpu", meta=None,
+         status="ok", index=None) -> None:
+    cand = Candidate(source=source, seed=seed, meta=meta or {})
+    trial = Trial(trial_id=tid, index=index if index is not None else int(tid[1:]), candidate=cand, objective={},
+                  seed=seed, device_kind=kind)
+    board.record(trial, Result(status=status, val_bpb=val, device_kind=kind))
+
+
+def _board(**kw) -> Board:
+    args = dict(noise_margin=0.01, confirm_seeds=2, kind_sensitive=False, wait_for_baseline=True)
+    return Board(BASELINE, **{**args, **kw})
+
+
+def test_a_clear_win_is_kept_and_a_loss_or_a_failure_is_not():
+    b = _board()
+    _run(b, "t0000", BASELINE, 2.00)
+    _run(b, "t0001", "A = 1\n", 2.05)
+    _run(b, "t0002", "B = 1\n", None, status="crash")
+    assert b.best_id == "t0000"
+    _run(b, "t0003", "C = 1\n", 1.98)
+    assert b.best_id == "t0003" and b.best_source() == "C = 1\n"
+    assert b.runs["t0001"].decision.startswith("discarded") and b.runs["t0002"].decision == "crash"
+
+
+@pytest.mark.parametrize("reruns, kept", [((1.994, 1.996), True), ((2.01, 2.02), False)])
+def test_a_win_within_noise_needs_reruns_under_other_seeds(reruns, kept):
+    b = _board()
+    _run(b, "t0000", BASELINE, 2.00)
+    _run(b, "t0001", "A = 1\n", 1.995, seed=0)
+    assert b.best_id == "t0000" and b.runs["t0001"].decision.startswith("confirming")
+    jobs = b.confirmations_due(set())
+    assert [(j.challenger, j.seed, j.source) for j in jobs] == [("t0001", 1, "A = 1\n"), ("t0001", 2, "A = 1\n")]
+    assert b.confirmations_due({("t0001", 1), ("t0001", 2)}) == []
+    for i, (job, v) in enumerate(zip(jobs, reruns)):
+        _run(b, f"t000{2 + i}", job.source, v, seed=job.seed, meta={"role": "confirm", "confirms": "t0001"})
+    assert (b.best_id == "t0001") is kept
+    if kept:
+        assert b.best_score() == pytest.approx((1.995 + 1.994 + 1.996) / 3)
+
+
+def test_without_reruns_a_win_within_noise_is_discarded():
+    b = _board(confirm_seeds=0)
+    _run(b, "t0000", BASELINE, 2.00)
+    _run(b, "t0001", "A = 1\n", 1.995)
+    assert b.best_id == "t0000" and "within noise" in b.runs["t0001"].decision and not b.confirmations_due(set())
+
+
+def test_candidates_wait_for_the_baseline_before_being_judged():
+    b = _board()
+    _run(b, "t0001", "A = 1\n", 2.05, index=1)
+    assert b.best_id is None and "waiting" in b.runs["t0001"].decision
+    _run(b, "t0000", BASELINE, 2.00, index=0)
+    assert b.best_id == "t0000" and b.runs["t0001"].decision.startswith("discarded")
+
+
+def test_under_a_seconds_budget_a_win_on_a_faster_device_is_rerun_on_the_best_kind():
+    b = _board(kind_sensitive=True)
+    _run(b, "t0000", BASELINE, 2.00, kind="H100")
+    _run(b, "t0001", "A = 1\n", 1.90, kind="H200")  # far beyond the margin, but on the faster kind
+    assert b.best_id == "t0000"
+    jobs = b.confirmations_due(set())
+    assert {j.device_kind for j in jobs} == {"H100"} and len(jobs) == 2
+    for i, job in enumerate(jobs):
+        _run(b, f"t000{2 + i}", job.source, 2.02, seed=job.seed, kind="H100",
+             meta={"role": "confirm", "confirms": "t0001"})
+    assert b.best_id == "t0000" and "rejected" in b.runs["t0001"].decision  # the H200 score is not counted
+
+
+def test_the_searcher_issues_reruns_itself_without_calling_the_api(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.9]))
+    searcher, ctx = build(api), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    base, cand = searcher.ask(2, ctx)
+    finish(searcher, started(ctx, searcher, base, 0), 2.000)
+    t1 = started(ctx, searcher, cand, 1)
+    finish(searcher, t1, 1.995)
+    calls = len(api.requests)
+    reruns = searcher.ask(2, ctx)
+    assert len(api.requests) == calls, "re-runs need no model call"
+    assert [(c.source, c.meta["role"], c.parent) for c in reruns] == [(cand.source, "confirm", "t0001")] * 2
+    assert sorted(c.seed for c in reruns) == [t1.seed + 1, t1.seed + 2]
+    for i, c in enumerate(reruns):
+        finish(searcher, started(ctx, searcher, c, 2 + i), 1.990)
+    assert searcher.board.best_id == "t0001" and searcher.summary()["agent_kept"] == 1
+
+
+def test_reruns_outlive_a_stopped_agent_and_infrastructure_failures(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.9]))
+    searcher, ctx = build(api), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    base, cand = searcher.ask(2, ctx)
+    finish(searcher, started(ctx, searcher, base, 0), 2.000)
+    finish(searcher, started(ctx, searcher, cand, 1), 1.995)
+    api.policy, api.script = None, [credit_too_low()]
+    reruns = searcher.ask(3, ctx)  # two re-runs, and a wave that meets an empty account
+    assert [c.meta["role"] for c in reruns] == ["confirm", "confirm"] and searcher.stop_reason
+    assert not searcher.done(), "the keep rule still waits for its re-runs"
+    calls = len(api.requests)
+    lost = started(ctx, searcher, reruns[0], 2)
+    finish(searcher, lost, None, status="lost")
+    again = searcher.ask(2, ctx)
+    assert [(c.seed, c.meta["role"]) for c in again] == [(lost.seed, "confirm")] and len(api.requests) == calls
+    finish(searcher, started(ctx, searcher, again[0], 3), 1.990)
+    finish(searcher, started(ctx, searcher, reruns[1], 4), 1.990)
+    assert searcher.board.best_id == "t0001" and searcher.done()
+
+
+def test_a_cancelled_baseline_is_run_again(tmp_path):
+    searcher, ctx = build(FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.7]))), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    base, _ = searcher.ask(2, ctx)
+    finish(searcher, started(ctx, searcher, base, 0), None, status="cancelled")
+    assert [c.meta["role"] for c in searcher.ask(2, ctx)] == ["baseline", "agent"]
+
+
+def test_malformed_tool_input_is_an_error_the_model_reads(tmp_path):
+    old = baseline_line("MATRIX_LR")
+    api = FakeMessagesAPI([
+        message(tool_use("read_trial", {"trial_id": "t9999", "part": "log"}),
+                tool_use("read_results", {"top": "many"}),
+                tool_use("no_such_tool", {}),
+                tool_use(EDITOR, {"command": "view", "path": "c1/train.py", "view_range": [0, 10**6]})),
+        message(tool_use(EDITOR, {"command": "str_replace", "path": "c1/train.py", "old_str": old,
+                                  "new_str": "MATRIX_LR = 0.03"}),
+                tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "lower LR"})),
+    ])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+    errors = tool_results(api.requests[1])
+    assert all(r["is_error"] for r in errors) and "no trial 't9999'" in errors[0]["content"]
+    assert "TypeError" in errors[1]["content"] and "unknown tool" in errors[2]["content"]
+    assert len(out) == 1 and searcher.summary()["agent_tool_errors"] == 4
+
+
+# -- API errors --------------------------------------------------------------------------------------
+def test_429_and_529_are_retried_by_the_sdk(tmp_path):
+    api = FakeMessagesAPI([rate_limited(), overloaded()], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+    assert len(out) == 1 and not searcher.done()
+    assert [h["x-stainless-retry-count"] for h in api.headers[:3]] == ["0", "1", "2"]
+    assert searcher.summary()["agent_calls"] == 3  # only answered calls cost money
+
+
+@pytest.mark.parametrize("error, requests, words", [
+    (spend_limit, 3, "enforced_spend_limit_reached"),  # a 429: the SDK retries it like any rate limit
+    (credit_too_low, 1, "credit balance is too low"),
+    (bad_key, 1, "AuthenticationError 401"),
+])
+def test_errors_no_retry_can_fix_end_the_searcher_cleanly(tmp_path, error, requests, words):
+    api = FakeMessagesAPI([error() for _ in range(3)])
+    searcher, ctx = build(api), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(2, ctx)
+    assert [c.meta["role"] for c in out] == ["baseline"]  # costs no API call, still runs
+    assert searcher.done() and words in searcher.summary()["agent_stop_reason"]
+    assert len(api.requests) == requests
+    assert searcher.ask(2, ctx) == [] and len(api.requests) == requests
+    wave = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
+    assert wave["outcome"] == "stopped" and words in wave["reason"]
+    finish(searcher, started(ctx, searcher, out[0], 0), 2.0)  # results are still told and kept
+    assert searcher.board.best_id == "t0000"
+
+
+def test_a_transient_failure_skips_the_wave_and_repeated_failures_stop(tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr("searchers.claude.time.sleep", waits.append)
+    api = FakeMessagesAPI([overloaded() for _ in range(9)])
+    searcher, ctx = build(api, run_baseline=False, max_failed_waves=3, wave_backoff_s=7), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    for i in range(3):
+        assert not searcher.done()
+        assert searcher.ask(1, ctx) == []
+    assert searcher.done() and "3 waves in a row" in searcher.summary()["agent_stop_reason"]
+    outcomes = [json.loads(l)["outcome"] for l in (tmp_path / "study" / "agent" / "waves.jsonl").read_text().splitlines()]
+    assert outcomes == ["error"] * 3 and len(api.requests) == 9
+    assert [w for w in waits if w >= 1] == [7, 14], "an outage gets time to pass between waves"
+
+
+def test_a_model_that_submits_nothing_is_reminded_then_the_wave_is_skipped(tmp_path):
+    api = FakeMessagesAPI([message(thinking(), text(f"Idea {i}: try a wider MLP.")) for i in range(3)])
+    searcher, ctx = build(api, run_baseline=False, max_nudges=2), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert searcher.ask(2, ctx) == [] and not searcher.done()
+    assert len(api.requests) == 3
+    for req in api.requests[1:]:
+        assert "No candidate has been submitted yet" in req["messages"][-1]["content"][-1]["text"]
+    assert searcher.summary()["agent_waves_skipped"] == 1
+    assert "no usable candidate" in json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())["reason"]
+
+
+def test_max_usd_stops_the_agent_cleanly(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False, max_usd=0.01), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert searcher.ask(1, ctx) == []
+    assert len(api.requests) == 1 and searcher.done() and "max_usd=0.01" in searcher.summary()["agent_stop_reason"]
+    # a resumed study remembers what was spent
+    again = build(FakeMessagesAPI(), run_baseline=False, max_usd=0.01)
+    again.setup(ctx)
+    assert again.done() and again.summary()["agent_usd_total"] == searcher.summary()["agent_usd_total"] > 0.01
+
+
+# -- memory, resume, secrets -----------------------------------------------------------------------------
+def test_each_wave_starts_from_a_compact_state_that_does_not_grow(tmp_path):
+    scores = [2.0 + 0.001 * math.sin(i) for i in range(250)]
+    best10 = sorted(range(250), key=scores.__getitem__)[:10]
+    forgotten = next(i for i in range(250) if i not in best10)
+    lr_line = baseline_line("MATRIX_LR")
+
+    def first_prompt(n_trials: int) -> str:
+        api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5]))
+        searcher, ctx = build(api, run_baseline=False, confirm_seeds=0), make_ctx(tmp_path / str(n_trials))
+        searcher.setup(ctx)
+        for i in range(n_trials):
+            source = BASELINE.replace(lr_line, f"MATRIX_LR = {0.001 * (i + 1)!r}")
+            cand = Candidate(source=source, hypothesis=f"idea number {i} " + "x" * 80)
+            finish(searcher, started(ctx, searcher, cand, i), scores[i])
+        searcher.ask(1, ctx)
+        return api.requests[0]["messages"][0]["content"][0]["text"]
+
+    small, large = first_prompt(40), first_prompt(250)
+    assert "idea number 249 " in large and f"idea number {best10[0]} " in large
+    assert f"idea number {forgotten} " not in large
+    assert len(large) < 1.2 * len(small)
+
+
+def test_a_resumed_searcher_keeps_spend_notes_and_wave_numbers(tmp_path):
+    ctx = make_ctx(tmp_path)
+    first = build(FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5])))
+    first.setup(ctx)
+    base, cand = first.ask(2, ctx)
+    trials = [started(ctx, first, base, 0), started(ctx, first, cand, 1)]
+    for t, v in zip(trials, (2.0, 1.9)):
+        finish(first, t, v)
+
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.7]))
+    second = build(api)
+    second.setup(ctx)
+    for t, v in zip(trials, (2.0, 1.9)):  # the loop replays the journal
+        second.tell(t, Result(status="ok", val_bpb=v, device_kind="cpu"))
+    assert second.summary()["agent_usd_total"] == pytest.approx(first.summary()["agent_usd_total"])
+    out = second.ask(1, ctx)
+    assert [c.meta["role"] for c in out] == ["agent"], "the baseline already ran"
+    state = api.requests[0]["messages"][0]["content"][0]["text"]
+    assert state.startswith("# Wave 2") and "wave 1: tried MATRIX_LR" in state and "Best (kept): t0001" in state
+    assert out[0].parent == "t0001" and (tmp_path / "study" / "agent" / "wave_0002.json").exists()
+
+
+def test_the_key_is_sent_to_the_api_but_never_written(tmp_path):
+    api = FakeMessagesAPI([rate_limited()], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(2, ctx)
+    searcher.client = build(FakeMessagesAPI([credit_too_low()])).client
+    searcher.ask(1, ctx)
+    assert len(out) == 2 and searcher.done()
+    assert any(KEY in v for h in api.headers for v in h.values()), "the key must reach the API"
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    for p in files:
+        assert KEY.encode() not in p.read_bytes(), p
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+def test_two_waves_end_to_end_with_real_training(tmp_path, monkeypatch):
+    """`run_study` with the claude searcher on the local launcher, 2 CPU slots, real tiny training."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from mlflow.tracking import MlflowClient
+
+    from study.journal import JournalState
+    from study.runner import run_study
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "searcher=claude", "objective=tiny", "~space", "progress=false", "launcher.slots=2", "study.max_trials=4",
+            "searcher.confirm_seeds=0", f"study.dir={tmp_path}/study", f"mlflow.tracking_uri={uri}"])
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 2.0, 0.8, 1.25], dump_env_in_wave=2))
+    searcher = instantiate(cfg.searcher, http_client=api.client(), max_retries=2, _convert_="all")
+    state = run_study(cfg, searcher=searcher)
+
+    study = tmp_path / "study"
+    js = JournalState.load(study / "journal.jsonl")
+    finished = js.finished()
+    assert len(finished) == 4 and all(r.status == "ok" for _, r in finished), [r.error for _, r in finished]
+    system = (study / "agent" / "system_prompt.md").read_text()
+    assert "`cpu`: 2 slot(s), relative speed 1.0" in system and "8 optimizer steps" in system
+    waves = [json.loads(l) for l in (study / "agent" / "waves.jsonl").read_text().splitlines()]
+    assert len(waves) >= 2 and {w["outcome"] for w in waves} == {"ok"}
+    roles = sorted(t.candidate.meta["role"] for t, _ in finished)
+    assert roles == ["agent", "agent", "agent", "baseline"]
+
+    # every agent trial ran the model's edit, and every result was told back and judged
+    for trial, result in finished:
+        source = (Path(trial.directory) / "train.py").read_text()
+        if trial.candidate.meta["role"] == "agent":
+            assert read_knobs(source)["MATRIX_LR"] != read_knobs(BASELINE)["MATRIX_LR"]
+        run = searcher.board.runs[trial.trial_id]
+        assert run.score == pytest.approx(result.val_bpb) and run.decision
+    assert searcher.board.best_id is not None
+    wave2 = json.loads((study / "agent" / "wave_0002.json").read_text())
+    seen = wave2["messages"][0]["content"][0]["text"]
+    first_agent = next(t for t, _ in finished if t.candidate.meta.get("agent_wave") == 1)
+    assert first_agent.trial_id in seen and "t0000" in seen  # wave 2 saw wave 1's results
+
+    # the agent's dollars reach MLflow per trial and per study, with the transcripts as artifacts
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.study.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("arena.kind") == "study")
+    children = [r for r in runs if r.data.tags.get("arena.kind") == "trial"]
+    total = searcher.summary()["agent_usd_total"]
+    assert parent.data.metrics["agent_usd_total"] == pytest.approx(total) and total > 0
+    assert sum(r.data.metrics.get("agent_usd", 0) for r in children) == pytest.approx(total)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "agent")}
+    assert "agent/wave_0001.json" in artifacts and "agent/costs.jsonl" in artifacts
+
+    # the key reached no trial (a candidate printed its environment into its log) and no file
+    dumped = [t for t, _ in finished if ENV_DUMP in (Path(t.directory) / "train.py").read_text()]
+    assert len(dumped) == 1 and os.environ["ANTHROPIC_API_KEY"] == KEY
+    log = (Path(dumped[0].directory) / "run.log").read_text()
+    assert "TRIAL_ENV" in log and "'PATH'" in log and "ANTHROPIC" not in log
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes(), p
+    assert state.best is not None
