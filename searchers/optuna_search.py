@@ -1,0 +1,189 @@
+"""Optuna's samplers (TPE, random, CMA-ES, GP) behind the arena's ask/tell, one class for all.
+
+Optuna already does the sampling, the parallel-trial bookkeeping (TPE's constant liar) and the
+persistence (an RDB study in the study directory), so this file only translates: a space spec
+into Optuna distributions, an Optuna trial into a candidate, a result into a COMPLETE or FAIL.
+
+Resume: the study loop replays `tell` from its journal into a searcher whose Optuna study was
+loaded from `optuna.db`, so `tell` skips trials the storage already finished, and adds to the
+storage any journal trial it does not hold (a lost or replaced optuna.db), keyed by the arena
+trial id. Optuna trials left RUNNING by a killed orchestrator that the loop is not re-running
+(not in `ctx.in_flight` at the first ask) are *reused*: handed out again, with the parameters
+already sampled for them, before anything new is sampled, so the sampler is never left waiting
+on trials that will not finish and no sample is wasted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from searchers import space as sp
+from searchers.base import SearchContext, Searcher
+from study.records import Candidate, Result, Trial
+
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+}
+LABELS = {"tpe": "TPE", "random": "random", "cmaes": "CMA-ES", "gp": "GP"}
+# Optuna's own categorical choices must be None/bool/int/float/str; a tuple knob (ADAM_BETAS)
+# travels as its JSON text.
+PRIMITIVES = (type(None), bool, int, float, str)
+
+
+class OptunaSearcher(Searcher):
+    """`sampler` picks the Optuna sampler; `options` are that sampler's own keyword arguments
+    (e.g. tpe: multivariate, constant_liar, n_startup_trials), passed through unchanged so the
+    Optuna docs are the reference. `enqueue_baseline` makes trial 0 the baseline's values."""
+
+    def __init__(self, name: str = "tpe", sampler: str = "tpe", options: dict | None = None,
+                 enqueue_baseline: bool = True, storage_file: str = "optuna.db"):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown optuna sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        self.name = name
+        self.sampler_name = sampler
+        self.options = sp.plain(options or {})
+        self.enqueue_baseline = enqueue_baseline
+        self.storage_file = storage_file
+        self.reused: list[int] = []  # Optuna trial numbers handed out again after a resume
+
+    def setup(self, ctx: SearchContext) -> None:
+        super().setup(ctx)
+        self.space = sp.validate_space(ctx.space, ctx.baseline_knobs)
+        self.distributions = {k: _distribution(spec) for k, spec in self.space.items()}
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the study loop reports progress
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        try:
+            sampler = SAMPLERS[self.sampler_name](seed=ctx.seed, **self.options)
+        except TypeError as e:
+            raise ValueError(f"bad options for optuna {self.sampler_name}: {e}") from None
+        os.makedirs(ctx.study_dir, exist_ok=True)
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{os.path.abspath(os.path.join(ctx.study_dir, self.storage_file))}")
+        # No fsync per commit (Optuna commits every parameter): several times faster on a busy or
+        # network disk. A killed process still leaves a consistent file; after an OS crash that
+        # damaged it, delete optuna.db: the journal's replay rebuilds it (see `tell`).
+        sqlalchemy.event.listen(storage.engine, "connect", _no_fsync)
+        storage.engine.dispose()  # reconnect with the setting
+        self.study = optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
+                                         direction="minimize", load_if_exists=True)
+        self._orphans: list[FrozenTrial] | None = None  # found at the first ask, after the replay
+
+    def ask(self, n: int, ctx: SearchContext) -> list[Candidate]:
+        if self._orphans is None:
+            if self.enqueue_baseline and not self.study.get_trials(deepcopy=False):
+                self._enqueue_baseline()  # a fresh study: not after a replay rebuilt the storage
+            running = {t.candidate.meta.get("optuna_trial") for t in ctx.in_flight}
+            pending = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            self._orphans = [t for t in pending if t.number not in running]
+            for t in [t for t in self._orphans if set(t.params) != set(self.distributions)]:
+                self.study.tell(t.number, state=TrialState.FAIL)  # killed mid-ask, or another space
+                self._orphans.remove(t)
+        out = []
+        for _ in range(n):
+            meta = {"optuna_study": self.name}
+            if self._orphans:
+                frozen = self._orphans.pop(0)
+                number, params = frozen.number, frozen.params
+                self.reused.append(number)
+                meta["reused"] = True
+            else:
+                trial = self.study.ask(fixed_distributions=self.distributions)
+                number, params = trial.number, trial.params
+            meta["optuna_trial"] = number
+            values = {k: _external(self.space[k], params[k]) for k in self.space}
+            hypothesis = f"{LABELS[self.sampler_name]} #{number}: {sp.describe(values, ctx.baseline_knobs)}"
+            out.append(sp.candidate(ctx, values, hypothesis, meta=meta))
+        return out
+
+    def tell(self, trial: Trial, result: Result) -> None:
+        """Failures are FAIL, never a value, so no sampler can mistake a crash for a good run."""
+        params = self._params(trial.candidate)
+        if params is None:
+            return  # not a candidate over this space: nothing the sampler can learn from
+        state = TrialState.COMPLETE if result.ok else TrialState.FAIL
+        value = result.score() if result.ok else None
+        trials = self.study.get_trials(deepcopy=False)
+        number = trial.candidate.meta.get("optuna_trial")
+        stored = next((t for t in trials if t.number == number), None)
+        if stored is not None and stored.params == params:
+            self.study.tell(number, value, state=state, skip_if_finished=True)
+        elif not any(t.user_attrs.get("arena_trial_id") == trial.trial_id for t in trials):
+            # The storage never saw this journal trial (optuna.db lost or replaced): rebuild it.
+            self.study.add_trial(optuna.trial.create_trial(
+                params=params, distributions=self.distributions, value=value, state=state,
+                user_attrs={"arena_trial_id": trial.trial_id}))
+
+    def summary(self) -> dict[str, Any]:
+        trials = self.study.get_trials(deepcopy=False)
+        return {
+            "optuna_trials": len(trials),
+            "optuna_failed": sum(t.state == TrialState.FAIL for t in trials),
+            "optuna_reused": len(self.reused),
+        }
+
+    def _enqueue_baseline(self) -> None:
+        """Only the baseline values inside the space are fixed; the others are sampled (Optuna
+        refuses a categorical value outside its choices and would warn on an out-of-range one)."""
+        params = {}
+        for name, dist in self.distributions.items():
+            value = _internal(self.space[name], self.ctx.baseline_knobs[name])
+            if _inside(dist, value):
+                params[name] = value
+        outside = sorted(set(self.distributions) - set(params))
+        if outside:
+            logging.getLogger(__name__).warning(
+                "baseline values of %s lie outside the space; trial 0 samples them", ", ".join(outside))
+        self.study.enqueue_trial(params)
+
+    def _params(self, cand: Candidate) -> dict[str, Any] | None:
+        if any(k not in cand.knobs for k in self.distributions):
+            return None
+        params = {k: _internal(self.space[k], cand.knobs[k]) for k in self.distributions}
+        if not all(_inside(d, params[k]) for k, d in self.distributions.items()):
+            return None
+        return params
+
+
+def _no_fsync(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=OFF")
+
+
+def _distribution(spec: dict[str, Any]):
+    if spec["type"] == "categorical":
+        return CategoricalDistribution([_internal(spec, c) for c in spec["choices"]])
+    cls = IntDistribution if spec["type"] == "int" else FloatDistribution
+    step = {"step": spec["step"]} if "step" in spec else {}
+    return cls(spec["low"], spec["high"], log=spec["log"], **step)
+
+
+def _internal(spec: dict[str, Any], value: Any) -> Any:
+    """A knob value as Optuna stores it (a sequence becomes its JSON text)."""
+    if spec["type"] == "categorical" and not isinstance(value, PRIMITIVES):
+        return json.dumps(list(value))
+    return value
+
+
+def _external(spec: dict[str, Any], value: Any) -> Any:
+    if spec["type"] == "categorical":
+        for choice in spec["choices"]:
+            if _internal(spec, choice) == value:
+                return choice
+    return value
+
+
+def _inside(dist, value: Any) -> bool:
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
