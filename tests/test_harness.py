@@ -1,0 +1,316 @@
+"""The harness on real trials: a tiny real train.py, real training, real prepare.py data.
+
+Every faulty or forging train.py is the baseline with one small edit, made here so it follows the
+baseline as it changes; `_edit` fails loudly if the text it edits is gone.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from train.harness import Run, TrialFailed
+from train.knobs import write_knobs
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = (ROOT / "train" / "train.py").read_text()
+CPU_PRESET = OmegaConf.load(ROOT / "conf" / "objective" / "cpu.yaml")
+TINY_KNOBS = dict(DEPTH=1, ASPECT_RATIO=32, HEAD_DIM=16, SEQ_LEN=32, DEVICE_BATCH_SIZE=4, TOTAL_BATCH_SIZE=128)
+TINY = write_knobs(BASELINE, TINY_KNOBS)
+STEPS = 6
+
+
+def objective(**overrides) -> dict:
+    """The cpu preset's data (its token cache is shared with real studies) at a tiny budget."""
+    return {
+        "preset": "test", "corpus": CPU_PRESET.corpus, "vocab_size": CPU_PRESET.vocab_size,
+        "budget_kind": "steps", "budget": STEPS, "hard_limit_s": 120, "warmup_steps": 1,
+        "eval_tokens": 2048, "eval_batch_size": 8, "cache_dir": os.environ.get("ARENA_CACHE"), **overrides,
+    }
+
+
+def run_trial(trial_dir: Path, source: str, seed: int = 1, **overrides) -> dict:
+    """`python -m train.harness TRIAL_DIR` as a launcher runs it; returns its result.json."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "train.py").write_text(source)
+    (trial_dir / "trial.json").write_text(json.dumps({"trial_id": trial_dir.name, "seed": seed,
+                                                      "objective": objective(**overrides)}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ARENA_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial_dir)], cwd=trial_dir.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads((trial_dir / "result.json").read_text())
+
+
+def _edit(source: str, old: str, new: str) -> str:
+    assert source.count(old) == 1, f"the baseline no longer contains {old!r}"
+    return source.replace(old, new)
+
+
+def _in_train(source: str, code: str) -> str:
+    """`code` runs at the start of train()."""
+    return _edit(source, "def train(model, run):\n", "def train(model, run):\n" + code)
+
+
+@pytest.fixture(scope="module")
+def honest_dir(tmp_path_factory):
+    trial = tmp_path_factory.mktemp("honest") / "trial"
+    run_trial(trial, TINY)
+    return trial
+
+
+@pytest.fixture(scope="module")
+def honest(honest_dir):
+    return json.loads((honest_dir / "result.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# An honest trial
+
+
+def test_honest_trial_reports_every_field(honest):
+    assert honest["status"] == "ok", honest.get("error")
+    assert 0 < honest["val_bpb"] < 2 * math.log2(CPU_PRESET.vocab_size)
+    assert honest["num_steps"] == STEPS
+    assert honest["tokens"] == STEPS * TINY_KNOBS["TOTAL_BATCH_SIZE"]
+    assert 0 < honest["training_seconds"] < honest["total_seconds"]
+    assert honest["tokens_per_second"] > 0 and honest["num_params"] > 0 and honest["peak_memory_mb"] > 0
+    assert honest["device"] == "cpu" and honest["mfu"] is None and honest["torch_version"]
+    assert (honest["budget_kind"], honest["budget"]) == ("steps", STEPS)
+    assert honest["eval_seq_len"] == TINY_KNOBS["SEQ_LEN"] and honest["error"] is None
+
+
+def test_trial_leaves_only_its_result_and_log(honest_dir):
+    assert sorted(p.name for p in honest_dir.iterdir()) == ["result.json", "run.log", "train.py", "trial.json"]
+    assert "status=ok" in (honest_dir / "run.log").read_text()
+
+
+def test_the_seed_changes_the_score(honest, tmp_path):
+    # The same seed reproducing the score exactly is shown by the forgery test below.
+    assert run_trial(tmp_path / "seed2", TINY, seed=2)["val_bpb"] != honest["val_bpb"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forgeries: none gets its fake score
+
+
+def test_printing_returning_or_writing_a_score_changes_nothing(honest, tmp_path):
+    forged = _edit(TINY, "def train(model, run):\n", "def _train(model, run):\n") + '''
+
+import json as _json
+from pathlib import Path as _Path
+
+_FAKE = {"status": "ok", "val_bpb": 0.1}
+_Path(__file__).with_name("result.json").write_text(_json.dumps(_FAKE))  # also runs in the evaluator
+
+
+def train(model, run):
+    _train(model, run)
+    print("val_bpb: 0.100000", flush=True)
+    _Path("result.json").write_text(_json.dumps(_FAKE))
+    return 0.1
+'''
+    trial = tmp_path / "trial"
+    result = run_trial(trial, forged)
+    assert "val_bpb: 0.100000" in (trial / "run.log").read_text()  # the forgery did run
+    assert result["status"] == "ok" and result["val_bpb"] == honest["val_bpb"]
+
+
+@pytest.mark.parametrize("where, patch, name", [
+    ("module", "import torch.nn.functional as _F\n_ce = _F.cross_entropy\n"
+               "_F.cross_entropy = lambda *a, **k: 0.5 * _ce(*a, **k)\n", "torch.nn.functional.cross_entropy"),
+    ("build_model", "    _ls = torch.log_softmax\n    torch.log_softmax = lambda *a, **k: 0.5 * _ls(*a, **k)\n",
+     "torch.log_softmax"),
+    ("forward", "        import train.prepare\n        train.prepare.evaluate_bpb = lambda *a, **k: {'val_bpb': 0.1}\n",
+     "train.prepare.evaluate_bpb"),
+], ids=["F.cross_entropy-at-import", "torch.log_softmax-in-build_model", "evaluate_bpb-in-forward"])
+def test_monkeypatching_the_evaluation_is_invalid(tmp_path, where, patch, name):
+    anchors = {"module": "import torch\n", "build_model": "def build_model(vocab_size):\n",
+               "forward": "    def forward(self, idx):\n        T = idx.size(1)\n"}
+    source = _edit(TINY, anchors[where], anchors[where] + patch)
+    result = run_trial(tmp_path / "trial", source)
+    assert result["status"] == "invalid" and result["val_bpb"] is None
+    assert "integrity" in result["error"] and name in result["error"]
+
+
+@pytest.mark.parametrize("old, new", [
+    ("is_causal=True", "is_causal=False"),  # attends to later tokens
+    ("x = x0 = norm(self.wte(idx))", "x = x0 = norm(self.wte(idx) + self.wte(idx).mean(0))"),  # reads other rows
+], ids=["future-tokens", "other-rows"])
+def test_a_model_that_peeks_is_invalid(tmp_path, old, new):
+    result = run_trial(tmp_path / "trial", _edit(TINY, old, new))
+    assert result["status"] == "invalid" and result["val_bpb"] is None
+    assert "non-causal" in result["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Each status from a real faulty train.py
+
+
+def test_an_exception_is_a_crash_with_its_traceback(tmp_path):
+    result = run_trial(tmp_path / "trial", _in_train(TINY, "    raise ValueError('boom in train')\n"))
+    assert result["status"] == "crash" and result["val_bpb"] is None
+    assert "Traceback" in result["error"] and "ValueError: boom in train" in result["error"]
+
+
+def test_an_allocation_that_cannot_succeed_is_oom(tmp_path):
+    # 4 EiB: the allocator refuses at once, as CUDA does when a batch does not fit.
+    result = run_trial(tmp_path / "trial", _in_train(TINY, "    torch.empty(2**62, dtype=torch.uint8)\n"))
+    assert result["status"] == "oom" and result["val_bpb"] is None
+
+
+@pytest.mark.parametrize("source", [
+    _edit(TINY, "run.step(total_loss / accum_steps)", "run.step(total_loss / accum_steps * float('nan'))"),
+    write_knobs(TINY, {"MATRIX_LR": 1e9, "EMBEDDING_LR": 1e9, "UNEMBEDDING_LR": 1e9, "SOFTCAP": 0.0}),
+], ids=["nan-loss", "lr-1e9"])
+def test_a_diverging_loss_is_nan_and_stops_early(tmp_path, source):
+    result = run_trial(tmp_path / "trial", source, budget=200)
+    assert result["status"] == "nan" and result["val_bpb"] is None
+    assert result["num_steps"] < 200
+
+
+def test_past_the_hard_limit_the_whole_process_group_is_killed(tmp_path):
+    pids = tmp_path / "pids"
+    stall = (
+        "    import subprocess, time\n"
+        "    child = subprocess.Popen(['sleep', '600'])\n"
+        f"    open({str(pids)!r}, 'w').write(f'{{__import__(\"os\").getpid()}} {{child.pid}}')\n"
+        "    time.sleep(600)\n"
+    )
+    result = run_trial(tmp_path / "trial", _in_train(TINY, stall), hard_limit_s=5)
+    assert result["status"] == "timeout" and result["val_bpb"] is None
+    for pid in map(int, pids.read_text().split()):
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of the worker may linger as a zombie until init reaps it.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("source, fragment", [
+    (_edit(TINY, "def norm(x):\n", "def norm(x)\n"), "does not parse: expected ':' (line"),
+    (_edit(TINY, "def build_model(vocab_size):", "def make_model(vocab_size):"), "does not define build_model()"),
+    (_edit(TINY, "def build_model(vocab_size):", "build_model = 3\ndef make_model(vocab_size):"),
+     "does not define build_model()"),
+    (_in_train(TINY, "    return\n"), "without drawing a batch"),
+    (_edit(TINY, "    return GPT(vocab_size,", "    return 'a model', GPT(vocab_size,"), "not a torch.nn.Module"),
+], ids=["syntax-error", "no-build_model", "build_model-not-callable", "no-steps", "not-a-module"])
+def test_a_train_py_that_breaks_the_contract_is_invalid(tmp_path, source, fragment):
+    result = run_trial(tmp_path / "trial", source)
+    assert result["status"] == "invalid" and result["val_bpb"] is None
+    assert fragment in result["error"]
+
+
+def test_a_bad_trial_json_is_a_one_line_crash(tmp_path):
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    (trial / "train.py").write_text(TINY)
+    (trial / "trial.json").write_text(json.dumps({"seed": 1, "objective": {"corpus": "austen"}}))
+    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    result = json.loads((trial / "result.json").read_text())
+    assert done.returncode == 0 and result["status"] == "crash"
+    assert result["error"].startswith("bad trial.json") and "vocab_size" in result["error"]
+    assert "\n" not in result["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run: the budget, the clock and the data train() sees (in-process, on a toy token array)
+
+
+def toy_run(**kw) -> Run:
+    settings = dict(device="cpu", vocab_size=100, train_tokens=np.arange(1000, dtype=np.uint16) % 100, seed=0,
+                    budget_kind="steps", budget=5, warmup_steps=0)
+    return Run(**{**settings, **kw})
+
+
+def test_steps_budget_ends_on_the_last_step():
+    run = toy_run(budget=5)
+    done = [run.step(1.0) for _ in range(5)]
+    assert done == [False] * 4 + [True] and run.progress == 1.0 and run.num_steps == 5
+
+
+def test_tokens_budget_counts_the_tokens_drawn_for_each_step():
+    run = toy_run(budget_kind="tokens", budget=1000)
+    batches = run.batches(4, 32)
+    steps = 0
+    while True:
+        next(batches)
+        steps += 1
+        if run.step(1.0):
+            break
+    assert steps == 8 and run.tokens == 8 * 4 * 32  # the first step at or past 1000 tokens
+    assert run.stats()["tokens"] == run.tokens
+
+
+def test_seconds_budget_skips_the_warmup_steps():
+    run = toy_run(budget_kind="seconds", budget=1.0, warmup_steps=3)
+    for _ in range(3):
+        time.sleep(0.4)  # slow warm-up steps (compilation): 1.2 s in all, more than the budget
+        assert not run.step(1.0)
+    assert run.progress < 1.0
+    while not run.step(1.0):
+        time.sleep(0.01)
+    assert run.training_seconds >= 1.0 and run.progress == 1.0
+
+
+def test_batches_are_shifted_windows_of_the_train_split_fixed_by_the_seed():
+    a, b, c = toy_run(seed=0).batches(8, 16), toy_run(seed=0).batches(8, 16), toy_run(seed=1).batches(8, 16)
+    (xa, ya), (xb, yb), (xc, _) = next(a), next(b), next(c)
+    assert xa.equal(xb) and ya.equal(yb) and not xa.equal(xc)
+    assert xa.shape == (8, 16) and ya[:, :-1].equal(xa[:, 1:])
+    assert ((ya - xa) % 100 == 1).all()  # consecutive tokens of the toy stream 0, 1, ..., 99, 0, ...
+
+
+def test_non_finite_or_exploding_loss_raises_nan():
+    with pytest.raises(TrialFailed, match="loss is nan") as info:
+        toy_run().step(float("nan"))
+    assert info.value.status == "nan"
+    run = toy_run(budget=100)
+    with pytest.raises(TrialFailed, match="loss exploding"):
+        for _ in range(100):
+            run.step(3 * math.log(100) + 1)
+    assert run.num_steps < 100
+
+
+def test_cli_rejects_a_missing_directory(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train.harness", str(tmp_path / "nope")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert done.returncode != 0 and "no trial directory" in done.stderr
+
+
+def test_cancelling_the_harness_kills_its_worker(tmp_path):
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    pid_file = tmp_path / "worker.pid"
+    stall = f"    open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\n    __import__('time').sleep(600)\n"
+    (trial / "train.py").write_text(_in_train(TINY, stall))
+    (trial / "trial.json").write_text(json.dumps({"trial_id": "t", "seed": 1, "objective": objective()}))
+    harness = subprocess.Popen([sys.executable, "-m", "train.harness", str(trial)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert harness.poll() is None, "the harness ended before train() started"
+            time.sleep(0.1)
+        harness.send_signal(signal.SIGTERM)
+        harness.wait(timeout=30)
+        worker = int(pid_file.read_text())
+        for _ in range(100):  # SIGKILL is delivered asynchronously
+            if not _alive(worker):
+                break
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        harness.kill()
