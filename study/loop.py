@@ -179,6 +179,8 @@ class StudyLoop:
         return max(0, self.rules.max_trials - self.next_index)
 
     def _fill_slots(self) -> None:
+        # Re-read: a launcher may drop a slot for good (a cluster that cannot be relaunched).
+        self.state.slots = self.launcher.slots()
         if self._stop_submitting:
             return
         for slot in self._free_slots():
@@ -336,6 +338,9 @@ class StudyLoop:
         if self.state.running:
             return False
         if self._stop_submitting:
+            return True
+        if not self.state.slots:
+            self.state.stop_reason = self.state.stop_reason or "the launcher has no slots left"
             return True
         if self._budget_left() <= 0:
             self.state.stop_reason = self.state.stop_reason or f"max_trials={self.rules.max_trials} reached"

@@ -1,0 +1,58 @@
+"""The GPU path in one short run: CUDA, bf16 autocast, torch.compile, SDPA, MFU.
+
+Builds one trial of the gpu preset (a seconds budget you choose, default 90 s) from
+conf/objective/gpu.yaml and train/train.py, runs the real harness on it, and prints the figures
+the objective issue asks for (tokens/s, MFU, peak memory, val_bpb, fixed overhead).
+
+    python scripts/gpu_check.py [--seconds 90] [--corpus austen]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from train.knobs import write_knobs  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=90)
+    ap.add_argument("--corpus", default=None)
+    args = ap.parse_args()
+    objective = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/objective/gpu.yaml"), resolve=True)
+    knobs = objective.pop("knobs") or {}
+    objective.update(budget_kind="seconds", budget=args.seconds, hard_limit_s=args.seconds * 4 + 300)
+    if args.corpus:
+        objective["corpus"] = args.corpus
+    objective["cache_dir"] = str(Path(objective["cache_dir"]).expanduser())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ARENA_CACHE": objective["cache_dir"]}
+    subprocess.run([sys.executable, "-m", "train.prepare", "--corpus", objective["corpus"],
+                    "--vocab-size", str(objective["vocab_size"])], env=env, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp)
+        source = (ROOT / "train/train.py").read_text()
+        (trial / "train.py").write_text(write_knobs(source, knobs) if knobs else source)
+        (trial / "trial.json").write_text(json.dumps({"trial_id": "gpu-check", "seed": 0, "objective": objective}))
+        subprocess.run([sys.executable, "-P", "-m", "train.harness", str(trial)], env=env, cwd=tmp)
+        result = json.loads((trial / "result.json").read_text())
+        print((trial / "run.log").read_text()[-3000:])
+    keys = ("status", "device", "val_bpb", "num_params", "num_steps", "tokens_per_second", "mfu",
+            "peak_memory_mb", "training_seconds", "total_seconds", "error")
+    for k in keys:
+        print(f"{k:>18}: {result.get(k)}")
+    if result.get("total_seconds") and result.get("training_seconds"):
+        print(f"{'fixed overhead s':>18}: {result['total_seconds'] - result['training_seconds']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
