@@ -97,6 +97,10 @@ class StudyLoop:
             self.journal.append("study", clock_origin=self.clock_origin, **header)
         else:
             self.clock_origin = journal_state.header["clock_origin"]
+            if self.launcher.simulated_time:  # a virtual clock restarts at 0: carry on from the last event
+                last = [t.submitted_at or 0.0 for t in journal_state.trials.values()]
+                last += [(r.finished_at or 0.0) - self.clock_origin for r in journal_state.results.values()]
+                self.launcher.advance(max(last, default=0.0))
             self.journal.append("resumed", at=self.launcher.now())
         if setup_searcher:
             self.searcher.setup(self.ctx)
@@ -159,6 +163,7 @@ class StudyLoop:
             self._collect_ask()
             self._fill_slots()
             self._maybe_ask()
+            self._fill_slots()  # what an in-line (simulated-clock) ask produced starts now
             if self._finished():
                 break
             if self.display:

@@ -1,0 +1,114 @@
+"""Best-so-far staircases: what a study had found by a given wall-clock time, trial count or
+amount of compute, per study and averaged over seeds.
+
+A trial counts from the moment it finished (its result was known then, not when it started).
+On the GPU-hours axis a trial's point is the slot-time of all trials finished so far, itself
+included: what the results in hand cost, the usual sample-efficiency axis. (Slot-time committed
+to trials still running shows on the wall-clock axis instead: a 16-slot study spends 16 GPU-hours
+per hour whether or not its first results are in.)
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# The x axes a staircase can be drawn against, and how each is labelled.
+X_AXES = {"wall": "wall-clock", "trials": "trials finished", "gpu_hours": "GPU-hours (slot-hours)"}
+
+
+def staircase(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
+    """One study's best val_bpb after each finished trial, in finishing order: columns x, best,
+    trial_id, val_bpb. `best` is NaN until the first ok trial; wall-clock x is in seconds."""
+    if x not in X_AXES:
+        raise ValueError(f"unknown x axis {x!r}; expected one of {sorted(X_AXES)}")
+    done = trials[trials["t_finished"].notna()].sort_values(["t_finished", "trial_index"])
+    out = pd.DataFrame({"trial_id": done["trial_id"].to_numpy(), "val_bpb": done["val_bpb"].to_numpy()})
+    if x == "wall":
+        out["x"] = done["t_finished"].to_numpy()
+    elif x == "trials":
+        out["x"] = np.arange(1, len(done) + 1, dtype=float)
+    else:
+        out["x"] = done["slot_seconds"].fillna(0.0).cumsum().to_numpy() / 3600.0
+    out["best"] = out["val_bpb"].cummin().ffill()
+    return out[["x", "best", "trial_id", "val_bpb"]]
+
+
+def best_at(stair: pd.DataFrame, at: np.ndarray) -> np.ndarray:
+    """The staircase's value at each x in `at` (NaN before its first ok trial)."""
+    grid = pd.DataFrame({"x": np.asarray(at, dtype=float)}).reset_index()
+    hit = pd.merge_asof(grid.sort_values("x"), stair[["x", "best"]].sort_values("x"), on="x", direction="backward")
+    return hit.sort_values("index")["best"].to_numpy()
+
+
+def seed_band(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
+    """Per arm (searcher x slots), the mean staircase over its studies (seeds) with the min-max
+    spread, on the union of their event points. The mean is only drawn where every seed has an
+    ok result, so one lucky seed cannot stand in for the others."""
+    rows = []
+    for arm, group in trials.groupby("arm", sort=True):
+        stairs = [staircase(g, x) for _, g in group.groupby("study_id")]
+        grid = np.unique(np.concatenate([s["x"].to_numpy() for s in stairs]))
+        values = np.column_stack([best_at(s, grid) for s in stairs])
+        complete = ~np.isnan(values).any(axis=1)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "arm": arm,
+                    "x": grid[complete],
+                    "mean": values[complete].mean(axis=1),
+                    "lo": values[complete].min(axis=1),
+                    "hi": values[complete].max(axis=1),
+                    "n_seeds": values.shape[1],
+                }
+            )
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
+def arm_colors(arms: pd.Series) -> dict:
+    """One colour per arm, the same in every plot of a report."""
+    return dict(zip(sorted(arms.unique()), plt.get_cmap("tab10").colors))
+
+
+def time_unit(max_seconds: float) -> tuple[str, float]:
+    """A readable unit for a wall-clock axis and its length in seconds."""
+    if max_seconds >= 2 * 3600:
+        return "h", 3600.0
+    if max_seconds >= 120:
+        return "min", 60.0
+    return "s", 1.0
+
+
+def plot_progress(trials: pd.DataFrame, x: str = "wall", simulated: bool = False) -> plt.Figure:
+    """Thin steps per study, a thick seed-mean per arm with its min-max band."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    band = seed_band(trials, x)
+    scale, unit = 1.0, ""
+    if x == "wall":
+        unit, scale = time_unit(float(trials["t_finished"].max()))
+    colors = arm_colors(trials["arm"])
+    for (arm, _study), group in trials.groupby(["arm", "study_id"]):
+        stair = staircase(group, x)
+        ax.step(stair["x"] / scale, stair["best"], where="post", color=colors[arm], alpha=0.25, lw=0.8)
+    for arm, b in band.groupby("arm"):
+        label = f"{arm} (mean of {b['n_seeds'].iloc[0]}, band min-max)"
+        ax.step(b["x"] / scale, b["mean"], where="post", color=colors[arm], lw=2, label=label)
+        ax.fill_between(b["x"] / scale, b["lo"], b["hi"], step="post", color=colors[arm], alpha=0.15)
+    on_clock = simulated and x != "trials"
+    xlabel = X_AXES[x] + (" (SIMULATED clock)" if on_clock else "")
+    if x == "wall":
+        xlabel += f" [{unit}]"
+        spans = trials.groupby("study_id")["t_finished"].max()
+        if spans.max() > 4 * spans.min():  # 1 slot next to 16: only a log axis shows both
+            ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("best val_bpb so far")
+    ax.set_title(f"Best val_bpb vs {X_AXES[x]}" + (" - simulated time" if on_clock else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

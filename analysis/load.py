@@ -1,0 +1,125 @@
+"""MLflow -> two tidy pandas tables: one row per study, one row per trial.
+
+Everything downstream (curves, speedups, tables) works on these two frames only, so a study logged
+to a local sqlite file, a remote `mlflow server` or Databricks reads the same. Times come from the
+trial metrics `t_submitted`, `t_started`, `t_finished` (seconds since study start on the study's
+own clock, virtual under the simulated launcher), never from MLflow's run timestamps, which record
+when the mirror wrote, not when the trial ran.
+"""
+from __future__ import annotations
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+# Study tags read from the parent run, and the column each one becomes.
+STUDY_TAGS = ("searcher", "launcher", "slots", "objective", "seed", "git_sha", "time_mode")
+# Trial tags read from the child run.
+TRIAL_TAGS = ("status", "device", "device_kind", "host", "slot", "reason", "source_sha")
+TRIAL_PARAMS = ("parent_trial", "hypothesis", "seed", "trial_index")
+KNOB_PREFIX = "knob."
+
+
+class AnalysisError(ValueError):
+    """The requested studies are not in the tracking store, or lack what the analysis needs."""
+
+
+def load(tracking_uri: str, experiment: str, studies: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(studies, trials) of one experiment, optionally only the named studies (study id or parent
+    run name). Raises AnalysisError with one line when nothing matches."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise AnalysisError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
+    parents = _search(client, exp.experiment_id, "tags.`arena.kind` = 'study'")
+    study_rows = [_study_row(r) for r in parents]
+    if studies:
+        wanted = set(studies)
+        study_rows = [s for s in study_rows if s["study_id"] in wanted or s["run_name"] in wanted]
+        missing = wanted - {s["study_id"] for s in study_rows} - {s["run_name"] for s in study_rows}
+        if missing:
+            raise AnalysisError(f"studies not found in experiment {experiment!r}: {sorted(missing)}")
+    if not study_rows:
+        raise AnalysisError(f"experiment {experiment!r} holds no study runs (tag arena.kind=study)")
+    study_df = pd.DataFrame(study_rows)
+    study_df["arm"] = arm_labels(study_df)
+    ids = set(study_df["study_id"])
+    children = _search(client, exp.experiment_id, "tags.`arena.kind` = 'trial'")
+    trial_df = pd.DataFrame([_trial_row(r) for r in children if r.data.tags.get("arena.study_id") in ids])
+    return study_df, _tidy_trials(trial_df, study_df)
+
+
+def arm_labels(studies: pd.DataFrame) -> pd.Series:
+    """What seeds are averaged over: the same searcher on the same slots (and launcher, when the
+    loaded studies use more than one)."""
+    label = studies["searcher"].astype(str) + " x" + studies["slots"].astype(str)
+    if studies["launcher"].nunique() > 1:
+        label = label + " (" + studies["launcher"].astype(str) + ")"
+    return label
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _study_row(run: Run) -> dict:
+    tags, metrics = run.data.tags, run.data.metrics
+    row = {
+        "study_id": tags.get("arena.study_id", run.info.run_id),
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+    }
+    row.update({k: tags.get(k) for k in STUDY_TAGS})
+    row["slots"] = int(row["slots"]) if row["slots"] not in (None, "") else None
+    row["seed"] = int(row["seed"]) if row["seed"] not in (None, "") else None
+    row["time_mode"] = row["time_mode"] or "real"
+    for m in ("best_val_bpb", "n_trials", "wall_seconds", "agent_usd_total"):
+        row[m] = metrics.get(m)
+    return row
+
+
+def _trial_row(run: Run) -> dict:
+    tags, params = run.data.tags, run.data.params
+    row = {
+        "study_id": tags.get("arena.study_id"),
+        "trial_id": tags.get("arena.trial_id", run.info.run_id),
+        "trial_run_id": run.info.run_id,
+    }
+    row.update({k: tags.get(k) for k in TRIAL_TAGS})
+    row.update({k: params[k] for k in TRIAL_PARAMS if k in params})
+    row.update({k: v for k, v in params.items() if k.startswith(KNOB_PREFIX)})
+    row.update(run.data.metrics)
+    return row
+
+
+def _tidy_trials(trials: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
+    """Typed columns, the study's tags joined on, and slot-seconds derived from the study clock."""
+    if trials.empty:
+        raise AnalysisError("the selected studies have no trial runs (tag arena.kind=trial)")
+    for col in ("t_submitted", "t_started", "t_finished", "val_bpb", "agent_usd"):
+        if col not in trials:
+            trials[col] = float("nan")
+    missing_times = trials["t_finished"].isna() & trials["status"].ne("cancelled")
+    if missing_times.all():
+        raise AnalysisError("trial runs carry no t_finished metric: they were not logged by the arena mirror")
+    trials["trial_index"] = pd.to_numeric(trials.get("trial_index"), errors="coerce")
+    for col in [c for c in trials if c.startswith(KNOB_PREFIX)]:
+        numeric = pd.to_numeric(trials[col], errors="coerce")
+        if numeric.notna().sum() == trials[col].notna().sum():
+            trials[col] = numeric
+    # A failure has no score even if a number was logged under val_bpb.
+    trials.loc[trials["status"] != "ok", "val_bpb"] = float("nan")
+    trials["slot_seconds"] = (trials["t_finished"] - trials["t_started"]).clip(lower=0)
+    study_cols = ["study_id", "arm", "searcher", "launcher", "slots", "time_mode", "objective", "seed"]
+    trials = trials.merge(studies[study_cols].rename(columns={"seed": "study_seed"}), on="study_id", how="left")
+    return trials.sort_values(["study_id", "t_finished", "trial_index"]).reset_index(drop=True)
+
+
+def knob_columns(trials: pd.DataFrame) -> list[str]:
+    return [c for c in trials.columns if c.startswith(KNOB_PREFIX)]
