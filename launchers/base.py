@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from study.records import Result, Trial
 
@@ -80,6 +80,17 @@ class Launcher(ABC):
 
     def close(self, cancel_running: bool = True) -> None:
         pass
+
+
+def poll_until(poll: Callable[[], list], timeout: float, interval: float) -> list:
+    """Call `poll` every `interval` seconds until it returns something or `timeout` passes: the
+    shape of every `wait` whose backend has no blocking "next finished job" call."""
+    deadline = time.time() + timeout
+    while True:
+        done = poll()
+        if done or time.time() >= deadline:
+            return done
+        time.sleep(max(0.0, min(interval, deadline - time.time())))
 
 
 def harness_command(trial_dir: str | os.PathLike, python: str | None = None) -> list[str]:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.base import Launcher, LauncherError, Slot, harness_command, harness_env, read_result
+from launchers.base import Launcher, LauncherError, Slot, harness_command, harness_env, poll_until, read_result
 from study.records import Result, Trial
 
 KILL_GRACE_S = 30.0  # the harness enforces hard_limit_s itself; this is the backstop
@@ -124,12 +124,7 @@ class LocalLauncher(Launcher):
                 "ARENA_THREADS": threads}
 
     def wait(self, timeout: float) -> list[tuple[str, Result]]:
-        deadline = time.time() + timeout
-        while True:
-            done = self._poll()
-            if done or time.time() >= deadline:
-                return done
-            time.sleep(min(0.02, max(0.0, deadline - time.time())))
+        return poll_until(self._poll, timeout, 0.02)
 
     def _poll(self) -> list[tuple[str, Result]]:
         done = []

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launchers.base import Launcher, LauncherError, Slot, harness_command, harness_env, log_tail, read_result
+from launchers.base import (Launcher, LauncherError, Slot, harness_command, harness_env, log_tail, poll_until,
+                            read_result)
 from study.records import Result, Trial
 
 log = logging.getLogger("arena.slurm")
@@ -229,12 +230,7 @@ class SlurmLauncher(Launcher):
 
     # -- collecting -------------------------------------------------------------------------------
     def wait(self, timeout: float) -> list[tuple[str, Result]]:
-        deadline = time.time() + timeout
-        while True:
-            done = self._poll()
-            if done or time.time() >= deadline:
-                return done
-            time.sleep(max(0.0, min(0.25, deadline - time.time())))
+        return poll_until(self._poll, timeout, 0.25)
 
     def _poll(self) -> list[tuple[str, Result]]:
         now = time.time()
