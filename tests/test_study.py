@@ -184,3 +184,19 @@ def test_bad_input_fails_in_one_line_before_any_trial(tmp_path, overrides, messa
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.glob("studies/*/trials/*")), "no trial may start on bad input"
+
+
+def test_multirun_ablation_gives_each_study_its_own_parent_run(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    run_arena(tmp_path, "-m", "searcher=tpe,greedy", *TINY, "study.max_trials=1", "launcher.slots=1",
+              f"mlflow.tracking_uri={uri}")
+    _, parents, children = study_runs(uri)
+    assert sorted(p.info.run_name for p in parents) == ["greedy-local-tiny-s0", "tpe-local-tiny-s0"]
+    assert len(children) == 2 and {c.data.tags["mlflow.parentRunId"] for c in children} == {
+        p.info.run_id for p in parents}
+
+
+def test_cfg_job_shows_the_resolved_config_without_running(tmp_path):
+    proc = run_arena(tmp_path, "--cfg", "job", "searcher=grid", "objective=cpu")
+    assert "_target_: searchers.grid.GridSearcher" in proc.stdout and "budget_kind: steps" in proc.stdout
+    assert not (tmp_path / "studies").exists()
