@@ -16,10 +16,13 @@ trap cleanup EXIT
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if [ -z "$(find /var/lib/apt/lists -name '*Packages*' -print -quit 2>/dev/null)" ]; then apt-get update -qq; fi
   bash scripts/install_slurm.sh
-  if SLURM_CONF=$SLURM_ROOT/slurm.conf timeout 5 sinfo -h >/dev/null 2>&1; then
+  if [ -n "${ARENA_SLURM_FRESH:-}" ]; then   # CI: never inherit a cluster's leftover jobs or state
+    bash scripts/slurm_down.sh >/dev/null 2>&1 || true
+    eval "$(bash scripts/slurm_up.sh --fresh)"; started_slurm=1
+  elif SLURM_CONF=$SLURM_ROOT/slurm.conf timeout 5 sinfo -h >/dev/null 2>&1; then
     export SLURM_CONF=$SLURM_ROOT/slurm.conf   # already up (someone else's): use it, leave it running
   else
-    eval "$(bash scripts/slurm_up.sh ${ARENA_SLURM_FRESH:+--fresh})"; started_slurm=1
+    eval "$(bash scripts/slurm_up.sh)"; started_slurm=1
   fi
   if [ "${ARENA_SKIP_SKYPILOT:-0}" != 1 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server patchelf >/dev/null

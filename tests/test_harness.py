@@ -42,11 +42,14 @@ def run_trial(trial_dir: Path, source: str, seed: int = 1, **overrides) -> dict:
     (trial_dir / "train.py").write_text(source)
     (trial_dir / "trial.json").write_text(json.dumps({"trial_id": trial_dir.name, "seed": seed,
                                                       "objective": objective(**overrides)}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ARENA_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial_dir)], cwd=trial_dir.parent, env=env,
+    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial_dir)], cwd=trial_dir.parent, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads((trial_dir / "result.json").read_text())
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ARENA_THREADS": "1"}
 
 
 def _edit(source: str, old: str, new: str) -> str:
@@ -219,7 +222,7 @@ def test_a_bad_trial_json_is_a_one_line_crash(tmp_path):
     trial.mkdir()
     (trial / "train.py").write_text(TINY)
     (trial / "trial.json").write_text(json.dumps({"seed": 1, "objective": {"corpus": "austen"}}))
-    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial)], env=_env(),
                           capture_output=True, text=True, timeout=60)
     result = json.loads((trial / "result.json").read_text())
     assert done.returncode == 0 and result["status"] == "crash"
@@ -288,7 +291,7 @@ def test_non_finite_or_exploding_loss_raises_nan():
 
 def test_cli_rejects_a_missing_directory(tmp_path):
     done = subprocess.run([sys.executable, "-m", "train.harness", str(tmp_path / "nope")], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+                          text=True, env=_env(), timeout=60)
     assert done.returncode != 0 and "no trial directory" in done.stderr
 
 
@@ -296,10 +299,11 @@ def test_cancelling_the_harness_kills_its_worker(tmp_path):
     trial = tmp_path / "trial"
     trial.mkdir()
     pid_file = tmp_path / "worker.pid"
-    stall = f"    open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\n    __import__('time').sleep(600)\n"
+    stall = (f"    open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\n"
+             "    __import__('time').sleep(600)\n")
     (trial / "train.py").write_text(_in_train(TINY, stall))
     (trial / "trial.json").write_text(json.dumps({"trial_id": "t", "seed": 1, "objective": objective()}))
-    harness = subprocess.Popen([sys.executable, "-m", "train.harness", str(trial)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    harness = subprocess.Popen([sys.executable, "-m", "train.harness", str(trial)], env=_env())
     try:
         while not (pid_file.exists() and pid_file.read_text()):
             assert harness.poll() is None, "the harness ended before train() started"

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from train.knobs import KnobError, check_knobs, read_knobs, write_knobs
 
@@ -83,7 +84,9 @@ def test_unchanged_values_keep_the_authors_spelling():
 def test_non_ascii_source_is_edited_at_the_right_bytes():
     out = write_knobs(SAMPLE, {"UNICODE": "\u00e0 la"})
     assert 'UNICODE = "\u00e0 la"  # caf\u00e9' in out
-    assert _changed_lines(SAMPLE, out) == ['- UNICODE = "\u00e9t\u00e9"  # caf\u00e9', '+ UNICODE = "\u00e0 la"  # caf\u00e9']
+    assert _changed_lines(SAMPLE, out) == [
+        '- UNICODE = "\u00e9t\u00e9"  # caf\u00e9', '+ UNICODE = "\u00e0 la"  # caf\u00e9',
+    ]
 
 
 @pytest.mark.parametrize("values, fragment", [
@@ -127,8 +130,12 @@ def test_random_round_trips(source):
         values = {name: _random_like(knobs[name], rng) for name in chosen}
         out = write_knobs(source, values)
         assert read_knobs(out) == {**knobs, **values}
-        assigns = re.compile(rf"^({'|'.join(chosen)})\s*[:=]")
-        assert [x for x in out.splitlines() if not assigns.match(x)] == [x for x in source.splitlines() if not assigns.match(x)]
+        assert _lines_not_assigning(out, chosen) == _lines_not_assigning(source, chosen)
+
+
+def _lines_not_assigning(text: str, names) -> list[str]:
+    assigns = re.compile(rf"^({'|'.join(names)})\s*[:=]")
+    return [line for line in text.splitlines() if not assigns.match(line)]
 
 
 def _random_like(value, rng):
@@ -145,3 +152,11 @@ def _random_like(value, rng):
     if value is None:
         return rng.choice([None, 3, "s", (1.5, None)])
     raise AssertionError(f"no generator for {value!r}")
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_the_objective_presets_only_set_knobs_the_baseline_has(preset):
+    path = Path(__file__).resolve().parent.parent / "conf" / "objective" / f"{preset}.yaml"
+    knobs = OmegaConf.to_container(OmegaConf.load(path).knobs)
+    out = write_knobs(BASELINE, knobs)
+    assert read_knobs(out) == {**read_knobs(BASELINE), **knobs}

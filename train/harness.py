@@ -117,7 +117,8 @@ class Run:
         if self.num_steps > self.warmup_steps and loss > 3 * math.log(self.vocab_size):
             self._high_loss_steps += 1
             if self._high_loss_steps >= EXPLODING_STEPS:
-                raise TrialFailed("nan", f"loss exploding: {loss:.2f} for {EXPLODING_STEPS} steps (step {self.num_steps})")
+                raise TrialFailed("nan", f"loss exploding: {loss:.2f} for {EXPLODING_STEPS} steps "
+                                         f"(step {self.num_steps})")
         else:
             self._high_loss_steps = 0
         if self.num_steps == self.warmup_steps:
@@ -260,7 +261,7 @@ def _syntax_error(e: Exception) -> str:
 
 
 def _train_in_worker(trial_dir: Path, objective: dict, started: float) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ARENA_HARNESS_STARTED": repr(started),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     # -P: the trial's train.py sits in the working directory and must not shadow the `train` package.
     command = [sys.executable, "-P", "-m", "train.harness", "--worker", str(trial_dir)]
@@ -279,13 +280,16 @@ def _train_in_worker(trial_dir: Path, objective: dict, started: float) -> dict:
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        # Import torch and prepare while the worker starts, so the evaluation does not wait for them.
+        # Import torch for the evaluation while the worker trains, once the worker's own imports
+        # are done (its first line in the log): two imports at once would slow the worker's start.
+        deadline = started + objective["hard_limit_s"]
+        while worker.poll() is None and time.time() < deadline and not (trial_dir / LOG_FILE).stat().st_size:
+            time.sleep(0.05)
         import torch  # noqa: F401
         from train import prepare  # noqa: F401
 
-        remaining = objective["hard_limit_s"] - (time.time() - started)
         try:
-            code = worker.wait(timeout=max(remaining, 0))
+            code = worker.wait(timeout=max(deadline - time.time(), 0))
         except subprocess.TimeoutExpired:
             kill()
             worker.wait()
@@ -319,6 +323,7 @@ def _evaluate(trial_dir: Path, spec: dict, report: dict) -> dict:
     from train import prepare
 
     objective = spec["objective"]
+    _set_threads(torch)
     evaluate_bpb = prepare.evaluate_bpb  # held before train.py is imported
     data = prepare.prepare(objective["corpus"], objective["vocab_size"], objective.get("cache_dir"))
     device = torch.device(report["device_type"])
@@ -332,7 +337,8 @@ def _evaluate(trial_dir: Path, spec: dict, report: dict) -> dict:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise TrialFailed("invalid", f"the trained weights do not fit build_model(): {str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0]
+        raise TrialFailed("invalid", f"the trained weights do not fit build_model(): {why}") from None
     model.eval()
     _check_causal(model, data, seq_len, device)
 
@@ -436,8 +442,9 @@ def worker_main(trial_dir) -> None:
         run = Run(device=device, vocab_size=data.vocab_size, train_tokens=data.train_tokens(), seed=seed,
                   budget_kind=objective["budget_kind"], budget=objective["budget"],
                   warmup_steps=objective["warmup_steps"])
-        print(f"worker: {num_params:,} parameters on {device}, budget {objective['budget']} {objective['budget_kind']}",
-              flush=True)
+        startup = time.time() - float(os.environ.get("ARENA_HARNESS_STARTED", time.time()))
+        print(f"worker: {num_params:,} parameters on {device}, budget {objective['budget']} "
+              f"{objective['budget_kind']}, ready {startup:.2f} s after the harness started", flush=True)
         module.train(model, run)  # its return value is ignored
         if run.num_steps == 0 or run.seq_len is None:
             raise TrialFailed("invalid", "train() returned without drawing a batch and calling run.step()")
@@ -445,7 +452,8 @@ def worker_main(trial_dir) -> None:
         torch.save(weights, trial_dir / WEIGHTS_FILE)
         report = {"status": "ok", "num_params": num_params, "matmul_params": num_params - embedding}
     except BaseException as e:  # noqa: BLE001 - every way train.py can end is a status
-        report = {"status": _classify(e), "error": str(e) if isinstance(e, TrialFailed) else _tail(traceback.format_exc())}
+        error = str(e) if isinstance(e, TrialFailed) else _tail(traceback.format_exc())
+        report = {"status": _classify(e), "error": error}
         print(report["error"], flush=True)
     report.update(run.stats() if run else {})
     report.update(_device_facts())
@@ -477,7 +485,8 @@ def _device_facts() -> dict:
     if torch.cuda.is_available():
         facts.update(device_type="cuda", peak_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1))
     else:  # peak resident memory of the worker, Linux reports KiB
-        facts.update(device_type="cpu", peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        facts.update(device_type="cpu", peak_memory_mb=round(peak_kib / 1024, 1))
     return facts
 
 
@@ -551,7 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args[0]).is_dir():
         sys.exit(f"error: no trial directory {args[0]}")
     result = run_trial(args[0])
-    print(json.dumps({k: result.get(k) for k in ("status", "val_bpb", "num_steps", "training_seconds", "total_seconds")}))
+    summary = ("status", "val_bpb", "num_steps", "training_seconds", "total_seconds")
+    print(json.dumps({k: result.get(k) for k in summary}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ written here counts.
 The values below are the gpu preset (~50M parameters for an 8192 vocab, one H100, 300 s);
 conf/objective/cpu.yaml writes the cpu preset's values over them. No SEED knob: the seed belongs
 to the trial (trial.json), so replicates of one candidate differ only by it and no searcher can
-tune a lucky draw.
+tune a lucky draw. No sliding-window attention (autoresearch's WINDOW_PATTERN): SDPA's flash
+kernel takes only is_causal, and a window mask would push every layer onto a slower kernel.
 """
 import math
 
@@ -40,7 +41,9 @@ SEQ_LEN = 2048
 DEVICE_BATCH_SIZE = 64
 TOTAL_BATCH_SIZE = 2**19
 
-# Optimization: Muon for the 2-D weights inside the blocks, AdamW for everything else
+# Optimization: Muon for the 2-D weights inside the blocks, AdamW for everything else. The
+# embedding and unembedding rates are for a 768-wide model and scale as 1/sqrt(model_dim / 768),
+# so that a change of width keeps them sensible.
 MATRIX_LR = 0.04
 EMBEDDING_LR = 0.6
 UNEMBEDDING_LR = 0.004
@@ -84,7 +87,9 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        # QK-norm; back to v's dtype, since autocast may run the norm in fp32 and SDPA needs one dtype
+        q = norm(apply_rotary(q, cos, sin)).type_as(v)
+        k = norm(apply_rotary(k, cos, sin)).type_as(v)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -198,10 +203,11 @@ def lr_multiplier(progress):
 def train(model, run):
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     muon = Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, weight_decay=WEIGHT_DECAY)
+    width_scale = (model.wte.embedding_dim / 768) ** -0.5
     adamw = torch.optim.AdamW(
         [
-            dict(params=model.wte.parameters(), lr=EMBEDDING_LR),
-            dict(params=model.lm_head.parameters(), lr=UNEMBEDDING_LR),
+            dict(params=model.wte.parameters(), lr=EMBEDDING_LR * width_scale),
+            dict(params=model.lm_head.parameters(), lr=UNEMBEDDING_LR * width_scale),
             dict(params=[model.resid_lambdas, model.x0_lambdas], lr=SCALAR_LR),
         ],
         betas=ADAM_BETAS,
