@@ -13,7 +13,8 @@ def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simula
     ranked = sorted((tr for tr in state.history if tr[1].ok), key=lambda tr: tr[1].score())
     table = Table(title=f"study {conf['study']['name']}: top {min(top, len(ranked))} of {len(state.history)} trials")
     for col in ("trial", "val_bpb", "steps", "train s", "device", "hypothesis"):
-        table.add_column(col, justify="right" if col in ("val_bpb", "steps", "train s") else "left")
+        table.add_column(col, justify="right" if col in ("val_bpb", "steps", "train s") else "left",
+                         no_wrap=col == "hypothesis", overflow="ellipsis")
     for trial, result in ranked[:top]:
         table.add_row(trial.trial_id, f"{result.val_bpb:.4f}", str(result.num_steps or ""),
                       f"{result.training_seconds or 0:.1f}", result.device_kind or "",
