@@ -54,7 +54,7 @@ class Candidate:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _shallow(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
@@ -77,7 +77,7 @@ class Trial:
     submitted_at: float | None = None  # seconds since study start (virtual under the simulator)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = _shallow(self)
         d["candidate"] = self.candidate.to_dict()
         return d
 
@@ -139,7 +139,7 @@ class Result:
         return float(self.val_bpb) if self.ok else math.inf
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _shallow(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Result":
@@ -159,6 +159,12 @@ class Result:
             if math.isfinite(v):
                 out[k] = float(v)
         return out
+
+
+def _shallow(record) -> dict:
+    """A record as a dict for JSON, without dataclasses.asdict's deep copy (a hot path: the
+    journal serialises every trial twice)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
 def _field_names(cls) -> set[str]:

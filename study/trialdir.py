@@ -13,8 +13,6 @@ def write_trial_dir(directory: Path, trial: Trial) -> Path:
     the candidate came from; the harness reads only the spec keys."""
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", "run.log"):
-        (directory / stale).unlink(missing_ok=True)
     (directory / "train.py").write_text(trial.candidate.source)
     spec = trial.harness_spec()
     spec["candidate"] = {
