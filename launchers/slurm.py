@@ -251,10 +251,18 @@ class SlurmLauncher(Launcher):
 
     def _outcome(self, job: _Job, now: float) -> Result | None:
         """The trial's result if its job is over, else None."""
-        if (job.trial_dir / "result.json").exists():  # written last by the harness: the trial ran to its end
-            return read_result(job.trial_dir)
         state = (job.state or "").split()
         base = _base(job.state)
+        if (job.trial_dir / "result.json").exists():  # written last by the harness: the trial ran to its end
+            result = read_result(job.trial_dir)
+            if result.status != "cancelled":
+                return result
+            # The harness saw its worker stopped from outside; Slurm says by whom once the job is over.
+            if base is None or base in ACTIVE_STATES:
+                return result if now - job.last_seen >= self.forget_after_s else None
+            if base == "CANCELLED":
+                result.reason = self._cancelled_by(job, state)
+            return result
         if base is None or base in ACTIVE_STATES:
             silent = now - job.last_seen
             if silent < self.forget_after_s:
@@ -262,8 +270,7 @@ class SlurmLauncher(Launcher):
             what = "slurmctld does not answer" if now - self._last_answer >= silent else "not in squeue"
             return Result(status="lost", reason=f"Slurm job {job.job_id} forgotten: {what} for {silent:.0f} s")
         if base == "CANCELLED":
-            by = "by the study" if job.cancel_requested else " ".join(state[1:]) or "by a user"
-            return Result(status="cancelled", reason=f"scancel: Slurm job {job.job_id} CANCELLED {by}".rstrip())
+            return Result(status="cancelled", reason=self._cancelled_by(job, state))
         if base in ("TIMEOUT", "DEADLINE"):
             return Result(status="timeout", reason=f"killed by Slurm at its time limit "
                                                    f"({job.info.get('Timelimit', '?')}, Slurm job {job.job_id} {base})")
@@ -279,6 +286,11 @@ class SlurmLauncher(Launcher):
         return Result(status="crash", reason=f"Slurm job {job.job_id} {base} (exit {job.info.get('ExitCode', '?')}) "
                                              "and the harness wrote no result.json",
                       error=(log_tail(job.trial_dir, 20) + "\n" + _job_stderr(job)).strip())
+
+    @staticmethod
+    def _cancelled_by(job: _Job, state: list[str]) -> str:
+        by = "by the study" if job.cancel_requested else " ".join(state[1:]) or "by a user"
+        return f"scancel: Slurm job {job.job_id} CANCELLED {by}".rstrip()
 
     def _finish(self, job: _Job, result: Result) -> Result:
         start, end = _epoch(job.info.get("Start")), _epoch(job.info.get("End"))

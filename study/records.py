@@ -14,7 +14,9 @@ from typing import Any
 
 # Outcomes of a trial. The first six come from the harness; the last two from a launcher, when the
 # infrastructure (not the candidate) ended the trial: `cancelled` (scancel, Ctrl-C, study stop) and
-# `lost` (node failure, preemption, a cluster that died, a job the scheduler forgot).
+# `lost` (node failure, preemption, a cluster that died, a job the scheduler forgot). The harness
+# also writes `cancelled` when its worker is stopped by SIGTERM/SIGINT from outside: a scheduler's
+# cancel can reach the worker before it reaches the harness.
 HARNESS_STATUSES = ("ok", "crash", "timeout", "oom", "nan", "invalid")
 INFRA_STATUSES = ("cancelled", "lost")
 STATUSES = HARNESS_STATUSES + INFRA_STATUSES

@@ -295,6 +295,29 @@ def test_cli_rejects_a_missing_directory(tmp_path):
     assert done.returncode != 0 and "no trial directory" in done.stderr
 
 
+def test_a_worker_stopped_from_outside_is_cancelled_not_crashed(tmp_path):
+    """scancel signals every process of the job; when the worker gets SIGTERM before the harness
+    does, the trial was cancelled, and train.py must not be blamed for a crash."""
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    pid_file = tmp_path / "worker.pid"
+    stall = (f"    open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\n"
+             "    __import__('time').sleep(600)\n")
+    (trial / "train.py").write_text(_in_train(TINY, stall))
+    (trial / "trial.json").write_text(json.dumps({"trial_id": "t", "seed": 1, "objective": objective()}))
+    harness = subprocess.Popen([sys.executable, "-m", "train.harness", str(trial)], env=_env())
+    try:
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert harness.poll() is None, "the harness ended before train() started"
+            time.sleep(0.1)
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        harness.wait(timeout=60)
+        result = json.loads((trial / "result.json").read_text())
+        assert result["status"] == "cancelled" and "SIGTERM" in result["error"]
+    finally:
+        harness.kill()
+
+
 def test_cancelling_the_harness_kills_its_worker(tmp_path):
     trial = tmp_path / "trial"
     trial.mkdir()

@@ -304,6 +304,11 @@ def _train_in_worker(trial_dir: Path, objective: dict, started: float) -> dict:
     except (OSError, ValueError):
         if code == -signal.SIGKILL:
             raise TrialFailed("oom", "the worker was killed by SIGKILL (out of memory?)") from None
+        if code in (-signal.SIGTERM, -signal.SIGINT):
+            # A scheduler cancelling the job signals every process it tracks; the worker may get
+            # it before this process does. That is the job being stopped, not train.py crashing.
+            raise TrialFailed("cancelled", f"the worker was stopped by {signal.Signals(-code).name} "
+                                           "from outside (the job was cancelled)") from None
         raise TrialFailed("crash", f"the worker exited with code {code} without a report; see {LOG_FILE}") from None
     finally:
         (trial_dir / WORKER_FILE).unlink(missing_ok=True)
