@@ -43,9 +43,10 @@ def scheduler_overhead(slots: int = 1000, trials: int = 10000) -> float:
     return elapsed / trials
 
 
-def real_study(preset: str, minutes: float, slots: int) -> None:
+def real_study(preset: str, minutes: float, slots: int, warm: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"objective={preset}", "progress=false", f"launcher.slots={slots}", "searcher=random",
+                     f"launcher.warm={str(warm).lower()}",
                      f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/out"]
         if preset == "cpu":
             overrides += ["objective.budget_kind=seconds", "objective.budget=30", "objective.hard_limit_s=120",
@@ -71,7 +72,8 @@ def real_study(preset: str, minutes: float, slots: int) -> None:
         training = sum(r.training_seconds or 0 for r in js.results.values())
         overhead = [r.total_seconds - r.training_seconds for r in js.results.values()
                     if r.total_seconds and r.training_seconds]
-        print(f"real study ({preset}, {len(per_slot)} slots, {len(js.results)} trials, {wall:.0f} s wall):")
+        print(f"real study ({preset}, {len(per_slot)} {'warm' if warm else 'cold'} slots, {len(js.results)} trials, "
+              f"{wall:.0f} s wall):")
         print(f"  slot idle gap between trials: median {statistics.median(gaps):.3f} s, max {max(gaps):.3f} s")
         print(f"  harness fixed overhead per trial (total - training): median {statistics.median(overhead):.2f} s")
         print(f"  share of slot-time in counted training: {training / slot_time * 100:.1f} %")
@@ -82,11 +84,14 @@ def main() -> None:
     ap.add_argument("--real", default="tiny", choices=["tiny", "cpu", "none"])
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--cold", action="store_true", help="launcher.warm=false: a fresh interpreter per trial")
+    ap.add_argument("--skip-overhead", action="store_true", help="only the real study")
     args = ap.parse_args()
-    per_trial = scheduler_overhead()
-    print(f"scheduler overhead: {per_trial * 1e3:.3f} ms per trial (1,000 slots, 10,000 instant trials)")
+    if not args.skip_overhead:
+        per_trial = scheduler_overhead()
+        print(f"scheduler overhead: {per_trial * 1e3:.3f} ms per trial (1,000 slots, 10,000 instant trials)")
     if args.real != "none":
-        real_study(args.real, args.minutes, args.slots)
+        real_study(args.real, args.minutes, args.slots, warm=not args.cold)
 
 
 if __name__ == "__main__":

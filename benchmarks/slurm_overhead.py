@@ -96,7 +96,8 @@ def main() -> None:
               f"{statistics.median(delays):.2f} s  (min {min(delays):.2f}, max {max(delays):.2f}); "
               f"sbatch call {statistics.median(sbatch) * 1000:.0f} ms")
 
-        local = LocalLauncher(slots=2, gpus="none")  # one core per slot, like cpus_per_trial=1
+        # One core per slot, like cpus_per_trial=1; cold, since a Slurm job starts the harness cold.
+        local = LocalLauncher(slots=2, gpus="none", warm=False)
         local.start()
         slurm = SlurmLauncher(slots=1, cpus_per_trial=1, hard_limit_s=60, folder=str(tmp / "study" / "slurm"),
                               job_name="arena-bench")

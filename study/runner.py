@@ -187,6 +187,7 @@ def study_header(conf: dict, objective: dict, space: dict) -> dict:
         "name": conf["study"]["name"],
         "searcher": conf["searcher"].get("name", "?"),
         "launcher": conf["launcher"].get("name", "?"),
+        "slots": conf["launcher"].get("slots"),
         "seed": conf["seed"],
         "objective": objective,
         "space": space,
@@ -195,11 +196,17 @@ def study_header(conf: dict, objective: dict, space: dict) -> dict:
 
 
 def check_same_study(old: dict, new: dict, study_dir: Path) -> None:
-    differs = [k for k in ("searcher", "seed", "objective", "space") if json.dumps(old.get(k), sort_keys=True,
-                                                                                   default=str) !=
-               json.dumps(new.get(k), sort_keys=True, default=str)]
+    """The same name with other settings is another experiment: a 16-slot and a 1-slot run of one
+    searcher and seed share the default name, and resuming one with the other would mix them."""
+    def same(key):
+        return json.dumps(old.get(key), sort_keys=True, default=str) == json.dumps(new.get(key), sort_keys=True,
+                                                                                    default=str)
+
+    differs = [k for k in ("searcher", "launcher", "slots", "seed", "objective", "space")
+               if k in old and not same(k)]
     if differs:
-        raise ConfigError(f"{study_dir} holds a study with a different {', '.join(differs)}; "
+        shown = [f"{k} {old[k]!r} -> {new.get(k)!r}" if k not in ("objective", "space") else k for k in differs]
+        raise ConfigError(f"{study_dir} holds a study with a different {', '.join(shown)}; "
                           "resume it with the same settings or choose another study.name")
 
 

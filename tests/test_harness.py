@@ -36,14 +36,19 @@ def objective(**overrides) -> dict:
     }
 
 
-def run_trial(trial_dir: Path, source: str, seed: int = 1, **overrides) -> dict:
-    """`python -m train.harness TRIAL_DIR` as a launcher runs it; returns its result.json."""
+def write_trial(trial_dir: Path, source: str, seed: int = 1, **overrides) -> Path:
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "train.py").write_text(source)
     (trial_dir / "trial.json").write_text(json.dumps({"trial_id": trial_dir.name, "seed": seed,
                                                       "objective": objective(**overrides)}))
-    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial_dir)], cwd=trial_dir.parent, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    return trial_dir
+
+
+def run_trial(trial_dir: Path, source: str, seed: int = 1, env: dict | None = None, **overrides) -> dict:
+    """`python -m train.harness TRIAL_DIR` as a launcher runs it; returns its result.json."""
+    write_trial(trial_dir, source, seed, **overrides)
+    done = subprocess.run([sys.executable, "-m", "train.harness", str(trial_dir)], cwd=trial_dir.parent,
+                          env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads((trial_dir / "result.json").read_text())
 
@@ -124,6 +129,53 @@ def train(model, run):
     result = run_trial(trial, forged)
     assert "val_bpb: 0.100000" in (trial / "run.log").read_text()  # the forgery did run
     assert result["status"] == "ok" and result["val_bpb"] == honest["val_bpb"]
+
+
+def test_a_spawned_worker_scores_exactly_as_a_forked_one(honest, tmp_path):
+    """GPU builds spawn a fresh interpreter for the worker (CUDA does not survive a fork); CPU
+    forks one with torch already imported. The score must not depend on which."""
+    spawned = run_trial(tmp_path / "trial", TINY, env={"ARENA_SPAWN_WORKER": "1"})
+    assert spawned["status"] == "ok", spawned.get("error")
+    assert (spawned["val_bpb"], spawned["num_steps"]) == (honest["val_bpb"], honest["num_steps"])
+
+
+PATCH_CROSS_ENTROPY = ("import torch.nn.functional as _F\n_ce = _F.cross_entropy\n"
+                       "_F.cross_entropy = lambda *a, **k: 0.5 * _ce(*a, **k)\n")
+
+
+def test_the_warm_harness_runs_each_trial_in_a_fork_that_cannot_reach_the_next(honest, tmp_path):
+    """`--serve` keeps torch imported for a slot and forks each trial: a trial that patches the
+    evaluation is invalid, and the honest trial after it scores exactly as in a fresh process;
+    what train.py leaves unseeded differs between trials, as it would between processes."""
+    draw = "    print('draw', __import__('random').random(), flush=True)\n"
+    forged = write_trial(tmp_path / "forged", _in_train(_edit(TINY, "import torch\n", "import torch\n" + PATCH_CROSS_ENTROPY),
+                                                       draw))
+    clean = write_trial(tmp_path / "clean", _in_train(TINY, draw))
+    server = subprocess.Popen([sys.executable, "-P", "-m", "train.harness", "--serve"], env=_env(), text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        for trial in (forged, clean):
+            server.stdin.write(f"{trial}\n")
+            server.stdin.flush()
+            pid = int(server.stdout.readline())
+            assert pid != server.pid
+            for _ in range(1200):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.1)
+        server.stdin.close()
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+    forged_result = json.loads((forged / "result.json").read_text())
+    clean_result = json.loads((clean / "result.json").read_text())
+    assert forged_result["status"] == "invalid" and "cross_entropy" in forged_result["error"]
+    assert clean_result["status"] == "ok" and clean_result["val_bpb"] == honest["val_bpb"]
+    draws = [next(line for line in (t / "run.log").read_text().splitlines() if line.startswith("draw"))
+             for t in (forged, clean)]
+    assert draws[0] != draws[1]
+    assert '"status": "ok"' in (clean / "stdout.log").read_text()  # the harness's own summary line
 
 
 @pytest.mark.parametrize("where, patch, name", [

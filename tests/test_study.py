@@ -186,6 +186,17 @@ def test_bad_input_fails_in_one_line_before_any_trial(tmp_path, overrides, messa
     assert not list(tmp_path.glob("studies/*/trials/*")), "no trial may start on bad input"
 
 
+def test_the_same_name_with_another_slot_count_is_refused_not_resumed(tmp_path):
+    """A 1-slot and a 2-slot run of one searcher and seed share the default study name; resuming
+    one with the other would silently mix two arms of a scaling experiment."""
+    uri = sqlite_uri(tmp_path)
+    run_arena(tmp_path, *TINY, "study.max_trials=1", "launcher.slots=1", f"mlflow.tracking_uri={uri}")
+    proc = run_arena(tmp_path, *TINY, "study.max_trials=2", "launcher.slots=2", f"mlflow.tracking_uri={uri}",
+                     check=False, timeout=120)
+    assert proc.returncode != 0 and "slots 1 -> 2" in proc.stderr and "study.name" in proc.stderr, proc.stderr[-2000:]
+    assert len(list(tmp_path.glob("studies/*/trials/*"))) == 1
+
+
 def test_multirun_ablation_gives_each_study_its_own_parent_run(tmp_path):
     uri = sqlite_uri(tmp_path)
     run_arena(tmp_path, "-m", "searcher=tpe,greedy", *TINY, "study.max_trials=1", "launcher.slots=1",

@@ -5,12 +5,19 @@
 reads TRIAL_DIR/trial.json and TRIAL_DIR/train.py, writes TRIAL_DIR/run.log and, last and
 atomically, TRIAL_DIR/result.json. No searcher edits this file.
 
-Two processes, so that the score cannot be forged. A worker (its own process group, killed at the
-hard limit) imports train.py and runs train(model, run), where `run` counts steps and tokens,
-keeps the clock and says when the budget is spent; then it saves the weights. This parent never
-runs train.py's training code: it rebuilds the model from those weights, checks that it is
-causal, computes val_bpb with prepare.py, and then checks that importing and running train.py
-here left torch, numpy and prepare untouched. What train.py prints, returns or writes is ignored.
+Two processes, so that the score cannot be forged. A worker (a fork of this process, in its own
+process group, killed at the hard limit) imports train.py and runs train(model, run), where `run`
+counts steps and tokens, keeps the clock and says when the budget is spent; then it saves the
+weights. This parent never runs train.py's training code: it rebuilds the model from those
+weights, checks that it is causal, computes val_bpb with prepare.py, and then checks that importing
+and running train.py here left torch, numpy and prepare untouched. What train.py prints, returns
+or writes is ignored.
+
+    python -m train.harness --serve
+
+is the same harness kept warm for one slot: torch is imported once, and each trial directory read
+from stdin runs in a fork of it (the local launcher uses this; a trial then starts training in
+well under a second instead of paying `import torch` and torch._dynamo every time).
 """
 from __future__ import annotations
 
@@ -21,7 +28,6 @@ import math
 import os
 import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -261,13 +267,8 @@ def _syntax_error(e: Exception) -> str:
 
 
 def _train_in_worker(trial_dir: Path, objective: dict, started: float) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ARENA_HARNESS_STARTED": repr(started),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    # -P: the trial's train.py sits in the working directory and must not shadow the `train` package.
-    command = [sys.executable, "-P", "-m", "train.harness", "--worker", str(trial_dir)]
-    with open(trial_dir / LOG_FILE, "ab") as log:
-        worker = subprocess.Popen(command, cwd=trial_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    warm_up()
+    worker = _ForkedWorker(trial_dir, started) if fork_safe() else _SpawnedWorker(trial_dir, started)
 
     def kill():
         _kill_group(worker.pid)
@@ -280,19 +281,11 @@ def _train_in_worker(trial_dir: Path, objective: dict, started: float) -> dict:
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        # Import torch for the evaluation while the worker trains, once the worker's own imports
-        # are done (its first line in the log): two imports at once would slow the worker's start.
         deadline = started + objective["hard_limit_s"]
-        while worker.poll() is None and time.time() < deadline and not (trial_dir / LOG_FILE).stat().st_size:
-            time.sleep(0.05)
-        import torch  # noqa: F401
-        from train import prepare  # noqa: F401
-
-        try:
-            code = worker.wait(timeout=max(deadline - time.time(), 0))
-        except subprocess.TimeoutExpired:
+        code = worker.wait(deadline)
+        if code is None:
             kill()
-            worker.wait()
+            worker.wait(None)
             raise TrialFailed("timeout", f"killed at the hard limit of {objective['hard_limit_s']} s "
                                          f"({objective['budget']} {objective['budget_kind']} budget)") from None
     finally:
@@ -318,6 +311,146 @@ def _train_in_worker(trial_dir: Path, objective: dict, started: float) -> dict:
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def warm_up() -> None:
+    """Import what every trial needs before the worker forks, so the worker starts training at once.
+    torch.optim's first optimizer imports torch._dynamo (1.5 s on a CPU), which is most of a
+    trial's fixed cost after `import torch` itself."""
+    import torch
+    import torch._dynamo  # noqa: F401
+
+    from train import prepare  # noqa: F401
+
+
+def fork_safe() -> bool:
+    """A process that has imported torch may fork a worker only where no GPU runtime can be live in
+    it: CUDA and ROCm do not survive a fork, so a GPU build with visible devices spawns a fresh
+    interpreter (the 2-3 s this costs are under 1% of a GPU trial's budget)."""
+    import torch
+
+    if os.environ.get("ARENA_SPAWN_WORKER") == "1":  # the GPU path, forced (tests, debugging)
+        return False
+    gpu_build = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+    return not gpu_build or os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+
+
+class _WorkerProcess:
+    pid: int
+    code: int | None = None
+
+    def wait(self, deadline: float | None) -> int | None:
+        """The worker's exit code (negative: killed by that signal), or None at the deadline."""
+        while self.code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+            elif time.time() >= deadline:
+                return None
+            else:
+                time.sleep(0.02)
+        return self.code
+
+
+class _SpawnedWorker(_WorkerProcess):
+    """A fresh interpreter in its own session (a hard kill takes everything train.py started)."""
+
+    def __init__(self, trial_dir: Path, started: float):
+        import subprocess
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "ARENA_HARNESS_STARTED": repr(started),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        # -P: the trial's train.py sits in the working directory and must not shadow the `train` package.
+        command = [sys.executable, "-P", "-m", "train.harness", "--worker", str(trial_dir)]
+        with open(trial_dir / LOG_FILE, "ab") as log:
+            self.pid = subprocess.Popen(command, cwd=trial_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True).pid
+
+
+class _ForkedWorker(_WorkerProcess):
+    """A fork of this process: it starts with torch already imported, in its own session, and dies
+    with its parent. It never shares memory back, so nothing train.py does reaches the evaluation
+    here."""
+
+    def __init__(self, trial_dir: Path, started: float):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.setsid()
+                log = os.open(trial_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.close(log)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
+                sys.stdout.reconfigure(line_buffering=True)
+                sys.stderr.reconfigure(line_buffering=True)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                _reseed_unseeded_generators()
+                os.environ["ARENA_HARNESS_STARTED"] = repr(started)
+                worker_main(trial_dir)
+            finally:
+                os._exit(1)  # worker_main leaves through os._exit(0); anything else is a crash
+
+
+def _reseed_unseeded_generators() -> None:
+    """A fork copies the parent's `random` and numpy global states; a fresh process would have drawn
+    new ones. train.py seeds torch and its batches through `run`, but what it leaves unseeded must
+    not repeat across trials."""
+    import random
+
+    import numpy
+
+    random.seed()
+    numpy.random.seed()
+
+
+def serve() -> None:
+    """A warm harness for one slot of the local launcher: torch is imported once, then each trial
+    directory read from stdin runs in a fork, exactly as `python -m train.harness TRIAL_DIR` would
+    run it, and its pid is written back. It never runs a trial's code itself, so a trial cannot
+    reach the next one through it. EOF on stdin (the launcher closed or died) ends it."""
+    warm_up()
+    if not fork_safe():
+        sys.exit("error: --serve forks trials, which a GPU runtime does not survive: "
+                 "run `python -m train.harness TRIAL_DIR` per trial instead")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the launcher watches the trials; nobody reaps them here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("ready", flush=True)
+    while line := sys.stdin.readline():
+        trial_dir = line.strip()
+        if not trial_dir:
+            continue
+        os.chdir(trial_dir)  # before the fork: the launcher knows the trial's process by its cwd
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for sig in (signal.SIGCHLD, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.setsid()
+                out = os.open("stdout.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                os.close(out)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
+                _reseed_unseeded_generators()
+                _print_summary(run_trial(trial_dir))
+                code = 0
+            except BaseException:  # noqa: BLE001 - a harness bug is in stdout.log; the launcher sees no result
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(pid, flush=True)
 
 
 def _evaluate(trial_dir: Path, spec: dict, report: dict) -> dict:
@@ -555,18 +688,25 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _print_summary(result: dict) -> None:
+    summary = ("status", "val_bpb", "num_steps", "training_seconds", "total_seconds")
+    print(json.dumps({k: result.get(k) for k in summary}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "--worker":
+    if args == ["--serve"]:
+        serve()
+        return
+    if len(args) == 2 and args[0] == "--worker":  # a spawned worker (see _SpawnedWorker)
         worker_main(args[1])
         return
     if len(args) != 1 or args[0].startswith("-"):
-        sys.exit("usage: python -m train.harness TRIAL_DIR   (TRIAL_DIR holds train.py and trial.json)")
+        sys.exit("usage: python -m train.harness TRIAL_DIR   (TRIAL_DIR holds train.py and trial.json)\n"
+                 "       python -m train.harness --serve     (warm: trial directories on stdin, pids on stdout)")
     if not Path(args[0]).is_dir():
         sys.exit(f"error: no trial directory {args[0]}")
-    result = run_trial(args[0])
-    summary = ("status", "val_bpb", "num_steps", "training_seconds", "total_seconds")
-    print(json.dumps({k: result.get(k) for k in summary}))
+    _print_summary(run_trial(args[0]))
 
 
 if __name__ == "__main__":
