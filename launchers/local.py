@@ -134,8 +134,9 @@ class LocalLauncher(Launcher):
             os.sched_setaffinity(0, cores)
 
         kwargs.setdefault("stderr", subprocess.STDOUT)
-        return subprocess.Popen([*harness_command(args[0], self.python), *args[1:]], env=harness_env(self._slot_env(slot)),
-                                start_new_session=True, preexec_fn=pin if cores else None, **kwargs)
+        command = [*harness_command(args[0], self.python), *args[1:]]
+        return subprocess.Popen(command, env=harness_env(self._slot_env(slot)), start_new_session=True,
+                                preexec_fn=pin if cores else None, **kwargs)
 
     def _slot_env(self, slot: Slot) -> dict[str, str]:
         if "gpu" in slot.info:

@@ -257,12 +257,12 @@ class SlurmLauncher(Launcher):
             result = read_result(job.trial_dir)
             if result.status != "cancelled":
                 return result
-            # The harness saw its worker stopped from outside; Slurm says by whom once the job is over.
+            # The harness saw its worker signalled from outside (scancel, the time limit, a node going
+            # down): Slurm's final state says which, once it has one.
             if base is None or base in ACTIVE_STATES:
                 return result if now - job.last_seen >= self.forget_after_s else None
-            if base == "CANCELLED":
-                result.reason = self._cancelled_by(job, state)
-            return result
+            if base in ("COMPLETED", "FAILED"):
+                return result
         if base is None or base in ACTIVE_STATES:
             silent = now - job.last_seen
             if silent < self.forget_after_s:

@@ -148,8 +148,8 @@ def test_the_warm_harness_runs_each_trial_in_a_fork_that_cannot_reach_the_next(h
     evaluation is invalid, and the honest trial after it scores exactly as in a fresh process;
     what train.py leaves unseeded differs between trials, as it would between processes."""
     draw = "    print('draw', __import__('random').random(), flush=True)\n"
-    forged = write_trial(tmp_path / "forged", _in_train(_edit(TINY, "import torch\n", "import torch\n" + PATCH_CROSS_ENTROPY),
-                                                       draw))
+    patched = _edit(TINY, "import torch\n", "import torch\n" + PATCH_CROSS_ENTROPY)
+    forged = write_trial(tmp_path / "forged", _in_train(patched, draw))
     clean = write_trial(tmp_path / "clean", _in_train(TINY, draw))
     server = subprocess.Popen([sys.executable, "-P", "-m", "train.harness", "--serve"], env=_env(), text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
@@ -179,8 +179,7 @@ def test_the_warm_harness_runs_each_trial_in_a_fork_that_cannot_reach_the_next(h
 
 
 @pytest.mark.parametrize("where, patch, name", [
-    ("module", "import torch.nn.functional as _F\n_ce = _F.cross_entropy\n"
-               "_F.cross_entropy = lambda *a, **k: 0.5 * _ce(*a, **k)\n", "torch.nn.functional.cross_entropy"),
+    ("module", PATCH_CROSS_ENTROPY, "torch.nn.functional.cross_entropy"),
     ("build_model", "    _ls = torch.log_softmax\n    torch.log_softmax = lambda *a, **k: 0.5 * _ls(*a, **k)\n",
      "torch.log_softmax"),
     ("forward", "        import train.prepare\n        train.prepare.evaluate_bpb = lambda *a, **k: {'val_bpb': 0.1}\n",

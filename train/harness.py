@@ -335,24 +335,7 @@ def fork_safe() -> bool:
     return not gpu_build or os.environ.get("CUDA_VISIBLE_DEVICES") == ""
 
 
-class _WorkerProcess:
-    pid: int
-    code: int | None = None
-
-    def wait(self, deadline: float | None) -> int | None:
-        """The worker's exit code (negative: killed by that signal), or None at the deadline."""
-        while self.code is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
-            if pid:
-                self.code = os.waitstatus_to_exitcode(status)
-            elif time.time() >= deadline:
-                return None
-            else:
-                time.sleep(0.02)
-        return self.code
-
-
-class _SpawnedWorker(_WorkerProcess):
+class _SpawnedWorker:
     """A fresh interpreter in its own session (a hard kill takes everything train.py started)."""
 
     def __init__(self, trial_dir: Path, started: float):
@@ -363,11 +346,21 @@ class _SpawnedWorker(_WorkerProcess):
         # -P: the trial's train.py sits in the working directory and must not shadow the `train` package.
         command = [sys.executable, "-P", "-m", "train.harness", "--worker", str(trial_dir)]
         with open(trial_dir / LOG_FILE, "ab") as log:
-            self.pid = subprocess.Popen(command, cwd=trial_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True).pid
+            self.popen = subprocess.Popen(command, cwd=trial_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.popen.pid
+
+    def wait(self, deadline: float | None) -> int | None:
+        """The worker's exit code (negative: killed by that signal), or None at the deadline."""
+        import subprocess
+
+        try:  # through the Popen, which would otherwise reap the worker behind our back when collected
+            return self.popen.wait(None if deadline is None else max(deadline - time.time(), 0))
+        except subprocess.TimeoutExpired:
+            return None
 
 
-class _ForkedWorker(_WorkerProcess):
+class _ForkedWorker:
     """A fork of this process: it starts with torch already imported, in its own session, and dies
     with its parent. It never shares memory back, so nothing train.py does reaches the evaluation
     here."""
@@ -395,6 +388,19 @@ class _ForkedWorker(_WorkerProcess):
                 worker_main(trial_dir)
             finally:
                 os._exit(1)  # worker_main leaves through os._exit(0); anything else is a crash
+        self.code = None
+
+    def wait(self, deadline: float | None) -> int | None:
+        """The worker's exit code (negative: killed by that signal), or None at the deadline."""
+        while self.code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+            elif time.time() >= deadline:
+                return None
+            else:
+                time.sleep(0.02)
+        return self.code
 
 
 def _reseed_unseeded_generators() -> None:
