@@ -169,8 +169,8 @@ class LocalLauncher(Launcher):
             result = read_result(trial_dir, missing_status="timeout",
                                  reason=f"killed by the launcher past hard_limit_s+{KILL_GRACE_S:.0f}s")
         else:
-            code = f"with code {p.popen.returncode}" if p.popen else ""
-            result = read_result(trial_dir, reason=f"the harness ended {code} without a result.json".replace("  ", " "))
+            code = f" with code {p.popen.returncode}" if p.popen else ""  # a forked trial is not our child
+            result = read_result(trial_dir, reason=f"the harness ended{code} without a result.json")
             if not (trial_dir / "result.json").exists():
                 result.error = (result.error or "") + _tail(trial_dir / "stdout.log")
         result.slot = p.slot.name

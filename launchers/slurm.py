@@ -251,7 +251,6 @@ class SlurmLauncher(Launcher):
 
     def _outcome(self, job: _Job, now: float) -> Result | None:
         """The trial's result if its job is over, else None."""
-        state = (job.state or "").split()
         base = _base(job.state)
         if (job.trial_dir / "result.json").exists():  # written last by the harness: the trial ran to its end
             result = read_result(job.trial_dir)
@@ -270,7 +269,7 @@ class SlurmLauncher(Launcher):
             what = "slurmctld does not answer" if now - self._last_answer >= silent else "not in squeue"
             return Result(status="lost", reason=f"Slurm job {job.job_id} forgotten: {what} for {silent:.0f} s")
         if base == "CANCELLED":
-            return Result(status="cancelled", reason=self._cancelled_by(job, state))
+            return Result(status="cancelled", reason=self._cancelled_by(job))
         if base in ("TIMEOUT", "DEADLINE"):
             return Result(status="timeout", reason=f"killed by Slurm at its time limit "
                                                    f"({job.info.get('Timelimit', '?')}, Slurm job {job.job_id} {base})")
@@ -288,8 +287,8 @@ class SlurmLauncher(Launcher):
                       error=(log_tail(job.trial_dir, 20) + "\n" + _job_stderr(job)).strip())
 
     @staticmethod
-    def _cancelled_by(job: _Job, state: list[str]) -> str:
-        by = "by the study" if job.cancel_requested else " ".join(state[1:]) or "by a user"
+    def _cancelled_by(job: _Job) -> str:
+        by = "by the study" if job.cancel_requested else " ".join((job.state or "").split()[1:]) or "by a user"
         return f"scancel: Slurm job {job.job_id} CANCELLED {by}".rstrip()
 
     def _finish(self, job: _Job, result: Result) -> Result:

@@ -19,6 +19,46 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a minute")
 
 
+@pytest.fixture(scope="module")
+def objective():
+    """The tiny objective, its data prepared once, as the study runner would: what launcher tests
+    hand to trials they submit themselves."""
+    from omegaconf import OmegaConf
+
+    from study.runner import check_objective, prepare_data
+
+    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"), resolve=True)
+    knobs = conf["knobs"]
+    o = check_objective(conf)
+    prepare_data(o)
+    o["knobs"] = knobs
+    return o
+
+
+def tiny_source(objective: dict, hook: str = "") -> str:
+    """train.py with the tiny knobs; `hook` runs at the start of train() in the trial's worker."""
+    from train.knobs import write_knobs
+
+    source = write_knobs((ROOT / "train" / "train.py").read_text(), objective["knobs"])
+    if hook:
+        source = source.replace("def train(model, run):\n", "def train(model, run):\n    _test_hook()\n", 1)
+        source += "\n\ndef _test_hook():\n" + "".join(f"    {line}\n" for line in hook.splitlines())
+    return source
+
+
+def make_trial(study_dir: Path, index: int, objective: dict, source: str, **overrides):
+    """Trial `index` (its seed too) of a study in `study_dir`, its directory written."""
+    from study.records import Candidate, Trial
+    from study.trialdir import write_trial_dir
+
+    spec = {k: v for k, v in objective.items() if k != "knobs"}
+    spec.update(overrides)
+    trial = Trial(trial_id=f"t{index:04d}", index=index, candidate=Candidate(source=source), objective=spec,
+                  seed=index)
+    trial.directory = str(write_trial_dir(study_dir / "trials" / trial.trial_id, trial))
+    return trial
+
+
 def run_arena(workdir: Path, *overrides: str, timeout: float = 300, check: bool = True,
               env: dict | None = None) -> subprocess.CompletedProcess:
     """`python run.py overrides...` in `workdir`, as a user would type it."""

@@ -346,22 +346,31 @@ def test_cli_rejects_a_missing_directory(tmp_path):
     assert done.returncode != 0 and "no trial directory" in done.stderr
 
 
-def test_a_worker_stopped_from_outside_is_cancelled_not_crashed(tmp_path):
-    """scancel signals every process of the job; when the worker gets SIGTERM before the harness
-    does, the trial was cancelled, and train.py must not be blamed for a crash."""
+def _start_stalled_trial(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """A harness whose train() stalls for 10 minutes; returns once train() runs, with the worker's pid."""
     trial = tmp_path / "trial"
-    trial.mkdir()
     pid_file = tmp_path / "worker.pid"
     stall = (f"    open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\n"
              "    __import__('time').sleep(600)\n")
-    (trial / "train.py").write_text(_in_train(TINY, stall))
-    (trial / "trial.json").write_text(json.dumps({"trial_id": "t", "seed": 1, "objective": objective()}))
+    write_trial(trial, _in_train(TINY, stall))
     harness = subprocess.Popen([sys.executable, "-m", "train.harness", str(trial)], env=_env())
     try:
         while not (pid_file.exists() and pid_file.read_text()):
             assert harness.poll() is None, "the harness ended before train() started"
             time.sleep(0.1)
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    except BaseException:
+        harness.kill()
+        raise
+    return harness, int(pid_file.read_text())
+
+
+def test_a_worker_stopped_from_outside_is_cancelled_not_crashed(tmp_path):
+    """scancel signals every process of the job; when the worker gets SIGTERM before the harness
+    does, the trial was cancelled, and train.py must not be blamed for a crash."""
+    harness, worker = _start_stalled_trial(tmp_path)
+    trial = tmp_path / "trial"
+    try:
+        os.kill(worker, signal.SIGTERM)
         harness.wait(timeout=60)
         result = json.loads((trial / "result.json").read_text())
         assert result["status"] == "cancelled" and "SIGTERM" in result["error"]
@@ -370,21 +379,10 @@ def test_a_worker_stopped_from_outside_is_cancelled_not_crashed(tmp_path):
 
 
 def test_cancelling_the_harness_kills_its_worker(tmp_path):
-    trial = tmp_path / "trial"
-    trial.mkdir()
-    pid_file = tmp_path / "worker.pid"
-    stall = (f"    open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\n"
-             "    __import__('time').sleep(600)\n")
-    (trial / "train.py").write_text(_in_train(TINY, stall))
-    (trial / "trial.json").write_text(json.dumps({"trial_id": "t", "seed": 1, "objective": objective()}))
-    harness = subprocess.Popen([sys.executable, "-m", "train.harness", str(trial)], env=_env())
+    harness, worker = _start_stalled_trial(tmp_path)
     try:
-        while not (pid_file.exists() and pid_file.read_text()):
-            assert harness.poll() is None, "the harness ended before train() started"
-            time.sleep(0.1)
         harness.send_signal(signal.SIGTERM)
         harness.wait(timeout=30)
-        worker = int(pid_file.read_text())
         for _ in range(100):  # SIGKILL is delivered asynchronously
             if not _alive(worker):
                 break

@@ -9,41 +9,11 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-from omegaconf import OmegaConf
-
 from launchers.local import LocalLauncher, _is_our_harness
-from study.records import Candidate, Trial
-from study.trialdir import write_trial_dir
-from tests.conftest import ROOT
+from study.records import Trial
+from tests.conftest import make_trial, tiny_source
 
 HANG_GUARD_S = 300
-
-
-@pytest.fixture(scope="module")
-def objective():
-    from study.runner import check_objective, prepare_data
-
-    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"), resolve=True)
-    knobs = conf["knobs"]
-    o = check_objective(conf)
-    prepare_data(o)
-    o["knobs"] = knobs
-    return o
-
-
-def source(objective: dict, hook: str = "") -> str:
-    from train.knobs import write_knobs
-
-    text = write_knobs((ROOT / "train" / "train.py").read_text(), objective["knobs"])
-    return text.replace("def train(model, run):\n", "def train(model, run):\n" + hook, 1)
-
-
-def make_trial(study: Path, index: int, objective: dict, text: str, seed: int = 0) -> Trial:
-    spec = {k: v for k, v in objective.items() if k != "knobs"}
-    trial = Trial(trial_id=f"t{index:04d}", index=index, candidate=Candidate(source=text), objective=spec, seed=seed)
-    trial.directory = str(write_trial_dir(study / "trials" / trial.trial_id, trial))
-    return trial
 
 
 def collect(launcher: LocalLauncher, n: int) -> dict:
@@ -73,7 +43,7 @@ def test_warm_and_cold_slots_give_the_same_scores(tmp_path, objective):
     for warm in (True, False):
         launcher = LocalLauncher(slots=1, warm=warm)
         launcher.start()
-        trial = make_trial(tmp_path / f"warm-{warm}", 0, objective, source(objective))
+        trial = make_trial(tmp_path / f"warm-{warm}", 0, objective, tiny_source(objective))
         launcher.submit(trial, launcher.slots()[0])
         forked = launcher._procs[trial.trial_id].popen is None
         results[warm] = collect(launcher, 1)[trial.trial_id]
@@ -87,10 +57,10 @@ def test_a_warm_trial_is_cancelled_with_everything_it_started(tmp_path, objectiv
     launcher = LocalLauncher(slots=1)
     launcher.start()
     pid_file = tmp_path / "child.pid"
-    hook = ("    import subprocess\n"
-            f"    open({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '600']).pid))\n"
-            "    __import__('time').sleep(600)\n")
-    trial = make_trial(tmp_path / "study", 0, objective, source(objective, hook))
+    hook = ("import subprocess, time\n"
+            f"open({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '600']).pid))\n"
+            "time.sleep(600)")
+    trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook))
     launcher.submit(trial, launcher.slots()[0])
     wait_for(lambda: pid_file.exists() and pid_file.read_text(), "train() to start its child")
     launcher.cancel(trial.trial_id)
@@ -109,7 +79,7 @@ def test_a_dead_warm_harness_costs_speed_not_trials(tmp_path, objective):
     server = launcher._servers[slot.name].process
     os.kill(server.pid, signal.SIGKILL)
     server.wait()
-    trial = make_trial(tmp_path / "study", 0, objective, source(objective))
+    trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective))
     launcher.submit(trial, slot)
     assert launcher._procs[trial.trial_id].popen is not None  # went cold
     assert slot.name not in launcher._servers
@@ -124,8 +94,8 @@ def test_a_restarted_launcher_adopts_a_warm_trial_still_running(tmp_path, object
     first = LocalLauncher(slots=2)
     first.start()
     gate = tmp_path / "go"
-    hook = f"    while not __import__('os').path.exists({str(gate)!r}): __import__('time').sleep(0.05)\n"
-    running = make_trial(tmp_path / "study", 0, objective, source(objective, hook))
+    hook = f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)"
+    running = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook))
     first.submit(running, first.slots()[0])
     wait_for(lambda: started_training(running), "the trial to start")
     first._procs.clear()  # as if the orchestrator died: nobody cancels anything
@@ -133,7 +103,7 @@ def test_a_restarted_launcher_adopts_a_warm_trial_still_running(tmp_path, object
     pid = int((Path(running.directory) / "pid").read_text())
     assert _is_our_harness(pid, Path(running.directory))
 
-    never_started = make_trial(tmp_path / "study", 1, objective, source(objective))
+    never_started = make_trial(tmp_path / "study", 1, objective, tiny_source(objective))
     second = LocalLauncher(slots=2)
     second.start()
     assert second.adopt(running, second.slots()[0])

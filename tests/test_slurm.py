@@ -27,8 +27,7 @@ import pytest
 from launchers.base import LauncherError
 from launchers.slurm import SlurmLauncher
 from study.records import Candidate, Trial
-from study.trialdir import write_trial_dir
-from tests.conftest import ROOT, TINY, sqlite_uri
+from tests.conftest import ROOT, TINY, make_trial, sqlite_uri, tiny_source
 
 HANG_GUARD_S = 300  # a launcher that never answers fails the test instead of hanging CI
 RUN = uuid.uuid4().hex[:6]  # in job names: accounting remembers the jobs of earlier test runs
@@ -61,43 +60,8 @@ def cancel_leftover_jobs(tmp_path):
         subprocess.run(["scancel", *ids], capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def objective():
-    """The tiny objective, its data prepared once, as the study runner would."""
-    from omegaconf import OmegaConf
-
-    from study.runner import check_objective, prepare_data
-
-    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"), resolve=True)
-    knobs = conf["knobs"]
-    o = check_objective(conf)
-    prepare_data(o)
-    o["knobs"] = knobs
-    return o
-
-
-def tiny_source(objective: dict, hook: str = "") -> str:
-    """train.py with the tiny knobs; `hook` runs at the start of train() in the trial's worker."""
-    from train.knobs import write_knobs
-
-    source = write_knobs((ROOT / "train" / "train.py").read_text(), objective["knobs"])
-    if hook:
-        source = source.replace("def train(model, run):\n", "def train(model, run):\n    _test_hook()\n", 1)
-        source += "\n\ndef _test_hook():\n" + "".join(f"    {line}\n" for line in hook.splitlines())
-    return source
-
-
 def sleeping(seconds: float) -> str:
     return f"import time\ntime.sleep({seconds})"
-
-
-def make_trial(study_dir: Path, index: int, objective: dict, source: str, **overrides) -> Trial:
-    spec = {k: v for k, v in objective.items() if k != "knobs"}
-    spec.update(overrides)
-    trial = Trial(trial_id=f"t{index:04d}", index=index, candidate=Candidate(source=source), objective=spec,
-                  seed=index)
-    trial.directory = str(write_trial_dir(study_dir / "trials" / trial.trial_id, trial))
-    return trial
 
 
 def new_launcher(study_dir: Path, **kw) -> SlurmLauncher:

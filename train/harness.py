@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -339,8 +340,6 @@ class _SpawnedWorker:
     """A fresh interpreter in its own session (a hard kill takes everything train.py started)."""
 
     def __init__(self, trial_dir: Path, started: float):
-        import subprocess
-
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "ARENA_HARNESS_STARTED": repr(started),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         # -P: the trial's train.py sits in the working directory and must not shadow the `train` package.
@@ -352,8 +351,6 @@ class _SpawnedWorker:
 
     def wait(self, deadline: float | None) -> int | None:
         """The worker's exit code (negative: killed by that signal), or None at the deadline."""
-        import subprocess
-
         try:  # through the Popen, which would otherwise reap the worker behind our back when collected
             return self.popen.wait(None if deadline is None else max(deadline - time.time(), 0))
         except subprocess.TimeoutExpired:
@@ -371,19 +368,7 @@ class _ForkedWorker:
         self.pid = os.fork()
         if self.pid == 0:
             try:
-                os.setsid()
-                log = os.open(trial_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                os.dup2(log, 1)
-                os.dup2(log, 2)
-                os.close(log)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                os.close(null)
-                sys.stdout.reconfigure(line_buffering=True)
-                sys.stderr.reconfigure(line_buffering=True)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                _reseed_unseeded_generators()
+                _become_own_process(trial_dir / LOG_FILE)
                 os.environ["ARENA_HARNESS_STARTED"] = repr(started)
                 worker_main(trial_dir)
             finally:
@@ -403,14 +388,27 @@ class _ForkedWorker:
         return self.code
 
 
-def _reseed_unseeded_generators() -> None:
-    """A fork copies the parent's `random` and numpy global states; a fresh process would have drawn
-    new ones. train.py seeds torch and its batches through `run`, but what it leaves unseeded must
-    not repeat across trials."""
+def _become_own_process(output: Path | str) -> None:
+    """Make a fresh fork what a newly started process would be: its own session (a group kill takes
+    all it starts), output appended to `output` line by line, no stdin, default signal handlers, and
+    new `random`/numpy global states. train.py seeds torch and its batches through `run`, but what it
+    leaves unseeded must not repeat across trials."""
     import random
 
     import numpy
 
+    os.setsid()
+    out = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
     random.seed()
     numpy.random.seed()
 
@@ -437,17 +435,7 @@ def serve() -> None:
         if pid == 0:
             code = 1
             try:
-                for sig in (signal.SIGCHLD, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.setsid()
-                out = os.open("stdout.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                os.dup2(out, 1)
-                os.dup2(out, 2)
-                os.close(out)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                os.close(null)
-                _reseed_unseeded_generators()
+                _become_own_process("stdout.log")
                 _print_summary(run_trial(trial_dir))
                 code = 0
             except BaseException:  # noqa: BLE001 - a harness bug is in stdout.log; the launcher sees no result
