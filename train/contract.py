@@ -1,0 +1,27 @@
+"""The trial-directory contract: the one place that names what a trial folder holds and what a trial
+can end as. The harness (which travels alone to GPU nodes) and the study side both import it, so it
+imports nothing but the standard library.
+
+A trial folder, written by the study before the trial starts and by the trusted harness after it:
+
+    train.py      the exact candidate that ran (written by the study)
+    trial.json    the harness spec: objective, seed, trial id (written by the study)
+    run.log       the candidate's output and the harness's own lines
+    result.json   the outcome, written last and atomically by the trusted side only
+"""
+from __future__ import annotations
+
+TRAIN_FILE = "train.py"
+TRIAL_FILE = "trial.json"
+RESULT_FILE = "result.json"
+LOG_FILE = "run.log"
+
+# What a budget counts. `seconds` is wall-clock training time after the warm-up steps.
+BUDGET_KINDS = ("seconds", "steps", "tokens")
+
+# Outcomes of a trial. The harness statuses are the candidate's own result; the infrastructure
+# statuses say the candidate was not measured (`cancelled` by the arena or an operator, `lost` to a
+# node, a cluster or a scheduler), so a resumed study runs it again.
+HARNESS_STATUSES = ("ok", "crash", "timeout", "oom", "nan", "invalid")
+INFRA_STATUSES = ("cancelled", "lost")
+STATUSES = HARNESS_STATUSES + INFRA_STATUSES
