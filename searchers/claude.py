@@ -8,9 +8,12 @@ trials does not grow the context. The stable prefix (tools, the program prompt o
 current wave for five minutes.
 
 Around the model: a scoreboard with the keep rule (claude_board.py), tools confined to this wave's
-candidate files (claude_tools.py), dollars per call from a dated price table (claude_cost.py). The
-SDK retries 429/529/5xx; an error that retrying cannot fix (auth, permission, billing, spend
-limit) ends the searcher cleanly, and so does `max_usd`. Everything the agent did is written under
+candidate files (claude_tools.py), dollars per call from a dated price table (claude_cost.py), and
+the rules of the real API (claude_api.py): a call and a wave have time limits however often the SDK
+retries; an empty reply is never sent back and a reply cut off at max_tokens never runs its tool
+calls; a refusal restarts the wave from a fresh context and is counted by category. The SDK retries
+429/529/5xx; an error that retrying cannot fix (auth, permission, billing, spend limit) ends the
+searcher cleanly, and so does `max_usd`. Everything the agent did is written under
 `<study>/agent/` (transcripts, costs, notes), which the study uploads to MLflow. The API key is
 read from the environment into the client and nowhere else.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 import os
 import string
 import time
@@ -28,6 +32,9 @@ from typing import Any
 import anthropic
 
 from searchers.base import SearchContext, Searcher
+from searchers.claude_api import (
+    TRUNCATED, CallTimeLimit, deadline, describe, is_stopping, refusal_category, tail_of, with_breakpoints,
+)
 from searchers.claude_board import AGENT, BASELINE, CONFIRM, Board, code_key, unified_diff
 from searchers.claude_cost import Ledger, Prices, Tokens
 from searchers.claude_tools import (
@@ -39,15 +46,6 @@ from train.knobs import read_knobs
 log = logging.getLogger("arena.claude")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# error.details.error_code values that mean "no more requests will succeed until a person acts".
-STOPPING_CODES = {
-    "enforced_spend_limit_reached", "contract_spend_limit_reached", "linked_organization_spend_limit_reached",
-    "linked_organization_billing_unavailable", "organization_on_hold",
-}
-# The API reports an exhausted prepaid balance and a console usage limit as plain 400s.
-STOPPING_MESSAGES = ("credit balance", "usage limit", "spend limit")
-
-
 class ClaudeSearcherError(RuntimeError):
     """A configuration the searcher cannot start with (no API key, unknown model price)."""
 
@@ -58,7 +56,8 @@ class ClaudeSearcher(Searcher):
     def __init__(self, *, model: str, prices: dict[str, dict[str, float]], max_usd: float,
                  noise_margin: float = 0.01, confirm_seeds: int = 2, max_turns_per_wave: int = 40,
                  max_tokens: int = 16000, thinking: dict | None = None, effort: str | None = None,
-                 max_retries: int = 6, timeout_s: float = 600.0, max_nudges: int = 2, max_failed_waves: int = 5,
+                 max_retries: int = 6, timeout_s: float = 600.0, max_call_s: float = 900.0,
+                 max_wave_s: float = 2400.0, max_refusals: int = 2, max_nudges: int = 2, max_failed_waves: int = 5,
                  wave_backoff_s: float = 30.0,
                  run_baseline: bool = True, notes_max_chars: int = 4000, view_max_characters: int = 40000,
                  editor_tool: str = "text_editor_20250728", system_cache_ttl: str = "1h",
@@ -89,6 +88,8 @@ class ClaudeSearcher(Searcher):
         self.thinking = thinking
         self.effort = effort
         self.max_nudges = int(max_nudges)
+        self.max_refusals = int(max_refusals)
+        self.timeout_s, self.max_call_s, self.max_wave_s = float(timeout_s), float(max_call_s), float(max_wave_s)
         self.max_failed_waves = int(max_failed_waves)
         self.wave_backoff_s = float(wave_backoff_s)
         self.run_baseline = bool(run_baseline)
@@ -167,6 +168,10 @@ class ClaudeSearcher(Searcher):
             "agent_broken_submissions": total("broken"),
             "agent_refused_tool_calls": total("refused"),
             "agent_tool_errors": total("tool_errors"),
+            "agent_truncated_replies": total("truncations"),
+            "agent_empty_replies": total("empty_replies"),
+            "agent_refusals": sum(len(w.get("refusals", [])) for w in self.waves),
+            **{f"agent_refusals_{c}": n for c, n in Counter(c for w in self.waves for c in w.get("refusals", [])).items()},
             "agent_kept": len(kept),
             "agent_stop_reason": self.stop_reason or "",
         }
@@ -197,19 +202,45 @@ class ClaudeSearcher(Searcher):
         files = CandidateFiles(names, self.board.best_source(), best.trial_id if best else None,
                                self.view_max_characters)
         wave = _Wave(number, k, files, ctx)
-        messages: list[dict] = [{"role": "user", "content": [{"type": "text", "text": self._state_prompt(wave)}]}]
+        messages = self._fresh_conversation(wave)
         outcome, reason = "ok", ""
         started = time.time()
+        wave_deadline = time.monotonic() + self.max_wave_s
+        tail: tuple[int, int] | None = None
         try:
             for turn in range(1, self.max_turns + 1):
                 if self.ledger.usd >= self.max_usd:
                     self._stop(f"max_usd={self.max_usd} reached (${self.ledger.usd:.2f})")
                     break
-                response = self.client.messages.create(**self._request(messages))
+                if time.monotonic() >= wave_deadline:
+                    outcome, reason = "timeout", f"max_wave_s={self.max_wave_s} reached"
+                    break
+                until = min(time.monotonic() + self.max_call_s, wave_deadline)
+                client = self.client.with_middleware(deadline(until, self.timeout_s))
+                response = client.messages.create(**self._request(messages, tail))
+                tail = tail_of(messages)
                 tokens, usd = self.ledger.record(response.usage, wave=number, turn=turn)
                 wave.tokens += tokens
                 wave.usd += usd
                 wave.turns = turn
+                stop = response.stop_reason
+                if stop == "refusal":  # a refused context keeps refusing: start the wave's conversation again
+                    wave.refusals.append(refusal_category(response))
+                    log.warning("wave %d: refusal (%s)", number, wave.refusals[-1])
+                    if len(wave.refusals) > self.max_refusals:
+                        outcome, reason = "refused", f"{len(wave.refusals)} refusals ({', '.join(wave.refusals)})"
+                        break
+                    messages, tail = self._fresh_conversation(wave), None
+                    continue
+                if stop in TRUNCATED or not response.content:  # never run a cut-off call, never send an empty turn
+                    kind = "truncations" if stop in TRUNCATED else "empty"
+                    setattr(wave, kind, getattr(wave, kind) + 1)
+                    if wave.truncations + wave.empty > self.max_nudges:
+                        outcome, reason = "skipped", f"{wave.truncations} truncated and {wave.empty} empty replies"
+                        break
+                    messages[-1]["content"].append({"type": "text", "text": _cut_off(self.max_tokens) if
+                                                    stop in TRUNCATED else "Please continue."})
+                    continue
                 messages.append({"role": "assistant", "content": [b.to_dict() for b in response.content]})
                 uses = [b for b in response.content if b.type == "tool_use"]
                 if uses:
@@ -219,16 +250,16 @@ class ClaudeSearcher(Searcher):
                 if not uses:
                     if wave.nudges >= self.max_nudges:
                         outcome, reason = "skipped", (f"no usable candidate after {wave.nudges} reminders "
-                                                      f"(stop_reason {response.stop_reason})")
+                                                      f"(stop_reason {stop})")
                         break
                     wave.nudges += 1
                     messages.append({"role": "user", "content": [{"type": "text", "text": _nudge(wave)}]})
             else:
                 if not wave.accepted:
                     outcome, reason = "skipped", f"no candidate within max_turns_per_wave={self.max_turns}"
-        except anthropic.APIError as e:
-            reason = _describe(e)
-            stopping = isinstance(e, anthropic.APIStatusError) and _is_stopping(e)
+        except (anthropic.APIError, CallTimeLimit) as e:
+            reason = describe(e)
+            stopping = isinstance(e, anthropic.APIStatusError) and is_stopping(e)
             outcome = "stopped" if stopping else "error"
             if stopping:
                 self._stop(f"API: {reason}")
@@ -243,14 +274,17 @@ class ClaudeSearcher(Searcher):
             self._stop(f"{self.failed_in_a_row} waves in a row gave no candidate (last: {reason or outcome})")
         return self._priced(wave)
 
-    def _request(self, messages: list[dict]) -> dict[str, Any]:
-        last = messages[-1]
-        tail = dict(last["content"][-1], cache_control={"type": "ephemeral"})
+    def _fresh_conversation(self, wave: "_Wave") -> list[dict]:
+        """The wave's opening turn, also after a refusal (the refused context is dropped, the
+        candidates already submitted stay)."""
+        return [{"role": "user", "content": [{"type": "text", "text": self._state_prompt(wave)}]}]
+
+    def _request(self, messages: list[dict], tail: tuple[int, int] | None) -> dict[str, Any]:
         request: dict[str, Any] = {
             "model": self.model, "max_tokens": self.max_tokens, "tools": self.tools,
             "system": [{"type": "text", "text": self.system,
                         "cache_control": {"type": "ephemeral", "ttl": self.system_cache_ttl}}],
-            "messages": messages[:-1] + [{**last, "content": last["content"][:-1] + [tail]}],
+            "messages": with_breakpoints(messages, tail),
         }
         if self.thinking:
             request["thinking"] = self.thinking
@@ -440,7 +474,8 @@ class ClaudeSearcher(Searcher):
             "wave": wave.number, "asked": wave.k, "candidates": len(wave.accepted), "outcome": outcome,
             "reason": reason, "turns": wave.turns, "nudges": wave.nudges, "usd": wave.usd,
             "tokens": asdict(wave.tokens), "broken": wave.broken, "refused": wave.refused,
-            "tool_errors": wave.tool_errors, "seconds": round(time.time() - started, 3), "model": self.model,
+            "tool_errors": wave.tool_errors, "truncations": wave.truncations, "empty_replies": wave.empty,
+            "refusals": wave.refusals, "seconds": round(time.time() - started, 3), "model": self.model,
             "prices_checked": self.prices_checked,
         }
         self.waves.append(row)
@@ -464,29 +499,18 @@ class _Wave:
         self.tokens = Tokens()
         self.usd = 0.0
         self.turns = self.nudges = self.broken = self.refused = self.tool_errors = 0
+        self.truncations = self.empty = 0
+        self.refusals: list[str] = []  # stop_details.category of each refusal
+
+
+def _cut_off(max_tokens: int) -> str:
+    return (f"Your last reply was cut off at max_tokens={max_tokens} before it finished, so none of its tool "
+            "calls ran. Make smaller steps: one str_replace per change, never a whole-file create.")
 
 
 def _nudge(wave: _Wave) -> str:
     return (f"No candidate has been submitted yet. Edit {', '.join(wave.files.files)} and call submit_candidate "
             f"for each ({wave.k} wanted); a wave without a candidate leaves slots idle.")
-
-
-def _is_stopping(e: anthropic.APIStatusError) -> bool:
-    """True for errors no retry can fix: they need a person (a key, a permission, money)."""
-    if isinstance(e, (anthropic.AuthenticationError, anthropic.PermissionDeniedError,
-                      anthropic.PaymentRequiredError, anthropic.NotFoundError)):
-        return True
-    if e.error_code in STOPPING_CODES:
-        return True
-    message = (e.api_message or "").lower()
-    return isinstance(e, anthropic.BadRequestError) and any(m in message for m in STOPPING_MESSAGES)
-
-
-def _describe(e: anthropic.APIError) -> str:
-    if isinstance(e, anthropic.APIStatusError):
-        code = f" ({e.error_code})" if e.error_code else ""
-        return f"{type(e).__name__} {e.status_code}{code}: {e.api_message or e.message}"
-    return f"{type(e).__name__}: {e.message}"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

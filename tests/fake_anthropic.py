@@ -1,25 +1,49 @@
-"""A scripted Messages API behind `httpx2.MockTransport`, so the real `anthropic` SDK (its request
-building, retries, error classes and response parsing) is exercised without the network.
+"""A strict, scripted Messages API behind `httpx2.MockTransport`, so the real `anthropic` SDK (its
+request building, retries, timeouts, error classes and response parsing) is exercised without the
+network.
 
-Responses have the shape the API returns (message id, content blocks of type thinking / text /
-tool_use, stop_reason, usage with the cache fields and their TTL split); errors have the API's
-error envelope, and `error.details.error_code` where the API sets one. A step of the script is
-either a ready response or a function of the request body, so a scripted agent can react to the
-tool results it is sent, as a model would.
+Strict means it refuses what the real API refuses, with the API's 400 envelope: an empty content,
+a tool_use not answered by a tool_result at the start of the next user turn, a tool_result for no
+tool_use, more than 4 cache breakpoints or a 1h one after a 5m one, an assistant turn (thinking
+blocks included) that is not exactly what it returned, unknown request fields. A searcher that
+passes here does not rely on laxness the real API lacks.
+
+Responses have the API's shape (thinking / text / tool_use blocks, stop_reason, stop_details for a
+refusal, usage with the cache fields and their TTL split). A step of the script is a ready response,
+a function of the request body, or a failure the transport raises (a timeout, a dropped
+connection). With `cache=True` usage is computed from the request by a model of prompt caching
+(prefixes written at breakpoints, read back within the 20-block lookback), so the cost ledger is
+tested against what the request's layout would really cost.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import itertools
 import json
 import re
+import threading
+import time
 from typing import Any, Callable
 
 import httpx2
 
 EDITOR = "str_replace_based_edit_tool"
+LOOKBACK_BLOCKS = 20  # the API checks this many blocks before a breakpoint for an earlier cache entry
+MAX_BREAKPOINTS = 4
+REQUEST_FIELDS = {"model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "output_config",
+                  "metadata", "stop_sequences", "temperature", "top_p", "top_k", "stream", "service_tier"}
+BLOCK_FIELDS = {
+    "user": {"text": {"type", "text", "cache_control", "citations"},
+             "tool_result": {"type", "tool_use_id", "content", "is_error", "cache_control"},
+             "image": {"type", "source", "cache_control"}, "document": {"type", "source", "cache_control", "title"}},
+    "assistant": {"text": {"type", "text", "citations"}, "tool_use": {"type", "id", "name", "input"},
+                  "thinking": {"type", "thinking", "signature"}, "redacted_thinking": {"type", "data"}},
+}
 _ids = itertools.count(1)
 
 
+# -- responses -------------------------------------------------------------------------------------
 def usage(input_tokens=1500, cache_write_1h=0, cache_write_5m=0, cache_read=0, output_tokens=400) -> dict:
     return {
         "input_tokens": input_tokens,
@@ -44,11 +68,49 @@ def tool_use(name: str, input: dict) -> dict:
     return {"type": "tool_use", "id": f"toolu_{next(_ids):06d}", "name": name, "input": input}
 
 
-def message(*blocks: dict, stop_reason: str | None = None, model: str = "claude-opus-5-5", **usage_kw) -> tuple:
+def message(*blocks: dict, stop_reason: str | None = None, stop_details: dict | None = None,
+            model: str = "claude-opus-5-5", **usage_kw) -> tuple:
     stop = stop_reason or ("tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn")
     body = {"id": f"msg_{next(_ids):08d}", "type": "message", "role": "assistant", "model": model,
-            "content": list(blocks), "stop_reason": stop, "stop_sequence": None, "usage": usage(**usage_kw)}
+            "content": list(blocks), "stop_reason": stop, "stop_sequence": None, "stop_details": stop_details,
+            "usage": usage(**usage_kw)}
     return 200, body, {"request-id": f"req_{next(_ids):08d}"}
+
+
+def empty_reply() -> tuple:
+    """end_turn with no content: what Claude 4+ models return when text followed tool results."""
+    return message(output_tokens=3)
+
+
+def truncated(*blocks: dict) -> tuple:
+    """Cut off at max_tokens: the last tool call's input may be incomplete (a create with half a file)."""
+    return message(*blocks, stop_reason="max_tokens", output_tokens=16000)
+
+
+def refusal(category: str | None = "frontier_llm", explanation: str | None = "This request may assist "
+            "the development of competing AI models.") -> tuple:
+    details = {"type": "refusal", "category": category, "explanation": explanation}
+    return message(text("I can't help with"), stop_reason="refusal", stop_details=details, output_tokens=12)
+
+
+class Hang:
+    """A call that never answers: the transport waits out the request's read timeout (at most
+    `seconds`), then raises the timeout, which the SDK retries."""
+
+    def __init__(self, seconds: float = 60.0):
+        self.seconds = seconds
+
+    def fail(self, request: httpx2.Request):
+        read = (request.extensions.get("timeout") or {}).get("read") or self.seconds
+        time.sleep(min(self.seconds, read))
+        raise httpx2.ReadTimeout("timed out", request=request)
+
+
+class Drop:
+    """A connection that fails before any answer (reset, DNS, proxy)."""
+
+    def fail(self, request: httpx2.Request):
+        raise httpx2.ConnectError("connection reset by peer", request=request)
 
 
 def error(status: int, type_: str, msg: str, code: str | None = None, retry_after_ms: str | None = "1") -> tuple:
@@ -83,29 +145,178 @@ def bad_key() -> tuple:
     return error(401, "authentication_error", "invalid x-api-key", retry_after_ms=None)
 
 
-class FakeMessagesAPI:
-    """Plays `script` (responses or functions of the request body) one per HTTP request, then hands
-    requests to `policy` if one is given, and keeps every request and response it saw. Running out
-    of both is a test failure, reported as a 500 with x-should-retry: false so the SDK stops."""
+# -- what the real API refuses ---------------------------------------------------------------------
+class Invalid(Exception):
+    """A request the real API answers with 400 invalid_request_error."""
 
-    def __init__(self, script: list[tuple | Callable[[dict], tuple]] | None = None,
-                 policy: Callable[[dict], tuple] | None = None):
+
+def _strip(block: dict) -> dict:
+    return {k: v for k, v in block.items() if k != "cache_control"}
+
+
+def _canon(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, separators=(",", ":"))
+
+
+def validate(body: dict, issued: set[str]) -> None:
+    """Raise Invalid with the API's wording for anything the Messages API rejects."""
+    unknown = sorted(set(body) - REQUEST_FIELDS)
+    if unknown:
+        raise Invalid(f"{unknown[0]}: Extra inputs are not permitted")
+    messages = body.get("messages") or []
+    if not messages or messages[0].get("role") != "user":
+        raise Invalid("messages: the first message must use the \"user\" role")
+    turns: list[tuple[str, list[dict]]] = []  # consecutive same-role messages are combined, as the API does
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if set(m) - {"role", "content"}:
+            raise Invalid(f"messages.{i}: Extra inputs are not permitted")
+        if not content:
+            raise Invalid(f"messages.{i}: all messages must have non-empty content except for the optional "
+                          "final assistant message")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for j, b in enumerate(blocks):
+            allowed = BLOCK_FIELDS[m["role"]].get(b.get("type"))
+            if allowed is None:
+                raise Invalid(f"messages.{i}.content.{j}: block type {b.get('type')!r} is not allowed in a "
+                              f"{m['role']} message")
+            if set(b) - allowed:
+                raise Invalid(f"messages.{i}.content.{j}.{sorted(set(b) - allowed)[0]}: Extra inputs are not permitted")
+            if b["type"] == "text" and not b.get("text"):
+                raise Invalid(f"messages.{i}.content.{j}: text content blocks must be non-empty")
+        if m["role"] == "assistant" and i < len(messages) - 1 and _canon(blocks) not in issued:
+            raise Invalid(f"messages.{i}: an assistant turn must be passed back exactly as it was returned "
+                          "(thinking blocks and their signatures included)")
+        if turns and turns[-1][0] == m["role"]:
+            turns[-1][1].extend(blocks)
+        else:
+            turns.append((m["role"], list(blocks)))
+    for k, (role, blocks) in enumerate(turns):
+        if role != "assistant":
+            continue
+        uses = [b["id"] for b in blocks if b["type"] == "tool_use"]
+        following = turns[k + 1][1] if k + 1 < len(turns) else []
+        n_results = next((i for i, b in enumerate(following) if b["type"] != "tool_result"), len(following))
+        answered = {b["tool_use_id"] for b in following[:n_results]}
+        missing = [u for u in uses if u not in answered]
+        if missing and k + 1 < len(turns):
+            raise Invalid(f"messages: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                          f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` "
+                          "block in the next message.")
+    for k, (role, blocks) in enumerate(turns):
+        results = [b for b in blocks if b["type"] == "tool_result"]
+        if role != "user" or not results:
+            continue
+        previous = {b["id"] for b in turns[k - 1][1] if b["type"] == "tool_use"} if k else set()
+        stray = [b["tool_use_id"] for b in results if b["tool_use_id"] not in previous]
+        if stray:
+            raise Invalid(f"messages: unexpected `tool_use_id` found in `tool_result` blocks: {stray[0]}. Each "
+                          "`tool_result` block must have a corresponding `tool_use` block in the previous message.")
+        if any(b["type"] != "tool_result" for b in blocks[:len(results)]):
+            raise Invalid("messages: `tool_result` blocks must come first in the user message content")
+    if turns[-1][0] != "user":
+        raise Invalid("messages: the conversation must end with a user turn when thinking is enabled")
+    marks = [b["cache_control"] for b in _prefix_blocks(body) if "cache_control" in b]
+    if len(marks) > MAX_BREAKPOINTS:
+        raise Invalid(f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(marks)}.")
+    ttls = [c.get("ttl", "5m") for c in marks]
+    if "5m" in ttls and "1h" in ttls[ttls.index("5m"):]:
+        raise Invalid("a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block")
+
+
+def _prefix_blocks(body: dict) -> list[dict]:
+    """The blocks of a request in cache-prefix order: tools, system, messages."""
+    system = body.get("system") or []
+    out = list(body.get("tools") or []) + ([{"type": "text", "text": system}] if isinstance(system, str) else list(system))
+    for m in body["messages"]:
+        content = m["content"]
+        out += [{"type": "text", "text": content}] if isinstance(content, str) else [dict(b, _role=m["role"]) for b in content]
+    return out
+
+
+class PromptCache:
+    """Prompt caching as the docs describe it: a breakpoint writes the prefix through its block; a
+    request reads the longest prefix written before that ends at a breakpoint or up to
+    LOOKBACK_BLOCKS blocks before one. Tokens are ~4 characters of the block's JSON."""
+
+    def __init__(self):
+        self.written: set[str] = set()
+
+    def usage(self, body: dict, output_tokens: int) -> dict:
+        blocks = _prefix_blocks(body)
+        sizes = [max(1, len(_canon(_strip(b))) // 4) for b in blocks]
+        hashes, h = [], hashlib.sha256()
+        for b in blocks:
+            h.update(_canon(_strip(b)).encode())
+            hashes.append(h.copy().hexdigest())
+        marks = [(i, b["cache_control"].get("ttl", "5m")) for i, b in enumerate(blocks) if "cache_control" in b]
+        read_to = -1
+        for i, _ in marks:
+            hits = [j for j in range(i, max(-1, i - LOOKBACK_BLOCKS - 1), -1) if hashes[j] in self.written]
+            read_to = max([read_to, *hits[:1]])
+        last = marks[-1][0] if marks else -1
+        last_1h = max((i for i, ttl in marks if ttl == "1h"), default=-1)
+        w1h = sum(sizes[read_to + 1:last_1h + 1])
+        w5m = sum(sizes[max(read_to, last_1h) + 1:last + 1])
+        self.written.update(hashes[i] for i, _ in marks)
+        return usage(input_tokens=sum(sizes[max(read_to, last) + 1:]), cache_read=sum(sizes[:read_to + 1]),
+                     cache_write_1h=w1h, cache_write_5m=w5m, output_tokens=output_tokens)
+
+
+# -- the fake API ----------------------------------------------------------------------------------
+Step = tuple | Callable[[dict], tuple] | Hang | Drop
+
+
+class FakeMessagesAPI:
+    """Plays `script` one step per HTTP request, then hands requests to `policy` if one is given,
+    and keeps every request and response it saw. Running out of both is a test failure, reported as
+    a 500 with x-should-retry: false so the SDK stops. A request the real API would refuse gets its
+    400 and is kept in `rejected`: tests assert it stays empty. `gate`, when set, holds every
+    answer until the test opens it (a model that is still thinking)."""
+
+    def __init__(self, script: list[Step] | None = None, policy: Callable[[dict], tuple] | None = None,
+                 cache: bool = False, gate: threading.Event | None = None):
         self.script = list(script or [])
         self.policy = policy
+        self.cache = PromptCache() if cache else None
+        self.gate = gate
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        self.timeouts: list[float | None] = []
         self.responses: list[tuple[int, dict]] = []
+        self.rejected: list[str] = []
+        self.issued: set[str] = set()
+        self.lock = threading.Lock()
 
     def handle(self, request: httpx2.Request) -> httpx2.Response:
-        body = json.loads(request.content)
-        self.requests.append(body)
-        self.headers.append(dict(request.headers))
-        step = self.script.pop(0) if self.script else self.policy
+        if self.gate is not None:
+            self.gate.wait(60)
+        with self.lock:
+            body = json.loads(request.content)
+            self.requests.append(body)
+            self.headers.append(dict(request.headers))
+            self.timeouts.append((request.extensions.get("timeout") or {}).get("read"))
+            try:
+                validate(body, self.issued)
+            except Invalid as e:
+                self.rejected.append(str(e))
+                status, payload, headers = error(400, "invalid_request_error", str(e), retry_after_ms=None)
+                self.responses.append((status, payload))
+                return httpx2.Response(status, json=payload, headers=headers)
+            step = self.script.pop(0) if self.script else self.policy
+        if isinstance(step, (Hang, Drop)):
+            step.fail(request)
         if step is None:
             return httpx2.Response(500, headers={"x-should-retry": "false"},
                                    json={"type": "error", "error": {"type": "api_error", "message": "script exhausted"}})
         status, payload, headers = step(body) if callable(step) else step
-        self.responses.append((status, payload))
+        with self.lock:
+            if status == 200:
+                payload = copy.deepcopy(payload)
+                self.issued.add(_canon(payload["content"]))
+                if self.cache is not None:
+                    payload["usage"] = self.cache.usage(body, payload["usage"]["output_tokens"])
+            self.responses.append((status, payload))
         return httpx2.Response(status, json=payload, headers=headers)
 
     def client(self) -> httpx2.Client:
@@ -122,9 +333,12 @@ def last_tool_results(body: dict) -> list[dict]:
     return [b for b in last["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
 
 
+def state_text(body: dict) -> str:
+    return body["messages"][0]["content"][0]["text"]
+
+
 def wave_size(body: dict) -> int:
-    first = body["messages"][0]["content"][0]["text"]
-    return int(re.search(r"prepare (\d+) candidate", first).group(1))
+    return int(re.search(r"prepare (\d+) candidate", state_text(body)).group(1))
 
 
 def knob_line(view_output: str, knob: str) -> str:
@@ -144,8 +358,7 @@ def _last_tool_uses(body: dict) -> list[dict]:
 
 
 def wave_number(body: dict) -> int:
-    first = body["messages"][0]["content"][0]["text"]
-    return int(re.search(r"# Wave (\d+)", first).group(1))
+    return int(re.search(r"# Wave (\d+)", state_text(body)).group(1))
 
 
 ENV_DUMP = "import os, sys\nprint('TRIAL_ENV', sorted(os.environ), file=sys.stderr)\n"

@@ -7,6 +7,7 @@ import difflib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from searchers.claude_board import Board
 from study.records import Candidate, Result, Trial
 from tests.conftest import ROOT, run_arena
 from tests.fake_anthropic import (
-    EDITOR, ENV_DUMP, FakeMessagesAPI, KnobAgent, bad_key, credit_too_low, knob_line, message, overloaded,
-    rate_limited, spend_limit, text, thinking, tool_use,
+    EDITOR, ENV_DUMP, Drop, FakeMessagesAPI, Hang, KnobAgent, PromptCache, bad_key, credit_too_low, empty_reply,
+    knob_line, message, overloaded, rate_limited, refusal, spend_limit, text, thinking, tool_use, truncated,
 )
 from train.knobs import read_knobs, write_knobs
 
@@ -29,12 +30,25 @@ TINY_KNOBS = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" /
 BASELINE = write_knobs((ROOT / "train" / "train.py").read_text(), TINY_KNOBS)
 
 
+APIS: list[FakeMessagesAPI] = []
+
+
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
 
 
+@pytest.fixture(autouse=True)
+def strict_api():
+    """Every request any test sent is one the real API accepts."""
+    APIS.clear()
+    yield
+    for api in APIS:
+        assert api.rejected == [], api.rejected
+
+
 def build(api: FakeMessagesAPI, **overrides) -> ClaudeSearcher:
+    APIS.append(api)
     kwargs = {k: v for k, v in CONF.items() if k != "_target_"}
     kwargs.update({"max_retries": 2, "wave_backoff_s": 0, **overrides})
     return ClaudeSearcher(**kwargs, http_client=api.client())
@@ -121,10 +135,10 @@ def test_a_wave_edits_candidates_through_the_sdk(tmp_path):
     assert system["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     assert BASELINE in system["text"] and "`cpu`: 2 slot(s), relative speed 1.0" in system["text"]
     assert "**0.01** val_bpb" in system["text"] and "8 optimizer steps" in system["text"]
-    # thinking blocks go back exactly as received, and only the conversation's tail is a breakpoint
+    # thinking blocks go back exactly as received; breakpoints: the previous request's tail and this one's
     assert api.requests[1]["messages"][1]["content"] == api.responses[0][1]["content"]
     marks = [b for m in api.requests[1]["messages"] for b in m["content"] if "cache_control" in b]
-    assert marks == [api.requests[1]["messages"][-1]["content"][-1]]
+    assert marks == [api.requests[1]["messages"][0]["content"][-1], api.requests[1]["messages"][-1]["content"][-1]]
 
     transcript = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
     assert transcript["outcome"] == "ok" and [s["file"] for s in transcript["submitted"]] == ["c1", "c2"]
@@ -407,6 +421,144 @@ def test_malformed_tool_input_is_an_error_the_model_reads(tmp_path):
     assert all(r["is_error"] for r in errors) and "no trial 't9999'" in errors[0]["content"]
     assert "TypeError" in errors[1]["content"] and "unknown tool" in errors[2]["content"]
     assert len(out) == 1 and searcher.summary()["agent_tool_errors"] == 4
+
+
+# -- what the real API returns besides tool calls -----------------------------------------------------
+def _edit_and_submit(knob: str = "MATRIX_LR", value: str = "0.03") -> tuple:
+    return message(thinking(), tool_use(EDITOR, {"command": "str_replace", "path": "c1/train.py",
+                                                 "old_str": baseline_line(knob), "new_str": f"{knob} = {value}"}),
+                   tool_use("submit_candidate", {"candidate": "c1", "hypothesis": f"{knob} {value}"}))
+
+
+def test_an_empty_reply_is_never_sent_back_and_the_model_is_asked_to_continue(tmp_path):
+    api = FakeMessagesAPI([message(thinking(), tool_use(EDITOR, {"command": "view", "path": "c1/train.py"})),
+                           empty_reply(), _edit_and_submit()])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+    assert [c.knobs for c in out] == [{"MATRIX_LR": 0.03}]
+    after = api.requests[2]["messages"]
+    assert [m["role"] for m in after] == ["user", "assistant", "user"], "no empty assistant turn"
+    assert after[-1]["content"][0]["type"] == "tool_result" and after[-1]["content"][-1]["text"] == "Please continue."
+    assert searcher.summary()["agent_empty_replies"] == 1
+
+
+def test_a_reply_cut_off_at_max_tokens_runs_none_of_its_tool_calls(tmp_path):
+    half_file = "\n".join(BASELINE.splitlines()[:2])  # what a create cut off mid-file would write
+    api = FakeMessagesAPI([
+        truncated(thinking(), tool_use(EDITOR, {"command": "create", "path": "c1/train.py", "file_text": half_file}),
+                  tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "rewrite"})),
+        _edit_and_submit(),
+    ])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+    assert len(out) == 1 and len(out[0].source.splitlines()) == len(BASELINE.splitlines())
+    retry = api.requests[1]["messages"]
+    assert len(retry) == 1 and "cut off at max_tokens" in retry[0]["content"][-1]["text"]
+    assert searcher.summary()["agent_truncated_replies"] == 1
+
+
+def test_a_refusal_restarts_the_wave_from_a_fresh_context_and_is_counted(tmp_path):
+    api = FakeMessagesAPI([message(thinking(), tool_use(EDITOR, {"command": "view", "path": "c1/train.py"})),
+                           refusal("frontier_llm"), _edit_and_submit()])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+    assert len(out) == 1
+    assert len(api.requests[2]["messages"]) == 1, "the refused conversation is dropped"
+    assert api.requests[2]["messages"][0]["content"][0]["text"] == api.requests[0]["messages"][0]["content"][0]["text"]
+    summary = searcher.summary()
+    assert summary["agent_refusals"] == 1 and summary["agent_refusals_frontier_llm"] == 1
+    wave = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
+    assert wave["refusals"] == ["frontier_llm"] and wave["outcome"] == "ok"
+
+
+def test_a_model_that_keeps_refusing_ends_the_wave_and_the_study_goes_on(tmp_path):
+    api = FakeMessagesAPI([refusal("frontier_llm"), refusal(None), refusal("frontier_llm")],
+                          policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False, max_refusals=2), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert searcher.ask(1, ctx) == [] and not searcher.done()
+    assert len(searcher.ask(1, ctx)) == 1, "the next wave starts afresh"
+    summary = searcher.summary()
+    assert summary["agent_refusals"] == 3 and summary["agent_refusals_uncategorised"] == 1
+    assert json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())["outcome"] == "refused"
+
+
+def test_a_hung_call_is_bounded_despite_the_sdks_retries(tmp_path):
+    api = FakeMessagesAPI([Hang(30.0) for _ in range(7)], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False, max_retries=6, timeout_s=0.3, max_call_s=1.0), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert searcher.ask(1, ctx) == []
+    assert 2 <= len(api.requests) <= 3, "the SDK alone would make 7 attempts of 0.3 s"
+    assert all(t is not None and t <= 0.3 for t in api.timeouts)
+    wave = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
+    assert wave["outcome"] == "error" and "time limit" in wave["reason"]
+
+
+def test_dropped_connections_and_timeouts_are_retried_by_the_sdk(tmp_path):
+    api = FakeMessagesAPI([Drop(), Hang(30.0)], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False, timeout_s=0.2), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    assert [h["x-stainless-retry-count"] for h in api.headers[:3]] == ["0", "1", "2"]
+
+
+def test_long_turns_still_read_the_cache_and_the_ledger_pays_what_the_request_costs(tmp_path):
+    """A turn of 24 tool calls adds 48 blocks, past the API's 20-block lookback: a single sliding
+    breakpoint would miss the cache; the previous tail's breakpoint reads it."""
+    views = [tool_use(EDITOR, {"command": "view", "path": "c1/train.py", "view_range": [i, i + 1]})
+             for i in range(1, 25)]
+    api = FakeMessagesAPI([message(thinking(), *views), message(thinking(), *views[:2]), _edit_and_submit()],
+                          cache=True)
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    reads = [u["cache_read_input_tokens"] for u in api.usages()]
+    assert reads[0] == 0 and all(r > 0 for r in reads[1:])
+    first = api.usages()[0]
+    assert reads[1] == first["cache_read_input_tokens"] + first["cache_creation_input_tokens"] + first["input_tokens"]
+    one_breakpoint = json.loads(json.dumps(api.requests[1]))  # the request after the long turn, tail mark only
+    for b in one_breakpoint["messages"][0]["content"]:
+        b.pop("cache_control", None)
+    replay = PromptCache()
+    replay.usage(api.requests[0], 1)
+    assert replay.usage(one_breakpoint, 1)["cache_read_input_tokens"] < reads[1]
+
+    p = CONF["prices"][CONF["model"]]
+    expected = sum(u["input_tokens"] * p["input"] + u["cache_creation"]["ephemeral_5m_input_tokens"] * p["cache_write_5m"]
+                   + u["cache_creation"]["ephemeral_1h_input_tokens"] * p["cache_write_1h"]
+                   + u["cache_read_input_tokens"] * p["cache_read"] + u["output_tokens"] * p["output"]
+                   for u in api.usages()) / 1e6
+    assert searcher.summary()["agent_usd_total"] == pytest.approx(expected)
+    assert api.usages()[0]["cache_creation"]["ephemeral_1h_input_tokens"] > 0  # the system prompt, for an hour
+
+
+def test_the_strict_fake_refuses_what_the_api_refuses():
+    from tests.fake_anthropic import Invalid, validate
+
+    ok_user = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    use = tool_use("read_results", {})
+    cases = {
+        "non-empty content": [ok_user, {"role": "assistant", "content": []}, ok_user],
+        "without `tool_result`": [ok_user, {"role": "assistant", "content": [use]}, ok_user],
+        "passed back exactly": [ok_user, {"role": "assistant", "content": [thinking("edited")]}, ok_user],
+        "Extra inputs": [{"role": "user", "content": [{"type": "text", "text": "x", "foo": 1}]}],
+    }
+    issued = {json.dumps([use], sort_keys=True, separators=(",", ":"))}  # as if the fake had returned it
+    for words, messages in cases.items():
+        with pytest.raises(Invalid, match=re.escape(words)):
+            validate({"model": "m", "max_tokens": 1, "messages": messages}, issued=issued)
+    marked = [{"type": "text", "text": str(i), "cache_control": {"type": "ephemeral"}} for i in range(5)]
+    with pytest.raises(Invalid, match="maximum of 4"):
+        validate({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": marked}]}, issued=set())
+    with pytest.raises(Invalid, match="must not come after"):
+        validate({"model": "m", "max_tokens": 1, "system": [dict(marked[0], cache_control={"type": "ephemeral", "ttl": "1h"})],
+                  "messages": [{"role": "user", "content": [marked[0], dict(marked[1], cache_control={
+                      "type": "ephemeral", "ttl": "1h"})]}]}, issued=set())
+    with pytest.raises(Invalid, match="Extra inputs"):
+        validate({"model": "m", "max_tokens": 1, "messages": [ok_user], "betas": []}, issued=set())
 
 
 # -- API errors --------------------------------------------------------------------------------------
