@@ -1,0 +1,86 @@
+"""The `namespaces` level's extra walls, built with unprivileged user namespaces: the candidate gets
+its own PID namespace (it sees and signals only its own processes, and its init's death takes all of
+them), an empty network namespace (no interface but a down loopback: no TCP, UDP or abstract unix
+socket reaches anything), its own IPC and UTS namespaces, and a mount namespace with a fresh /proc
+(only its own processes) and a private /dev/shm.
+
+unshare(CLONE_NEWUSER) refuses a multi-threaded caller, and a PID namespace takes only the caller's
+children, so the caller (single-threaded: a fork, or a fresh interpreter) unshares, then forks twice:
+
+    caller (outside)  waits, exits as its child did          -- the pid the trusted parent holds
+      init (pid 1)    mounts /proc, reaps orphans, exits as the candidate did
+        candidate     returns from confine(), then Landlock and seccomp close over it
+
+Each of the three dies with its parent (PR_SET_PDEATHSIG), and the kernel kills the whole namespace
+when its init dies, so killing the outside pid kills the tree.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from pathlib import Path
+
+from .kernel import PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+FLAGS = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def enter(shm_mb: int) -> None:
+    """Unshare and fork twice; returns only in the candidate (pid 2 of the new PID namespace). The
+    two processes above it never return: they wait and exit with its status."""
+    uid, gid = os.geteuid(), os.getegid()
+    _check(_libc.unshare(ctypes.c_int(FLAGS)), "unshare")
+    prctl(PR_SET_DUMPABLE, 1)  # a changed uid leaves /proc/self root-owned; the maps need it ours
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+    prctl(PR_SET_DUMPABLE, 0)
+    _fork_and_wait()  # the outside process stays here
+    _check(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "mount --make-rprivate /")
+    _check(_libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None),
+           "mount /proc")
+    if os.path.isdir("/dev/shm"):
+        _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
+                           f"size={shm_mb}m,mode=1777".encode()), "mount /dev/shm")
+    _fork_and_wait(init=True)  # init stays here
+
+
+def _fork_and_wait(init: bool = False) -> None:
+    """Fork; the child returns (dying with this process), this process waits for it, reaping any
+    other child it inherits, and leaves as it did. init cannot signal itself, so it reports "killed
+    by signal n" as exit status 128+n and the outside process turns that back into the signal."""
+    pid = os.fork()
+    if pid == 0:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        return
+    code = 1
+    try:
+        while True:
+            try:
+                done, status = os.wait()
+            except ChildProcessError:
+                break
+            if done == pid:
+                code = os.waitstatus_to_exitcode(status)
+                break
+        if init:
+            code = 128 - code if code < 0 else code
+        else:
+            killed_by = -code if code < 0 else (code - 128 if 128 < code < 128 + signal.NSIG else 0)
+            if killed_by:
+                signal.signal(killed_by, signal.SIG_DFL)
+                os.kill(os.getpid(), killed_by)  # returns only for a signal whose default is to ignore
+    finally:
+        os._exit(code & 0xFF)

@@ -1,0 +1,88 @@
+"""A small seccomp filter for what Landlock does not cover: sockets of any kind (UDP and unix
+sockets too, not only TCP), io_uring (which would reach sockets and files around this filter), the
+system calls that build new namespaces or mounts, and those that inspect or move into other
+processes. Each is refused with EPERM, so a candidate sees an ordinary error, not a crash.
+
+`socketpair` stays allowed: it connects only the two ends it creates (pipes between a trial's own
+processes, e.g. multiprocessing.Pipe). `clone3` answers ENOSYS, so the C library falls back to
+`clone`, whose flags a filter can read (clone3 passes them in memory it cannot).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import platform
+import struct
+
+from .kernel import PR_SET_SECCOMP, prctl
+
+# (audit arch, {syscall: number}) per machine; a machine missing here has no seccomp level.
+_X86_64 = (0xC000003E, {
+    "socket": 41, "ptrace": 101, "pivot_root": 155, "chroot": 161, "mount": 165, "umount2": 166,
+    "init_module": 175, "delete_module": 176, "kexec_load": 246, "add_key": 248, "request_key": 249,
+    "keyctl": 250, "unshare": 272, "perf_event_open": 298, "name_to_handle_at": 303,
+    "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311,
+    "finit_module": 313, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
+    "clone": 56, "clone3": 435,
+})
+_AARCH64 = (0xC00000B7, {
+    "socket": 198, "ptrace": 117, "pivot_root": 41, "chroot": 51, "mount": 40, "umount2": 39,
+    "init_module": 105, "delete_module": 106, "kexec_load": 104, "add_key": 217, "request_key": 218,
+    "keyctl": 219, "unshare": 97, "perf_event_open": 241, "name_to_handle_at": 264,
+    "open_by_handle_at": 265, "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271,
+    "finit_module": 273, "kexec_file_load": 294, "bpf": 280, "userfaultfd": 282, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
+    "clone": 220, "clone3": 435,
+})
+MACHINES = {"x86_64": _X86_64, "aarch64": _AARCH64}
+DENIED = ("socket", "ptrace", "pivot_root", "chroot", "mount", "umount2", "init_module", "delete_module",
+          "kexec_load", "add_key", "request_key", "keyctl", "unshare", "perf_event_open", "name_to_handle_at",
+          "open_by_handle_at", "setns", "process_vm_readv", "process_vm_writev", "finit_module",
+          "kexec_file_load", "bpf", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+          "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_getfd", "mount_setattr")
+NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+X32_SYSCALL_BIT = 0x40000000
+
+_LD_ABS_W, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_RET_ALLOW, _RET_KILL_PROCESS = 0x7FFF0000, 0x80000000
+_SECCOMP_MODE_FILTER = 2
+
+
+def _errno(code: int) -> int:
+    return 0x00050000 | code
+
+
+def supported() -> bool:
+    return platform.machine() in MACHINES
+
+
+def program() -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions; seccomp_data is nr at 0, arch at 4, args at 16."""
+    arch, numbers = MACHINES[platform.machine()]
+    ops = [(_LD_ABS_W, 0, 0, 4), (_JEQ, 1, 0, arch), (_RET, 0, 0, _RET_KILL_PROCESS), (_LD_ABS_W, 0, 0, 0)]
+    if arch == _X86_64[0]:  # the x32 ABI reuses this arch value with other numbers: refuse it whole
+        ops += [(_JGE, 0, 1, X32_SYSCALL_BIT), (_RET, 0, 0, _errno(errno.EPERM))]
+    for name in DENIED:
+        ops += [(_JEQ, 0, 1, numbers[name]), (_RET, 0, 0, _errno(errno.EPERM))]
+    ops += [(_JEQ, 0, 1, numbers["clone3"]), (_RET, 0, 0, _errno(errno.ENOSYS))]
+    ops += [(_JEQ, 0, 3, numbers["clone"]), (_LD_ABS_W, 0, 0, 16), (_JSET, 0, 1, NAMESPACE_FLAGS),
+            (_RET, 0, 0, _errno(errno.EPERM))]
+    ops += [(_RET, 0, 0, _RET_ALLOW)]
+    return ops
+
+
+class _Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install() -> None:
+    """Load the filter into this thread (inherited by every child, irreversible). Needs no_new_privs
+    (set by Landlock first) or CAP_SYS_ADMIN."""
+    ops = program()
+    raw = b"".join(struct.pack("=HBBI", *op) for op in ops)
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+    prog = _Prog(len(ops), ctypes.cast(buffer, ctypes.c_void_p))
+    prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog))
