@@ -16,8 +16,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-# The x axes a staircase can be drawn against, and how each is labelled.
-X_AXES = {"wall": "wall-clock", "trials": "trials finished", "gpu_hours": "GPU-hours (slot-hours)"}
+from analysis import stats  # noqa: E402
+
+# The x axes a staircase can be drawn against, and how each is labelled ({unit}: GPU-h, or CPU
+# slot-h when the slots were CPU shares; see load.compute_unit).
+X_AXES = {"wall": "wall-clock", "trials": "trials finished", "gpu_hours": "{unit}"}
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def axis_name(x: str, unit: str = "GPU-h") -> str:
+    return X_AXES[x].format(unit=unit)
 
 
 def staircase(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
@@ -44,16 +53,24 @@ def best_at(stair: pd.DataFrame, at: np.ndarray) -> np.ndarray:
     return hit.sort_values("index")["best"].to_numpy()
 
 
+def seed_matrix(group: pd.DataFrame, x: str, grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, values): each study's (seed's) best so far at every grid point, one column per
+    study; the grid defaults to the union of the studies' event points."""
+    stairs = [staircase(g, x) for _, g in group.groupby("study_id")]
+    if grid is None:
+        grid = np.unique(np.concatenate([s["x"].to_numpy() for s in stairs]))
+    return grid, np.column_stack([best_at(s, grid) for s in stairs])
+
+
 def seed_band(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
-    """Per arm (searcher x slots), the mean staircase over its studies (seeds) with the min-max
-    spread, on the union of their event points. The mean is only drawn where every seed has an
-    ok result, so one lucky seed cannot stand in for the others."""
+    """Per arm, the mean staircase over its studies (seeds) with the min-max spread and a
+    bootstrap 95% CI of the mean, on the union of their event points. The mean is only drawn
+    where every seed has an ok result, so one lucky seed cannot stand in for the others."""
     rows = []
     for arm, group in trials.groupby("arm", sort=True):
-        stairs = [staircase(g, x) for _, g in group.groupby("study_id")]
-        grid = np.unique(np.concatenate([s["x"].to_numpy() for s in stairs]))
-        values = np.column_stack([best_at(s, grid) for s in stairs])
+        grid, values = seed_matrix(group, x)
         complete = ~np.isnan(values).any(axis=1)
+        ci_lo, ci_hi = stats.bootstrap_band(values[complete]) if complete.any() else ([], [])
         rows.append(
             pd.DataFrame(
                 {
@@ -62,6 +79,8 @@ def seed_band(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
                     "mean": values[complete].mean(axis=1),
                     "lo": values[complete].min(axis=1),
                     "hi": values[complete].max(axis=1),
+                    "ci_lo": ci_lo,
+                    "ci_hi": ci_hi,
                     "n_seeds": values.shape[1],
                 }
             )
@@ -74,6 +93,30 @@ def arm_colors(arms: pd.Series) -> dict:
     return dict(zip(sorted(arms.unique()), plt.get_cmap("tab10").colors))
 
 
+def arm_styles(arms: pd.Series) -> dict[str, dict]:
+    """Colour, line style, marker and width per arm. Arms can coincide (TPE's random start-up
+    trials are random search's, so with few trials the two curves are one): each later arm is
+    drawn thinner and in another dash pattern on top of the earlier ones, so both stay visible."""
+    names = sorted(pd.Series(arms).unique())
+    colors = plt.get_cmap("tab10").colors
+    return {
+        arm: {"color": colors[i % len(colors)], "ls": LINESTYLES[i % len(LINESTYLES)],
+              "marker": MARKERS[i % len(MARKERS)], "lw": max(1.2, 3.2 - 0.5 * i)}
+        for i, arm in enumerate(names)
+    }
+
+
+def identical_arms(trials: pd.DataFrame, x: str = "trials") -> list[tuple[str, str]]:
+    """Pairs of arms whose every seed has the same staircase: worth saying, since their lines
+    lie on top of each other."""
+    curves = {}
+    for arm, group in trials.groupby("arm", sort=True):
+        per_seed = {g["study_seed"].iloc[0]: tuple(staircase(g, x)["best"].round(12)) for _, g in group.groupby("study_id")}
+        curves[arm] = per_seed
+    arms = sorted(curves)
+    return [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:] if curves[a] == curves[b]]
+
+
 def time_unit(max_seconds: float) -> tuple[str, float]:
     """A readable unit for a wall-clock axis and its length in seconds."""
     if max_seconds >= 2 * 3600:
@@ -83,32 +126,38 @@ def time_unit(max_seconds: float) -> tuple[str, float]:
     return "s", 1.0
 
 
-def plot_progress(trials: pd.DataFrame, x: str = "wall", simulated: bool = False) -> plt.Figure:
-    """Thin steps per study, a thick seed-mean per arm with its min-max band."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def plot_progress(trials: pd.DataFrame, x: str = "wall", simulated: bool = False, unit: str = "GPU-h") -> plt.Figure:
+    """Anytime curves: thin steps per study (every seed visible), a thick seed-mean per arm with
+    its bootstrap 95% CI band."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     band = seed_band(trials, x)
-    scale, unit = 1.0, ""
+    scale, time_label = 1.0, ""
     if x == "wall":
-        unit, scale = time_unit(float(trials["t_finished"].max()))
-    colors = arm_colors(trials["arm"])
+        time_label, scale = time_unit(float(trials["t_finished"].max()))
+    styles = arm_styles(trials["arm"])
     for (arm, _study), group in trials.groupby(["arm", "study_id"]):
         stair = staircase(group, x)
-        ax.step(stair["x"] / scale, stair["best"], where="post", color=colors[arm], alpha=0.25, lw=0.8)
+        ax.step(stair["x"] / scale, stair["best"], where="post", color=styles[arm]["color"], alpha=0.3, lw=0.7,
+                ls=styles[arm]["ls"])
     for arm, b in band.groupby("arm"):
-        label = f"{arm} (mean of {b['n_seeds'].iloc[0]}, band min-max)"
-        ax.step(b["x"] / scale, b["mean"], where="post", color=colors[arm], lw=2, label=label)
-        ax.fill_between(b["x"] / scale, b["lo"], b["hi"], step="post", color=colors[arm], alpha=0.15)
+        st = styles[arm]
+        label = f"{arm}: mean of {b['n_seeds'].iloc[0]} seeds, 95% CI"
+        ax.step(b["x"] / scale, b["mean"], where="post", color=st["color"], lw=st["lw"], ls=st["ls"], label=label)
+        ax.fill_between(b["x"] / scale, b["ci_lo"], b["ci_hi"], step="post", color=st["color"], alpha=0.15)
     on_clock = simulated and x != "trials"
-    xlabel = X_AXES[x] + (" (SIMULATED clock)" if on_clock else "")
+    xlabel = axis_name(x, unit) + (" (SIMULATED clock)" if on_clock else "")
     if x == "wall":
-        xlabel += f" [{unit}]"
+        xlabel += f" [{time_label}]"
         spans = trials.groupby("study_id")["t_finished"].max()
         if spans.max() > 4 * spans.min():  # 1 slot next to 16: only a log axis shows both
             ax.set_xscale("log")
+    elif x == "gpu_hours":
+        xlabel = f"compute used [{unit}]" + (" (SIMULATED clock)" if on_clock else "")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("best val_bpb so far")
-    ax.set_title(f"Best val_bpb vs {X_AXES[x]}" + (" - simulated time" if on_clock else ""))
+    ax.set_ylabel("best val_bpb so far [bits/byte]")
+    ax.set_title(f"Best val_bpb vs {axis_name(x, unit)} (thin: one line per seed)"
+                 + ("\nSIMULATED clock: virtual slots and time" if on_clock else ""), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

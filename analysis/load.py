@@ -8,12 +8,14 @@ when the mirror wrote, not when the trial ran.
 """
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 # Study tags read from the parent run, and the column each one becomes.
-STUDY_TAGS = ("searcher", "launcher", "slots", "objective", "seed", "git_sha", "time_mode")
+STUDY_TAGS = ("searcher", "launcher", "slots", "objective", "seed", "git_sha", "time_mode", "device_kinds")
 # Trial tags read from the child run.
 TRIAL_TAGS = ("status", "device", "device_kind", "host", "slot", "reason", "source_sha")
 TRIAL_PARAMS = ("parent_trial", "hypothesis", "seed", "trial_index")
@@ -42,20 +44,55 @@ def load(tracking_uri: str, experiment: str, studies: list[str] | None = None) -
     if not study_rows:
         raise AnalysisError(f"experiment {experiment!r} holds no study runs (tag arena.kind=study)")
     study_df = pd.DataFrame(study_rows)
-    study_df["arm"] = arm_labels(study_df)
     ids = set(study_df["study_id"])
     children = _search(client, exp.experiment_id, "tags.`arena.kind` = 'trial'")
     trial_df = pd.DataFrame([_trial_row(r) for r in children if r.data.tags.get("arena.study_id") in ids])
+    if not trial_df.empty:
+        study_df["device_kinds"] = _device_kinds(study_df, trial_df)
+    study_df["arm"] = arm_labels(study_df)
     return study_df, _tidy_trials(trial_df, study_df)
 
 
 def arm_labels(studies: pd.DataFrame) -> pd.Series:
-    """What seeds are averaged over: the same searcher on the same slots (and launcher, when the
-    loaded studies use more than one)."""
-    label = studies["searcher"].astype(str) + " x" + studies["slots"].astype(str)
+    """What seeds are averaged over, said in full: the same searcher on the same number of slots,
+    objective preset and device kinds ("tpe x2 (cpu preset, cpu)"), and launcher when the loaded
+    studies use more than one. A label without the preset let a cpu and a tiny study pass for one
+    arm."""
+    kinds = studies["device_kinds"].fillna("?") if "device_kinds" in studies else "?"
+    label = (studies["searcher"].astype(str) + " x" + studies["slots"].astype(str)
+             + " (" + studies["objective"].fillna("?").astype(str) + " preset, " + kinds)
     if studies["launcher"].nunique() > 1:
-        label = label + " (" + studies["launcher"].astype(str) + ")"
-    return label
+        label = label + ", " + studies["launcher"].astype(str)
+    return label + ")"
+
+
+def compute_unit(trials: pd.DataFrame) -> str:
+    """What a slot-hour is called: GPU-h only when every trial ran on an accelerator kind; a CPU
+    slot is not a GPU and its hours are not GPU-hours."""
+    kinds = set(trials["device_kind"].dropna().str.lower()) - {""}
+    if kinds and kinds <= {"cpu"}:
+        return "CPU slot-h"
+    return "slot-h" if "cpu" in kinds else "GPU-h"
+
+
+def _device_kinds(studies: pd.DataFrame, trials: pd.DataFrame) -> pd.Series:
+    """Per study, its slots' device kinds joined with '+': from the parent tag (what the launcher
+    offered). Studies logged without the tag get the kinds that the trials of all their seeds ran
+    on, so which slot a seed happened to draw does not split an arm."""
+    group = ["searcher", "slots", "objective", "launcher"]
+    with_group = trials.merge(studies[["study_id", *group]], on="study_id")
+    seen = with_group.groupby(group, dropna=False)["device_kind"].agg(lambda k: "+".join(sorted(set(k.dropna()) - {""})))
+
+    def kinds(row) -> str:
+        tag = row.get("device_kinds")
+        if isinstance(tag, str) and tag.startswith("{"):
+            try:
+                return "+".join(sorted(json.loads(tag)))
+            except ValueError:
+                pass
+        return seen.get(tuple(row[g] for g in group)) or "?"
+
+    return studies.apply(kinds, axis=1)
 
 
 def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
@@ -116,7 +153,7 @@ def _tidy_trials(trials: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
     # A failure has no score even if a number was logged under val_bpb.
     trials.loc[trials["status"] != "ok", "val_bpb"] = float("nan")
     trials["slot_seconds"] = (trials["t_finished"] - trials["t_started"]).clip(lower=0)
-    study_cols = ["study_id", "arm", "searcher", "launcher", "slots", "time_mode", "objective", "seed"]
+    study_cols = ["study_id", "arm", "searcher", "launcher", "slots", "time_mode", "objective", "seed", "device_kinds"]
     trials = trials.merge(studies[study_cols].rename(columns={"seed": "study_seed"}), on="study_id", how="left")
     return trials.sort_values(["study_id", "t_finished", "trial_index"]).reset_index(drop=True)
 

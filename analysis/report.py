@@ -1,21 +1,29 @@
-"""One command from MLflow to a report folder: plots (PNG + PDF), tables (md, tex, csv) and a
-Markdown summary, also logged as artifacts on every compared study's parent run.
+"""One command from MLflow to a report a reviewer accepts: the claims the data supports (and "no
+difference detected" for the rest), confidence intervals, paired tests, ranks, anytime curves,
+time-to-target ECDFs, speedups; as Markdown + LaTeX/CSV tables + PNG/PDF figures + one
+self-contained report.html, logged to a comparison run and to every compared study's parent run.
 
     python -m analysis.report --tracking-uri sqlite:///mlflow.db --experiment arena --out reports/arena
+
+val_bpb of different objective presets measure different models on different budgets; studies of
+several presets get one report each (out/<preset>/), never one table.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from analysis import curves, hardware, phases, speedup, tables
-from analysis.load import AnalysisError, load
+from analysis import claims, curves, hardware, noise, phases, ranks, speedup, stats, tables, ttt
+from analysis.document import Document
+from analysis.load import AnalysisError, compute_unit, load
 
 SPEEDUP_LABELS = {
     "target": ("target val_bpb", 4),
@@ -24,6 +32,7 @@ SPEEDUP_LABELS = {
     "throughput_ratio_measured": ("(c) trials/h vs measured", 2),
     "throughput_ratio_replayed": ("(c) trials/h vs replay", 2),
 }
+BUDGET_TITLES = {"best_at_equal_gpu_h": "at equal {unit}", "best_at_equal_wall": "at equal wall-clock"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,58 +40,124 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", required=True)
     p.add_argument("--experiment", required=True)
     p.add_argument("--studies", nargs="*", help="study ids or parent run names (default: all in the experiment)")
+    p.add_argument("--preset", help="only the studies of this objective preset (default: one report per preset)")
     p.add_argument("--out", help="report folder (default reports/EXPERIMENT)")
-    p.add_argument("--no-log", action="store_true", help="do not log the folder to the parent runs")
+    p.add_argument("--noise-floor", default="auto",
+                   help="σ of val_bpb below which no difference is claimed: a number, 'none', or 'auto' (the "
+                        "measured floor stored by analysis.noise for the preset and device kinds)")
+    p.add_argument("--noise-store", default=str(noise.DEFAULT_STORE), help="where analysis.noise stores floors")
+    p.add_argument("--test", choices=sorted(stats.TESTS), default="wilcoxon", help="paired test for the claims")
+    p.add_argument("--target", type=float, help="val_bpb for time-to-target (default: median of the studies' best)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     args = p.parse_args(argv)
     try:
         studies, trials = load(args.tracking_uri, args.experiment, args.studies)
-    except AnalysisError as e:
+        groups = preset_groups(studies, args.preset)
+        floor = None if args.noise_floor in ("auto", "none") else _float(args.noise_floor)
+    except (AnalysisError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or Path("reports") / args.experiment)
-    summary = write_report(studies, trials, out, source=f"{args.tracking_uri} / {args.experiment}")
+    source = f"{args.tracking_uri} / {args.experiment}"
+    written = []
+    for preset, ids in groups.items():
+        folder = out if len(groups) == 1 else out / str(preset)
+        s, t = studies[studies["study_id"].isin(ids)], trials[trials["study_id"].isin(ids)]
+        sigma, sigma_note = floor, "given on the command line" if floor is not None else ""
+        if args.noise_floor == "auto":
+            sigma, sigma_note = noise.floor_for(args.noise_store, str(preset), sorted(set(t["device_kind"].dropna())))
+        written.append(write_report(s, t, folder, source=source, noise_floor=sigma, noise_note=sigma_note,
+                                    test=args.test, target=args.target))
+    if len(groups) > 1:
+        written.insert(0, write_index(groups, out, source))
     if not args.no_log:
-        client = MlflowClient(tracking_uri=args.tracking_uri)
-        for run_id in studies["run_id"]:
-            client.log_artifacts(run_id, str(out), artifact_path="report")
-    print(f"report: {summary}")
+        log_to_mlflow(args.tracking_uri, args.experiment, studies, out)
+    for path in written:
+        print(f"report: {path} ({path.with_name('report.html')})")
     return 0
 
 
-def write_report(studies: pd.DataFrame, trials: pd.DataFrame, out: Path, source: str = "") -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    simulated = bool((studies["time_mode"] == "simulated").any())
-    lines = ["# autoresearch-arena report", ""]
-    lines += _clock_notes(studies)
-    lines += [f"Source: {source}. {len(studies)} studies, {len(trials)} trials. Written {dt.datetime.now():%Y-%m-%d %H:%M}.", ""]
-    warnings = hardware.mixed_kind_warnings(trials)
-    lines += [f"> WARNING: {w}" for w in warnings] + ([""] if warnings else [])
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--noise-floor must be a number, 'auto' or 'none', not {text!r}") from None
 
-    lines += ["## Studies", "", _studies_table(studies, trials).to_markdown(index=False), ""]
+
+def preset_groups(studies: pd.DataFrame, preset: str | None = None) -> dict[str, list[str]]:
+    """Study ids per objective preset (the one thing a comparison must never mix)."""
+    objective = studies["objective"].fillna("?").astype(str)
+    if preset is not None:
+        if preset not in set(objective):
+            raise AnalysisError(f"no study of objective preset {preset!r}; presets here: {sorted(set(objective))}")
+        objective = objective[objective == preset]
+    return {p: studies.loc[objective.index[objective == p], "study_id"].tolist() for p in sorted(set(objective))}
+
+
+def write_index(groups: dict[str, list[str]], out: Path, source: str) -> Path:
+    doc = Document("autoresearch-arena report: one per objective preset")
+    doc.note(f"These studies use {len(groups)} objective presets ({', '.join(groups)}). Their val_bpb come from "
+             "different models, budgets and data, so they are never compared in one table or plot: each preset "
+             "has its own report below.")
+    doc.text(f"Source: {source}.")
+    doc.items([f"{preset}/summary.md and {preset}/report.html: {len(ids)} studies" for preset, ids in groups.items()])
+    return _write(doc, out)
+
+
+def write_report(studies: pd.DataFrame, trials: pd.DataFrame, out: Path, source: str = "",
+                 noise_floor: float | None = None, noise_note: str = "", test: str = "wilcoxon",
+                 target: float | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    presets = sorted(set(studies["objective"].fillna("?").astype(str)))
+    simulated = bool((studies["time_mode"] == "simulated").any())
+    unit = compute_unit(trials)
+    doc = Document(f"autoresearch-arena report: objective preset {', '.join(presets)}")
+    for line in _clock_notes(studies):
+        doc.note(line)
+    doc.text(f"Source: {source}. {len(studies)} studies, {len(trials)} trials, compute in {unit}"
+             f"{' (CPU slot-hours: not GPU-hours)' if 'CPU' in unit else ''}. Written {dt.datetime.now():%Y-%m-%d %H:%M}.")
+    if len(presets) > 1:
+        doc.note(f"WARNING: these studies mix objective presets {presets}; their val_bpb are not comparable.")
+    for w in hardware.mixed_kind_warnings(trials):
+        doc.note(f"WARNING: {w}")
+    for a, b in curves.identical_arms(trials):
+        doc.note(f"{a} and {b} found exactly the same val_bpb after every trial of every seed (e.g. TPE still in its "
+                 "random start-up trials): their lines coincide and are drawn in different dash patterns.")
+
+    doc.heading("Studies")
+    doc.table(_studies_table(studies, trials).set_index("study_id"))
 
     per_study = tables.per_study(trials, studies)
+    per_study.to_csv(out / "searchers_per_study.csv", index=False)
+    _claims_section(doc, per_study, out, noise_floor, noise_note, test, unit)
+    _ci_section(doc, per_study, out, unit)
+
     numbers, display = tables.searcher_table(per_study)
     tables.write_table(display, numbers, out / "searchers", caption="Searcher comparison, mean and std over seeds")
-    per_study.to_csv(out / "searchers_per_study.csv", index=False)
-    lines += ["## Searchers (mean ± std over seeds)", "", tables.markdown(display), ""]
-    lines += [
-        f"Equal budgets: every study cut at {per_study.attrs['equal_gpu_h']:.3g} GPU-hours (slot-hours) and at "
-        f"{per_study.attrs['equal_wall_h']:.3g} h of study clock, the least any compared study used.",
-        "",
-    ]
+    doc.heading("Searchers (mean ± std over seeds)")
+    doc.table(display)
+    doc.text(f"Equal budgets: every study cut at {per_study.attrs['equal_gpu_h']:.3g} {unit} and at "
+             f"{per_study.attrs['equal_wall_h']:.3g} h of study clock, the least any compared study used.")
 
-    lines += _speedup_section(studies, trials, out, simulated)
-
-    lines += ["## Progress", ""]
+    _ranks_section(doc, per_study, trials, out, unit, simulated)
+    doc.heading("Anytime curves")
     for x in curves.X_AXES:
-        _save(curves.plot_progress(trials, x, simulated), out / f"progress_{x}")
-        lines += [f"![best val_bpb vs {curves.X_AXES[x]}](progress_{x}.png)", ""]
-
-    lines += _phases_section(studies, trials, out)
-    lines += _hardware_section(trials, out)
+        _save(curves.plot_progress(trials, x, simulated, unit), out / f"progress_{x}")
+        doc.figure(out / f"progress_{x}.png", f"Best val_bpb so far vs {curves.axis_name(x, unit)}: one thin line per "
+                   "seed, the seed mean thick with its bootstrap 95% CI band.")
+    _ttt_section(doc, per_study, trials, out, unit, simulated, target)
+    _speedup_section(doc, studies, trials, out, simulated)
+    _phases_section(doc, trials, out)
+    _hardware_section(doc, trials, out)
     trials.to_csv(out / "trials.csv", index=False)
+    return _write(doc, out)
+
+
+def _write(doc: Document, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.html").write_text(doc.html())
     summary = out / "summary.md"
-    summary.write_text("\n".join(lines) + "\n")
+    summary.write_text(doc.markdown())
     return summary
 
 
@@ -90,27 +165,135 @@ def _clock_notes(studies: pd.DataFrame) -> list[str]:
     modes = set(studies["time_mode"])
     notes = []
     if "simulated" in modes:
-        notes.append(
-            "> **Time is SIMULATED** in studies with time_mode=simulated: wall-clock, GPU-hours and "
-            "speedups come from the simulated launcher's virtual clock (real training on this CPU, "
-            "virtual slots and time)."
-        )
+        notes.append("**Time is SIMULATED** in studies with time_mode=simulated: wall-clock, compute-hours and "
+                     "speedups come from the simulated launcher's virtual clock (real training on this CPU, "
+                     "virtual slots and time).")
     if len(modes) > 1:
-        notes.append("> WARNING: these studies mix real and simulated clocks; their times are not comparable.")
-    return notes + ([""] if notes else [])
+        notes.append("WARNING: these studies mix real and simulated clocks; their times are not comparable.")
+    return notes
 
 
 def _studies_table(studies: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     counts = trials.groupby("study_id").size().rename("trials")
+    ok = trials[trials["status"] == "ok"].groupby("study_id").size().rename("ok")
     best = trials.groupby("study_id")["val_bpb"].min().rename("best val_bpb")
     cols = ["study_id", "arm", "seed", "launcher", "slots", "time_mode"]
-    return studies[cols].join(counts, on="study_id").join(best, on="study_id").sort_values(["arm", "seed"])
+    table = studies[cols].join(counts, on="study_id").join(ok, on="study_id").join(best, on="study_id")
+    table["ok"] = table["ok"].fillna(0).astype(int)
+    table["best val_bpb"] = table["best val_bpb"].map(lambda v: "no ok trial" if pd.isna(v) else f"{v:.4f}")
+    return table.sort_values(["arm", "seed"])
 
 
-def _speedup_section(studies: pd.DataFrame, trials: pd.DataFrame, out: Path, simulated: bool) -> list[str]:
+def _claims_section(doc: Document, per_study: pd.DataFrame, out: Path, noise_floor: float | None, noise_note: str,
+                    test: str, unit: str) -> None:
+    doc.heading("Claims")
+    if per_study["arm"].nunique() < 2:
+        doc.text("One arm only: nothing to compare.")
+        return
+    table = claims.claims(per_study, noise_floor=noise_floor, test=test, unit=unit)
+    table.to_csv(out / "claims.csv", index=False)
+    display = table[["budget", "claim"]].set_index("budget")
+    tables.write_table(display, table.set_index("budget"), out / "claims", caption="Claims the data supports")
+    floor = (f"noise floor σ = {noise_floor:.4f} ({noise_note})" if noise_floor is not None
+             else "no measured noise floor (run python -m analysis.noise for this preset)")
+    doc.text(f"Seed-matched one-sided {test} tests, Holm-corrected over all ordered pairs, alpha {stats.ALPHA}; "
+             f"Δ = mean over seed pairs of (first - second) with a bootstrap 95% CI; {floor}. A pair is claimed only "
+             "when significant and |Δ| is at least the noise floor; every other pair reads 'no difference detected'.")
+    doc.items(table["claim"].tolist(), table["supported"].tolist())
+
+
+def _ci_section(doc: Document, per_study: pd.DataFrame, out: Path, unit: str) -> None:
+    doc.heading("Best val_bpb per arm with bootstrap 95% CIs")
+    for column, title in BUDGET_TITLES.items():
+        title = title.format(unit=unit)
+        values = per_study[["arm", "seed", column]].rename(columns={column: "value"})
+        summary = stats.arm_summary(values)
+        display = tables.ci_table(summary)
+        stem = out / f"arms_{column}"
+        tables.write_table(display, summary, stem, caption=f"Best val_bpb {title}, 95% bootstrap CIs over seeds")
+        doc.heading(title, 3)
+        doc.table(display)
+        if per_study["arm"].nunique() >= 2:
+            pairs = stats.pairwise(values)
+            pairs.to_csv(out / f"pairwise_{column}.csv", index=False)
+            doc.table(_pairwise_display(pairs))
+    doc.text("n: seeds with a value; missing: seeds without one (no ok trial by the cut), never dropped silently. "
+             "IQM: mean of the middle half of the seeds. Pairs: Δ = mean(first - second) over seed pairs, p one-sided "
+             "for 'first < second', Holm over all ordered pairs, r = matched-pairs rank-biserial effect size, "
+             "P(improve) = chance a random seed of the first beats one of the second.")
+
+
+def _pairwise_display(pairs: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "pair": pairs["a"] + " < " + pairs["b"] + "?",
+        "n": pairs["n"],
+        "missing": pairs["n_missing"],
+        "Δ [95% CI]": [f"{claims.signed(d)} [{claims.signed(lo)}, {claims.signed(hi)}]"
+                       for d, lo, hi in zip(pairs["delta"], pairs["delta_lo"], pairs["delta_hi"])],
+        "p": pairs["p"].map(lambda p: f"{p:.3g}"),
+        "p (Holm)": pairs["p_holm"].map(lambda p: f"{p:.3g}"),
+        "r": pairs["effect_rank_biserial"].map(lambda r: f"{r:+.2f}"),
+        "P(improve)": pairs["p_improvement"].map(lambda r: f"{r:.2f}"),
+    }).set_index("pair")
+
+
+def _ranks_section(doc: Document, per_study: pd.DataFrame, trials: pd.DataFrame, out: Path, unit: str,
+                   simulated: bool) -> None:
+    if per_study["arm"].nunique() < 2:
+        return
+    doc.heading("Ranks")
+    rank_curve = ranks.rank_over_time(trials, "gpu_hours")
+    if not rank_curve.empty:
+        _save(ranks.plot_rank_over_time(rank_curve, "gpu_hours", unit, simulated), out / "rank_over_time")
+        doc.figure(out / "rank_over_time.png", f"Average rank of each arm's best val_bpb so far vs compute used "
+                   f"({unit}), over the {rank_curve['n_seeds'].iloc[0]} seeds every arm has.")
+    if per_study["arm"].nunique() < 3:
+        doc.text("Friedman and Nemenyi need three or more arms.")
+        return
+    values = per_study[["arm", "seed", "best_at_equal_gpu_h"]].rename(columns={"best_at_equal_gpu_h": "value"})
+    try:
+        f = stats.friedman_nemenyi(values)
+    except ValueError as e:
+        doc.text(f"No critical-difference diagram: {e}.")
+        return
+    _save(ranks.plot_cd_diagram(f, f"Best val_bpb at equal {unit}"), out / "critical_difference")
+    doc.text(f"Friedman χ² = {f.statistic:.3g}, p = {f.p:.3g}, n = {f.n_blocks} seeds"
+             + (f" ({f.n_dropped} seed(s) lacking an arm left out)" if f.n_dropped else "")
+             + f"; Nemenyi critical difference {f.cd:.2f} ranks. Average ranks: "
+             + ", ".join(f"{a} {r:.2f}" for a, r in sorted(f.avg_rank.items(), key=lambda kv: kv[1])) + ".")
+    doc.figure(out / "critical_difference.png", "Critical-difference diagram (Demšar 2006): arms joined by a bar "
+               "are not told apart at alpha 0.05.")
+
+
+def _ttt_section(doc: Document, per_study: pd.DataFrame, trials: pd.DataFrame, out: Path, unit: str,
+                 simulated: bool, target: float | None) -> None:
+    target = ttt.common_target(per_study) if target is None else target
+    doc.heading("Time to target")
+    if math.isnan(target):
+        doc.text("No study has an ok trial: no time to target.")
+        return
+    doc.text(f"Target val_bpb <= {target:.4f} (median of the studies' best unless --target says otherwise). "
+             "ECDF over seeds: a seed that never reached the target is censored at its study's end and stays in n.")
+    for x in ("wall", "gpu_hours"):
+        times = ttt.times_to_target(trials, target, x)
+        times.to_csv(out / f"time_to_target_{x}.csv", index=False)
+        table = ttt.ecdf_table(times)
+        what = "wall-clock seconds" if x == "wall" else unit
+        doc.heading(f"vs {what}", 3)
+        doc.table(table.rename(columns={"median_time": f"median ({what}; inf: under half reached)",
+                                        "median_time_reached_lo": "median of reached, CI lo",
+                                        "median_time_reached_hi": "median of reached, CI hi"}).round(4))
+        _save(ttt.plot_ecdf(times, target, x, unit, simulated), out / f"time_to_target_{x}")
+        doc.figure(out / f"time_to_target_{x}.png", f"Share of seeds at or below {target:.4f} vs {what}; markers: "
+                   "each seed's time.")
+
+
+def _speedup_section(doc: Document, studies: pd.DataFrame, trials: pd.DataFrame, out: Path, simulated: bool) -> None:
+    doc.heading("Speedup of parallel over sequential")
     pairs = speedup.pair_with_sequential(studies)
     if not pairs:
-        return ["## Speedup", "", "No study with more than one slot: nothing to compare.", ""]
+        doc.text("No study with more than one slot: nothing to compare.")
+        return
     by_study = dict(tuple(trials.groupby("study_id")))
     rows, plotted = [], []
     for par, seq in pairs:
@@ -127,55 +310,80 @@ def _speedup_section(studies: pd.DataFrame, trials: pd.DataFrame, out: Path, sim
     per_pair = pd.DataFrame(rows)
     per_pair.to_csv(out / "speedups_per_pair.csv", index=False)
     numbers, display = tables.mean_std_table(per_pair, "arm", SPEEDUP_LABELS)
+    for col, name in (("speedup_measured", "(a)"), ("speedup_replayed", "(b)"), ("throughput_ratio_replayed", "(c)")):
+        if col in per_pair:
+            cis = per_pair.groupby("arm")[col].agg(lambda v: _ci_text(v.to_numpy(dtype=float)))
+            display[f"{name} 95% CI (n)"] = cis
     tables.write_table(display, numbers, out / "speedups", caption="Parallel over sequential speedup at a common target")
-    _save(speedup.plot_speedups(plotted, simulated), out / "speedup")
-    lines = ["## Speedup of parallel over sequential", ""]
     if simulated:
-        lines += ["(on the SIMULATED clock)", ""]
-    lines += [
-        tables.markdown(display),
-        "",
-        "Per parallel study, at the hardest target that it, its replay and its 1-slot twin (same searcher and",
-        "seed) all reach: (a) T_1slot(x)/T_parallel(x) measured against the real 1-slot study; (b) the same",
-        "against the parallel study's own trials replayed end to end on one slot in submission order;",
-        "(c) the ratio of trials per hour. Per-pair figures: speedups_per_pair.csv.",
-        "",
-        "![speedup vs target](speedup.png)",
-        "",
-    ]
-    return lines
+        doc.text("(on the SIMULATED clock)")
+    doc.table(display)
+    doc.text("Per parallel study, at the hardest target that it, its replay and its 1-slot twin (same searcher and "
+             "seed) all reach: (a) T_1slot(x)/T_parallel(x) measured against the real 1-slot study; (b) the same "
+             "against the parallel study's own trials replayed end to end on one slot in submission order; (c) the "
+             "ratio of trials per hour. CIs: bootstrap over seeds of the mean. Per pair: speedups_per_pair.csv.")
+    fig = speedup.plot_speedups(plotted, simulated)
+    if fig is None:
+        doc.text("No data for a speedup figure: no pair reached a common target.")
+        return
+    _save(fig, out / "speedup")
+    missing = "" if any(k == "measured" for *_, k, _c in plotted) else (
+        " No 1-slot study of the same searcher and seed, so no panel (a).")
+    doc.figure(out / "speedup.png", "Speedup vs target val_bpb, one line per seed." + missing)
 
 
-def _phases_section(studies: pd.DataFrame, trials: pd.DataFrame, out: Path) -> list[str]:
-    """The improving trials of every study go to phases.csv; the summary shows each arm's best seed."""
+def _ci_text(v: np.ndarray) -> str:
+    finite = v[np.isfinite(v)]
+    if len(finite) == 0:
+        return f"- (n=0 of {len(v)})"
+    lo, hi = stats.bootstrap_ci(finite)
+    return f"[{lo:.2f}, {hi:.2f}] (n={len(finite)} of {len(v)})"
+
+
+def _phases_section(doc: Document, trials: pd.DataFrame, out: Path) -> None:
+    """The improving trials of every study go to phases.csv; the report shows each arm's best seed."""
     all_phases = []
     for study_id, g in trials.groupby("study_id"):
         all_phases.append(phases.improvements(g).assign(study_id=study_id, arm=g["arm"].iloc[0]))
     table = pd.concat(all_phases, ignore_index=True)
     table.to_csv(out / "phases.csv", index=False)
-    lines = ["## Phases: the trials that moved the best", ""]
+    doc.heading("Phases: the trials that moved the best")
+    if table.empty:
+        doc.text("No ok trial in any study.")
+        return
     for arm, g in table.groupby("arm"):
         best_study = g.loc[g["val_bpb"].idxmin(), "study_id"]
         shown = g[g["study_id"] == best_study][["t_finished", "trial_index", "val_bpb", "gain", "changes", "hypothesis"]]
-        lines += [f"### {arm}: study {best_study}", "", shown.to_markdown(index=False, floatfmt=".4g"), ""]
-    return lines
+        doc.heading(f"{arm}: study {best_study}", 3)
+        doc.table(shown.set_index("t_finished").round(4))
 
 
-def _hardware_section(trials: pd.DataFrame, out: Path) -> list[str]:
-    lines = ["## Hardware", ""]
+def _hardware_section(doc: Document, trials: pd.DataFrame, out: Path) -> None:
+    doc.heading("Hardware")
     if "source_sha" not in trials or trials["source_sha"].isna().all():
-        return lines + ["Trials carry no source_sha, so candidates cannot be matched across device kinds.", ""]
+        doc.text("Trials carry no source_sha, so candidates cannot be matched across device kinds.")
+        return
     diffs = hardware.kind_differences(trials)
     diffs.to_csv(out / "hardware.csv", index=False)
     if diffs.empty:
-        return lines + ["No candidate ran on more than one device kind.", ""]
-    summary = hardware.kind_summary(diffs)
-    return lines + [
-        "val_bpb difference of the same train.py (by source_sha) on each kind against the reference kind:",
-        "",
-        summary.to_markdown(index=False, floatfmt=".4g"),
-        "",
-    ]
+        doc.text("No candidate ran on more than one device kind.")
+        return
+    doc.text("val_bpb difference of the same train.py (by source_sha) on each kind against the reference kind:")
+    doc.table(hardware.kind_summary(diffs).set_index("device_kind").round(4))
+
+
+def log_to_mlflow(tracking_uri: str, experiment: str, studies: pd.DataFrame, out: Path) -> str:
+    """The report folder on a comparison run of its own (tag arena.kind=comparison, which
+    analysis.load never mistakes for a study) and on every compared study's parent run."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    tags = {"arena.kind": "comparison", "arena.studies": ",".join(sorted(studies["study_id"]))[:5000]}
+    run = client.create_run(exp.experiment_id, tags=tags, run_name=f"comparison-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    client.log_artifacts(run.info.run_id, str(out), artifact_path="report")
+    client.set_terminated(run.info.run_id)
+    for run_id in studies["run_id"]:
+        client.log_artifacts(run_id, str(out), artifact_path="report")
+    return run.info.run_id
 
 
 def _save(fig: plt.Figure, stem: Path) -> None:

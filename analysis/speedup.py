@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.curves import arm_colors, staircase  # noqa: E402
+from analysis.curves import arm_styles, staircase  # noqa: E402
 
 
 def time_to_target(trials: pd.DataFrame, target: float) -> float:
@@ -89,30 +89,36 @@ def speedup_summary(parallel: pd.DataFrame, sequential: pd.DataFrame | None = No
     return out
 
 
-def plot_speedups(curves: list[tuple[str, int, str, pd.DataFrame]], simulated: bool = False) -> plt.Figure:
-    """Speedup against target val_bpb, harder targets to the right: (a) measured on the left,
-    (b) replayed on the right, one line per seed, one colour per arm. `curves` holds (arm, seed,
-    kind, curve) with kind 'measured' or 'replayed'."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colors = arm_colors(pd.Series([arm for arm, *_ in curves]))
-    for ax, kind in zip(axes, ("measured", "replayed")):
+def plot_speedups(curves: list[tuple[str, int, str, pd.DataFrame]], simulated: bool = False) -> plt.Figure | None:
+    """Speedup against target val_bpb, harder targets to the right: (a) measured and (b) replayed,
+    one line per seed, one colour and dash per arm. `curves` holds (arm, seed, kind, curve) with
+    kind 'measured' or 'replayed'. A kind without a single finite point gets no panel (an empty
+    panel with a default 0-1 axis reads as a result); None when neither has one."""
+    kinds = [k for k in ("measured", "replayed")
+             if any(kind == k and np.isfinite(c["speedup"]).any() for _, _, kind, c in curves)]
+    if not kinds:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 0.5, 4.4), sharey=True, squeeze=False)
+    styles = arm_styles(pd.Series([arm for arm, *_ in curves]))
+    for ax, kind in zip(axes[0], kinds):
         labelled = set()
         for arm, seed, k, curve in curves:
             if k != kind:
                 continue
+            st = styles[arm]
             label = None if arm in labelled else arm
             labelled.add(arm)
-            ax.plot(curve["target"], curve["speedup"], marker="o", ms=3, color=colors[arm], alpha=0.8, label=label)
+            ax.plot(curve["target"], curve["speedup"], marker=st["marker"], ms=3, color=st["color"], ls=st["ls"],
+                    alpha=0.8, label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.invert_xaxis()
-        ax.set_xlabel("target val_bpb (harder ->)")
-        which = "(a) measured: 1-slot study" if kind == "measured" else "(b) replayed: own trials on 1 slot"
+        ax.set_xlabel("target val_bpb [bits/byte] (harder ->)")
+        which = "(a) measured: vs the 1-slot study" if kind == "measured" else "(b) replayed: own trials on 1 slot"
         ax.set_title(which, fontsize=10)
         ax.grid(alpha=0.3)
-        if labelled:
-            ax.legend(fontsize=8, title="one line per seed", title_fontsize=7)
-    axes[0].set_ylabel("speedup T_sequential(x) / T_parallel(x)")
-    fig.suptitle("Time-to-target speedup" + (" - SIMULATED clock" if simulated else ""))
+        ax.legend(fontsize=7, title="one line per seed", title_fontsize=7)
+    axes[0][0].set_ylabel("speedup T_sequential(x) / T_parallel(x)")
+    fig.suptitle("Time-to-target speedup" + (" - SIMULATED clock (virtual slots and time)" if simulated else ""))
     fig.tight_layout()
     return fig
 

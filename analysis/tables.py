@@ -1,4 +1,5 @@
-"""The searcher comparison a paper prints: per arm (searcher x slots), mean +- std over seeds.
+"""The searcher comparison a paper prints: per arm (searcher x slots x preset), mean +- std over
+seeds (analysis.stats adds the confidence intervals and tests).
 
 "Best at equal GPU-hours" and "at equal wall-clock" cut every study at the smallest budget any
 compared study used, so a study that simply ran longer gets no credit for it.
@@ -11,8 +12,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.curves import best_at, staircase
+from analysis.load import compute_unit
 from analysis.speedup import throughput
-from study.records import HARNESS_STATUSES
+from train.contract import HARNESS_STATUSES
 
 # Harness outcomes that count as the candidate failing (infra statuses are not its fault).
 FAILURES = tuple(s for s in HARNESS_STATUSES if s != "ok")
@@ -47,7 +49,7 @@ def per_study(trials: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
             row[f"rate_{status}"] = (done["status"] == status).mean()
         rows.append(row)
     out = pd.DataFrame(rows)
-    out.attrs.update(equal_gpu_h=equal_gpu_h, equal_wall_h=equal_wall / 3600.0)
+    out.attrs.update(equal_gpu_h=equal_gpu_h, equal_wall_h=equal_wall / 3600.0, unit=compute_unit(trials))
     return out
 
 
@@ -55,7 +57,7 @@ def searcher_table(per_study_df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     """(numbers, display) per arm: the numeric mean/std, and the same as 'mean ± std' strings."""
     labels = {
         "best_val_bpb": ("best val_bpb", 4),
-        "best_at_equal_gpu_h": (f"best @ {per_study_df.attrs['equal_gpu_h']:.3g} GPU-h", 4),
+        "best_at_equal_gpu_h": (f"best @ {per_study_df.attrs['equal_gpu_h']:.3g} {per_study_df.attrs.get('unit', 'GPU-h')}", 4),
         "best_at_equal_wall": (f"best @ {per_study_df.attrs['equal_wall_h']:.3g} h wall", 4),
         "trials": ("trials", 1),
         "trials_per_h": ("trials/h", 1),
@@ -105,6 +107,21 @@ def write_table(display: pd.DataFrame, numbers: pd.DataFrame, stem: str | Path, 
     md, tex, csv = stem.with_suffix(".md"), stem.with_suffix(".tex"), stem.with_suffix(".csv")
     md.write_text(markdown(display) + "\n")
     latex = display.reset_index().to_latex(index=False, escape=True, caption=caption or None, label=f"tab:{stem.name}")
-    tex.write_text(latex.replace("±", r"$\pm$"))
+    for text, tex_text in (("±", r"$\pm$"), ("−", "$-$"), ("Δ", r"$\Delta$"), ("σ", r"$\sigma$"), ("≥", r"$\geq$")):
+        latex = latex.replace(text, tex_text)
+    tex.write_text(latex)
     numbers.to_csv(csv)
     return [md, tex, csv]
+
+
+def ci_table(summary: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """analysis.stats.arm_summary as a display table: 'mean [lo, hi]' per aggregate, with n and
+    the seeds that have no value (failed, or never reached) beside it."""
+    display = pd.DataFrame(index=summary.index)
+    display["n"] = summary["n"].astype(int)
+    display["missing"] = summary["n_missing"].astype(int)
+    for agg in ("mean", "median", "iqm"):
+        display[f"{agg.upper() if agg == 'iqm' else agg} [95% CI]"] = [
+            "-" if np.isnan(v) else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+            for v, lo, hi in zip(summary[agg], summary[f"{agg}_lo"], summary[f"{agg}_hi"])]
+    return display

@@ -10,6 +10,7 @@ so e.g. par0 reaches 2.0 at 100 s and seq at 300 s: measured speedup 3.0.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -21,6 +22,8 @@ from analysis import curves, hardware, phases, report, speedup, tables
 from analysis.load import AnalysisError, load
 
 EXPERIMENT = "hand-built"
+# arms name searcher, slots, objective preset and the device kinds the launcher offered
+X1, X4 = "tpe x1 (cpu preset, H100)", "tpe x4 (cpu preset, H100+H200)"
 
 # (t_submitted, t_started, t_finished, status, val_bpb, knobs, device_kind, source_sha)
 SEQ = [
@@ -42,10 +45,14 @@ PAR1 = [
 ]
 
 
-def log_study(client, exp_id, study_id, slots, seed, trials, time_mode, study_metrics=None, trial_usd=None):
+def log_study(client, exp_id, study_id, slots, seed, trials, time_mode, study_metrics=None, trial_usd=None,
+              objective="cpu", searcher="tpe", kinds=None):
+    if kinds is None:
+        kinds = {"H100": {"count": slots}} if slots == 1 else {"H100": {"count": slots - 1}, "H200": {"count": 1}}
     tags = {
-        "arena.kind": "study", "arena.study_id": study_id, "searcher": "tpe", "launcher": "simulated",
-        "slots": str(slots), "objective": "cpu", "seed": str(seed), "git_sha": "0" * 40, "time_mode": time_mode,
+        "arena.kind": "study", "arena.study_id": study_id, "searcher": searcher, "launcher": "simulated",
+        "slots": str(slots), "objective": objective, "seed": str(seed), "git_sha": "0" * 40, "time_mode": time_mode,
+        "device_kinds": json.dumps(kinds),
     }
     parent = client.create_run(exp_id, tags=tags, run_name=study_id).info.run_id
     for i, (sub, start, fin, status, val, knobs, kind, sha) in enumerate(trials):
@@ -97,7 +104,7 @@ def by_study(trials, study_id):
 def test_load_gives_one_row_per_trial_with_study_tags_and_slot_seconds(loaded):
     studies, trials = loaded
     assert sorted(studies["study_id"]) == ["par0", "par1", "seq"]
-    assert set(studies["arm"]) == {"tpe x1", "tpe x4"}
+    assert set(studies["arm"]) == {X1, X4}
     assert len(trials) == len(SEQ) + len(PAR0) + len(PAR1)
     par1 = by_study(trials, "par1").set_index("trial_index")
     assert par1.loc[3, "slot_seconds"] == 70
@@ -130,7 +137,7 @@ def test_staircase_against_wall_trials_and_gpu_hours(loaded):
 def test_seed_band_is_mean_and_min_max_where_every_seed_has_a_result(loaded):
     _, trials = loaded
     band = curves.seed_band(trials, "wall")
-    four = band[band["arm"] == "tpe x4"].set_index("x")
+    four = band[band["arm"] == X4].set_index("x")
     assert 50 not in four.index  # par0 has no ok result before 60
     assert four.loc[60, ["mean", "lo", "hi"]].tolist() == pytest.approx([2.5, 2.4, 2.6])
     assert four.loc[90, "mean"] == pytest.approx((2.4 + 1.99) / 2)
@@ -177,22 +184,22 @@ def test_searcher_table_cuts_every_study_at_equal_budgets(loaded):
     assert per["agent_usd"].to_dict() == pytest.approx({"seq": math.nan, "par0": 0.4, "par1": 1.2}, nan_ok=True)
 
     numbers, display = tables.searcher_table(per.reset_index())
-    assert numbers.loc["tpe x4", "best_at_equal_gpu_h_mean"] == pytest.approx((2.3 + 1.99) / 2)
+    assert numbers.loc[X4, "best_at_equal_gpu_h_mean"] == pytest.approx((2.3 + 1.99) / 2)
     std = pd.Series([2.3, 1.99]).std()
-    assert display.loc["tpe x4", "best @ 0.0833 GPU-h"] == f"{(2.3 + 1.99) / 2:.4f} ± {std:.4f}"
-    assert display.loc["tpe x4", "agent USD"] == "0.80 ± 0.57"
-    assert display.loc["tpe x1", "agent USD"] == "-"
-    assert display.loc["tpe x4", "device kinds"] == "H100,H200"
+    assert display.loc[X4, "best @ 0.0833 GPU-h"] == f"{(2.3 + 1.99) / 2:.4f} ± {std:.4f}"
+    assert display.loc[X4, "agent USD"] == "0.80 ± 0.57"
+    assert display.loc[X1, "agent USD"] == "-"
+    assert display.loc[X4, "device kinds"] == "H100,H200"
 
 
 def test_tables_are_written_as_markdown_booktabs_and_csv(loaded, tmp_path):
     studies, trials = loaded
     numbers, display = tables.searcher_table(tables.per_study(trials, studies))
     md, tex, csv = tables.write_table(display, numbers, tmp_path / "searchers")
-    assert "| tpe x4" in md.read_text()
+    assert f"| {X4}" in md.read_text()
     latex = tex.read_text()
     assert "\\toprule" in latex and "\\bottomrule" in latex and "$\\pm$" in latex and "±" not in latex
-    assert pd.read_csv(csv, index_col=0).loc["tpe x1", "best_val_bpb_mean"] == pytest.approx(2.0)
+    assert pd.read_csv(csv, index_col=0).loc[X1, "best_val_bpb_mean"] == pytest.approx(2.0)
 
 
 def test_hardware_difference_of_the_same_source_on_two_kinds(loaded):
