@@ -65,11 +65,14 @@ def seed_matrix(group: pd.DataFrame, x: str, grid: np.ndarray | None = None) -> 
 def seed_band(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
     """Per arm, the mean staircase over its studies (seeds) with the min-max spread and a
     bootstrap 95% CI of the mean, on the union of their event points. The mean is only drawn
-    where every seed has an ok result, so one lucky seed cannot stand in for the others."""
+    where every seed has an ok result, so one lucky seed cannot stand in for the others; a seed
+    that never had one cannot be averaged at all and is counted in n_without_result instead."""
     rows = []
     for arm, group in trials.groupby("arm", sort=True):
         grid, values = seed_matrix(group, x)
-        complete = ~np.isnan(values).any(axis=1)
+        never = np.isnan(values).all(axis=0)
+        values = values[:, ~never]
+        complete = ~np.isnan(values).any(axis=1) if values.shape[1] else np.zeros(len(grid), bool)
         ci_lo, ci_hi = stats.bootstrap_band(values[complete]) if complete.any() else ([], [])
         rows.append(
             pd.DataFrame(
@@ -82,6 +85,7 @@ def seed_band(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
                     "ci_lo": ci_lo,
                     "ci_hi": ci_hi,
                     "n_seeds": values.shape[1],
+                    "n_without_result": int(never.sum()),
                 }
             )
         )
@@ -141,7 +145,8 @@ def plot_progress(trials: pd.DataFrame, x: str = "wall", simulated: bool = False
                 ls=styles[arm]["ls"])
     for arm, b in band.groupby("arm"):
         st = styles[arm]
-        label = f"{arm}: mean of {b['n_seeds'].iloc[0]} seeds, 95% CI"
+        n, without = b["n_seeds"].iloc[0], b["n_without_result"].iloc[0]
+        label = f"{arm}: mean of {n} seeds, 95% CI" + (f" ({without} more seed(s) without an ok trial)" if without else "")
         ax.step(b["x"] / scale, b["mean"], where="post", color=st["color"], lw=st["lw"], ls=st["ls"], label=label)
         ax.fill_between(b["x"] / scale, b["ci_lo"], b["ci_hi"], step="post", color=st["color"], alpha=0.15)
     on_clock = simulated and x != "trials"
