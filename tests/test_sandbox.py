@@ -3,6 +3,7 @@ train.py would; each attempt must fail at every confining level this host offers
 `none`, so each test shows it would catch the protection missing."""
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 - socket needs it, and a parent dropped to nobody cannot import it later
 import json
 import os
 import signal
@@ -538,54 +539,177 @@ def test_confine_refuses_a_multithreaded_process(world):
 
 
 # ----------------------------------------------------------------------------------------------
+# Root and nobody
+
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # world-readable, unlike an interpreter under a 0700 /root
+
+
+@pytest.fixture
+def open_world():
+    """A World that uid 65534 can traverse (pytest's own tmp folders are 0700 root)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="arena-sandbox-"))
+    os.chmod(root, 0o755)
+    w = World(root)
+    yield w
+    for tree in w.trees:
+        tree.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def _spawn_confined(world: World, level: str, readable: tuple, script: str) -> tuple[dict, ProcessTree]:
+    """The GPU path: a fresh interpreter imports the sandbox (unconfined), confines itself first
+    thing, then runs `script`, which prints one JSON line."""
+    policy = Policy(scratch=world.scratch, readable=readable, env=sandbox.allowed_env(world.scratch))
+    head = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from train import sandbox
+        sandbox.confine(sandbox.Policy.from_json(sys.argv[1]), sys.argv[2])
+        def attempt(action):
+            try:
+                return f"ok: {{action()}}"
+            except OSError as e:
+                return f"denied: {{type(e).__name__}} {{e.errno}}"
+    """)
+    proc = subprocess.Popen([str(SYSTEM_PYTHON), "-P", "-c", head + textwrap.dedent(script), policy.to_json(), level],
+                            env=policy.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree = ProcessTree(proc.pid, policy, level)
+    world.trees.append(tree)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads(out.splitlines()[-1]), tree
+
+
+@needs_root
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="needs /usr/bin/python3")
+@pytest.mark.parametrize("level", LEVELS)
+def test_as_root_a_spawned_trial_runs_as_nobody_when_nobody_can_read_its_paths(open_world, level):
+    """Landlock lets it read the venv; dropping to uid 65534 still keeps a root-only file there out
+    of reach, and the scratch is its own."""
+    private = open_world.root / "venv/root-only.key"
+    private.write_text(SECRET)
+    private.chmod(0o600)
+    readable = tuple(p for p in map(Path, ("/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache")) if p.exists())
+    report, tree = _spawn_confined(open_world, level, readable + (open_world.root / "venv",), """
+        from pathlib import Path
+        print(json.dumps({"uid": os.getuid(), "pid": os.getpid(),
+                          "private": attempt(lambda: Path(sys.argv[3]).read_text()),
+                          "venv": attempt(lambda: os.listdir(Path(sys.argv[3]).parent)),
+                          "scratch": attempt(lambda: Path("weights.pt").write_bytes(b"w"))}))
+    """.replace("sys.argv[3]", repr(str(private))))
+    assert report["venv"].startswith("ok") and report["scratch"].startswith("ok")
+    if level == "none":
+        assert report["uid"] == 0 and SECRET in report["private"]
+    else:
+        assert report["uid"] == 65534 and report["private"].startswith("denied")
+        assert (open_world.scratch / "weights.pt").read_bytes() == b"w"
+
+
+@needs_root
+@pytest.mark.skipif(not Path("/usr/bin/setpriv").exists() or not SYSTEM_PYTHON.exists(), reason="needs setpriv")
+@pytest.mark.parametrize("hardened", [False, True])
+def test_a_hardened_orchestrator_hides_its_environment_from_its_own_uid(hardened):
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from train.sandbox import harden_orchestrator; "
+            f"{'harden_orchestrator(); ' if hardened else ''}print('ready', flush=True); time.sleep(60)")
+    orchestrator = subprocess.Popen([*nobody, str(SYSTEM_PYTHON), "-c", code], stdout=subprocess.PIPE, text=True,
+                                    env={"FAKE_API_KEY": SECRET})
+    try:
+        assert orchestrator.stdout.readline() == "ready\n"
+        reader = subprocess.run([*nobody, "cat", f"/proc/{orchestrator.pid}/environ"], capture_output=True,
+                                text=True, timeout=30)
+    finally:
+        orchestrator.kill()
+        orchestrator.wait()
+    assert (SECRET in reader.stdout) is not hardened
+
+
+# ----------------------------------------------------------------------------------------------
 # Unprivileged: the parent runs as nobody, as on a cluster node
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
-def test_an_unprivileged_parent_still_confines_at_the_landlock_level(tmp_path_factory):
-    """A forked test process drops to uid 65534 and runs a trial itself: files, signals and the
-    network stay out of reach without root, cgroups or a tmpfs."""
-    import tempfile
+def _as_nobody(world: World, run) -> dict:
+    """Run `run(world)` in a fork of this test that dropped to uid 65534; its JSON result."""
+    for path in (world.root, *world.root.rglob("*")):
+        os.chown(path, 65534, 65534)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            os.write(write, json.dumps(run(world)).encode())
+            code = 0
+        except BaseException:  # noqa: BLE001 - shown in the test's output
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    assert wait(pid, 120) == 0
+    return json.loads(os.read(read, 65536))
 
-    root = Path(tempfile.mkdtemp(prefix="arena-sandbox-nobody-"))
-    try:
-        os.chmod(root, 0o755)
-        w = World(root)
-        for path in (root, *root.rglob("*")):
-            os.chown(path, 65534, 65534)
-        (root / "data/val.bin").chmod(0o644)  # only Landlock, not file modes, keeps it out
-        outsider = subprocess.Popen(["sleep", "60"], env={"FAKE_API_KEY": SECRET})
+
+@needs_root
+@pytest.mark.parametrize("level", CONFINING)
+def test_an_unprivileged_parent_still_confines(open_world, outsider, level):
+    """Files, signals and the network stay out of reach without root, cgroups or a tmpfs, and the
+    tree still dies whole."""
+    def attack(world):
         read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.setgroups([])
-                os.setresgid(65534, 65534, 65534)
-                os.setresuid(65534, 65534, 65534)
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(1.5)
+                (world.scratch / "survived").write_text("x")
+                os._exit(0)
+            os._exit(0)
+        return {"val": attempt(lambda: (world.root / "data/val.bin").read_text()),
+                "signal": attempt(lambda: os.kill(outsider.pid, signal.SIGKILL)),
+                "tcp": attempt(lambda: socket.create_connection(("127.0.0.1", 9), timeout=1)),
+                "uid": os.getuid()}
 
-                def attack(world):
-                    return {"val": attempt(lambda: (world.root / "data/val.bin").read_text()),
-                            "signal": attempt(lambda: os.kill(outsider.pid, signal.SIGKILL)),
-                            "uid": os.getuid()}
+    def run(world):
+        ran = world.run(level, attack)
+        ran.tree.kill_all()
+        time.sleep(2.0)
+        result = {"code": ran.code, "report": ran.report, "mechanisms": ran.tree.mechanisms(),
+                  "survived": (world.scratch / "survived").exists(), "alive": ran.tree.alive()}
+        ran.tree.close()
+        return result
 
-                ran = w.run("landlock", attack, memory_mb=300)
-                result = {"code": ran.code, "report": ran.report, "mechanisms": ran.tree.mechanisms()}
-                ran.tree.close()
-                os.write(write, json.dumps(result).encode())
-                code = 0
-            except BaseException:  # noqa: BLE001 - shown in the test's output
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        assert wait(pid, 120) == 0
-        result = json.loads(os.read(read, 65536))
-        assert result["code"] == 0, result
-        assert result["report"]["uid"] == 65534
-        assert result["report"]["val"].startswith("denied") and result["report"]["signal"].startswith("denied")
-        assert result["mechanisms"]["tree"] == "subreaper" and result["mechanisms"]["memory"].startswith("watcher")
-        assert outsider.poll() is None
-        outsider.kill()
-        outsider.wait()
-    finally:
-        subprocess.run(["rm", "-rf", str(root)], check=False)
+    result = _as_nobody(open_world, run)
+    assert result["code"] == 0, result
+    report = result["report"]
+    assert report["uid"] == 65534
+    assert report["val"].startswith("denied") and report["signal"].startswith("denied")
+    assert report["tcp"].startswith("denied")
+    assert result["mechanisms"]["memory"].startswith("watcher") and result["mechanisms"]["disk"].startswith("watcher")
+    assert not result["survived"] and not result["alive"]
+    assert outsider.poll() is None
+
+
+@needs_root
+def test_an_unprivileged_parent_catches_a_memory_hog_by_watching(open_world):
+    def hog(world):
+        chunks = [bytearray(b"\1" * (20 * 2**20)) for _ in range(60)]
+        return {"allocated_mb": 20 * len(chunks)}
+
+    def run(world):
+        ran = world.run("landlock", hog, memory_mb=200)
+        result = {"report": ran.report, "oom": ran.tree.oom_killed(), "peak": ran.tree.peak_memory_mb(),
+                  "memory": ran.tree.mechanisms()["memory"]}
+        ran.tree.close()
+        return result
+
+    result = _as_nobody(open_world, run)
+    assert result["memory"].startswith("watcher")
+    assert result["report"] is None and result["oom"] and result["peak"] >= 200

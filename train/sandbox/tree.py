@@ -10,7 +10,7 @@ Which processes belong to the tree, strongest source first:
     the namespace whole.
 
 Without a cgroup the limits the kernel cannot hold per tree are held here: a watcher thread sums
-the resident memory of the tree and the size of the scratch folder a few times a second and kills
+the private memory of the tree and the size of the scratch folder a few times a second and kills
 the tree past `memory_mb` or `disk_mb` (per process, the rlimits set by confine() stop it sooner).
 """
 from __future__ import annotations
@@ -157,8 +157,8 @@ class ProcessTree:
             return max(self._cpu_seen, _children_cpu() - self._rusage_start)
 
     def peak_memory_mb(self) -> float | None:
-        """The tree's peak memory: the cgroup's high-water mark, or the largest resident total the
-        watcher saw (sampled, so a spike shorter than its period can be missed)."""
+        """The tree's peak memory: the cgroup's high-water mark, or the largest total of private
+        memory the watcher saw (sampled, so a spike shorter than its period can be missed)."""
         group = self._group()
         if group is not None and (peak := group.memory_peak_mb()) is not None:
             return round(peak, 1)
@@ -192,7 +192,7 @@ class ProcessTree:
         if members:
             self._sampled = True
             live = [p for p in members if p.state != "Z"]
-            self._peak_rss_mb = max(self._peak_rss_mb, sum(p.rss_mb for p in live))
+            self._peak_rss_mb = max(self._peak_rss_mb, sum(procfs.private_mb(p) for p in live))
             self._cpu_seen = max(self._cpu_seen, sum(p.cpu_seconds + p.children_cpu_seconds for p in members))
         return members
 
