@@ -45,12 +45,21 @@ def private_mb(proc: Proc) -> float:
         return proc.rss_mb
 
 
-def every() -> list[Proc]:
-    procs = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (proc := read(int(name))) is not None:
-            procs.append(proc)
-    return procs
+def children(pid: int) -> list[int]:
+    """The children of `pid` (of all its threads), from the kernel's own list: a walk from one
+    process costs what its tree holds, not what the machine runs."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return found
 
 
 def no_new_privs(pid: int) -> bool:

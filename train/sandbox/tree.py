@@ -67,27 +67,27 @@ class ProcessTree:
 
     def members(self) -> list[procfs.Proc]:
         """The tree's processes now, zombies included (they still hold their CPU accounting)."""
-        every = procfs.every()
         group = self._group()
-        if group is not None:
-            listed = set(group.pids()) | {self.pid}
-            return [p for p in every if p.pid in listed]
-        children: dict[int, list[procfs.Proc]] = {}
-        for p in every:
-            children.setdefault(p.ppid, []).append(p)
-        frontier = [p for p in every if p.pid == self.pid]
-        frontier += [p for p in children.get(self._me, ())
-                     if p.pid not in _LIVE_ROOTS and p.start >= self._root_start
-                     and (self.level == "none" or procfs.no_new_privs(p.pid))]
-        tree, seen = [], set()
+        pids = set(group.pids()) | {self.pid} if group is not None else self._walk()
+        return [p for p in map(procfs.read, pids) if p is not None]
+
+    def _walk(self) -> set[int]:
+        """The child and its descendants, and the orphans of the tree this subreaper adopted."""
+        frontier = [self.pid] + [pid for pid in procfs.children(self._me) if self._adopted_orphan(pid)]
+        tree: set[int] = set()
         while frontier:
-            p = frontier.pop()
-            if p.pid in seen:
-                continue
-            seen.add(p.pid)
-            tree.append(p)
-            frontier.extend(children.get(p.pid, ()))
+            pid = frontier.pop()
+            if pid not in tree:
+                tree.add(pid)
+                frontier.extend(procfs.children(pid))
         return tree
+
+    def _adopted_orphan(self, pid: int) -> bool:
+        if pid == self.pid or pid in _LIVE_ROOTS:
+            return False
+        proc = procfs.read(pid)
+        return (proc is not None and proc.start >= self._root_start
+                and (self.level == "none" or procfs.no_new_privs(pid)))
 
     def alive(self) -> bool:
         return any(p.state != "Z" for p in self.members())
