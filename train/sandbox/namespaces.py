@@ -37,17 +37,14 @@ def _check(result: int, what: str) -> None:
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
-def enter(shm_mb: int) -> None:
-    """Unshare and fork twice; returns only in the candidate (pid 2 of the new PID namespace). The
-    two processes above it never return: they wait and exit with its status."""
-    uid, gid = os.geteuid(), os.getegid()
-    _check(_libc.unshare(ctypes.c_int(FLAGS)), "unshare")
-    dumpable = prctl(PR_GET_DUMPABLE)
-    prctl(PR_SET_DUMPABLE, 1)  # a changed uid leaves /proc/self root-owned; the maps need it ours
-    Path("/proc/self/setgroups").write_text("deny")
-    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
-    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
-    prctl(PR_SET_DUMPABLE, dumpable)
+def enter(uid: int, gid: int, shm_mb: int) -> None:
+    """Unshare, become `uid`/`gid`, and fork twice; returns only in the candidate (pid 2 of the new
+    PID namespace). The two processes above it never return: they wait and exit with its status."""
+    if os.geteuid() == 0 and uid != 0:
+        _unshare_as_root(uid, gid)
+    else:
+        _unshare_as_self()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a changed uid clears it
     _fork_and_wait()  # the outside process stays here
     _check(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "mount --make-rprivate /")
     _check(_libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None),
@@ -56,6 +53,50 @@ def enter(shm_mb: int) -> None:
         _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
                            f"size={shm_mb}m,mode=1777".encode()), "mount /dev/shm")
     _fork_and_wait(init=True)  # init stays here
+
+
+def _unshare_as_self() -> None:
+    """The unprivileged way: a new user namespace where this process's own ids map to themselves
+    (the only mapping it may write for itself)."""
+    uid, gid = os.geteuid(), os.getegid()
+    _check(_libc.unshare(ctypes.c_int(FLAGS)), "unshare")
+    dumpable = prctl(PR_GET_DUMPABLE)
+    prctl(PR_SET_DUMPABLE, 1)  # a changed uid leaves /proc/self root-owned; the maps need it ours
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
+    prctl(PR_SET_DUMPABLE, dumpable)
+
+
+def _unshare_as_root(uid: int, gid: int) -> None:
+    """As root: unshare while privileged (so a distribution's restriction of unprivileged user
+    namespaces does not apply), let a helper left outside write the maps (a privileged parent may
+    map any id, as newuidmap does), then become `uid` inside: host uid `uid` from then on."""
+    go_read, go_write = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        code = 1
+        try:
+            os.close(go_write)
+            target = os.getppid()
+            if os.read(go_read, 1) == b"1":
+                Path(f"/proc/{target}/uid_map").write_text(f"{uid} {uid} 1")
+                Path(f"/proc/{target}/gid_map").write_text(f"{gid} {gid} 1")
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(go_read)
+    try:
+        _check(_libc.unshare(ctypes.c_int(FLAGS)), "unshare")
+        os.write(go_write, b"1")
+    finally:
+        os.close(go_write)
+        _, status = os.waitpid(helper, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"could not map uid {uid} into the sandbox's user namespace")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
 
 
 def _fork_and_wait(init: bool = False) -> None:
