@@ -175,17 +175,22 @@ def test_a_trial_writes_nothing_outside_its_scratch(world, level):
             "rename": attempt(lambda: os.rename(w.root / "study/trials/t0001/result.json", w.scratch / "stolen")),
             "journal": attempt(lambda: (w.root / "study/journal.jsonl").open("a").write("{}\n")),
             "tmp": attempt(lambda: Path("/tmp/arena-sandbox-escape").write_text("x")),
+            "chmod": attempt(lambda: os.chmod(code, 0o777)),
+            "utime": attempt(lambda: os.utime(w.root / "study/journal.jsonl", (0, 0))),
             "scratch": attempt(lambda: (w.scratch / "weights.pt").write_bytes(b"\0" * 1000)),
         }
 
+    mode = code.stat().st_mode
     ran = world.run(level, attack)
     assert ran.code == 0 and ran.report["scratch"].startswith("ok")
     if level == "none":
-        assert pth.exists() and "10**9" in code.read_text()
+        assert pth.exists() and "10**9" in code.read_text() and code.stat().st_mode & 0o777 == 0o777
+        assert (world.root / "study/journal.jsonl").stat().st_mtime == 0
         pth.unlink()
         Path("/tmp/arena-sandbox-escape").unlink(missing_ok=True)
     else:
-        assert not pth.exists() and code.read_text() == "BUDGET = 1\n"
+        assert not pth.exists() and code.read_text() == "BUDGET = 1\n" and code.stat().st_mode == mode
+        assert (world.root / "study/journal.jsonl").stat().st_mtime > 0
         assert (world.root / "study/journal.jsonl").read_text() == '{"event": "trial_done"}\n'
         assert (world.root / "study/trials/t0001/result.json").exists()
         assert not Path("/tmp/arena-sandbox-escape").exists()

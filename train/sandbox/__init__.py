@@ -143,7 +143,7 @@ def _probe_namespaces() -> bool:
     if pid == 0:
         code = 1
         try:
-            namespaces.enter(*_identity(python_readable()), shm_mb=1)
+            namespaces.enter(*_identity(python_readable()), Path("/tmp"), shm_mb=1)
             code = 0 if procfs.read(1) is not None and os.getpid() == 2 else 1
         except BaseException:  # noqa: BLE001 - any failure means the level is not available
             pass
@@ -201,14 +201,14 @@ def confine(policy: Policy, level: str) -> None:
         limits.set_rlimits(policy, uid)
         _drop_bounding_set()
         if level == "namespaces":
-            namespaces.enter(uid, gid, shm_mb=min(policy.disk_mb, 256))
+            namespaces.enter(uid, gid, scratch, shm_mb=min(policy.disk_mb, 256))
         else:
             _drop_identity(uid, gid)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a changed uid clears it
         _drop_capabilities()
         landlock.restrict_self(read=tuple(policy.readable), write=(scratch,),
                                devices=BASE_DEVICES + tuple(policy.devices))
-        seccomp.install()
+        seccomp.install(deny_metadata=level != "namespaces")
     os.environ.clear()
     _scrub_initial_environment()
     os.environ.update(policy.env)

@@ -21,12 +21,13 @@ import os
 import signal
 from pathlib import Path
 
-from .kernel import PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl
+from .kernel import PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, prctl, syscall
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 FLAGS = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1  # 442 on every arch
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -37,9 +38,10 @@ def _check(result: int, what: str) -> None:
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
-def enter(uid: int, gid: int, shm_mb: int) -> None:
-    """Unshare, become `uid`/`gid`, and fork twice; returns only in the candidate (pid 2 of the new
-    PID namespace). The two processes above it never return: they wait and exit with its status."""
+def enter(uid: int, gid: int, scratch: Path, shm_mb: int) -> None:
+    """Unshare, become `uid`/`gid`, make every mount but `scratch` read-only, and fork twice;
+    returns only in the candidate (pid 2 of the new PID namespace). The two processes above it never
+    return: they wait and exit with its status."""
     if os.geteuid() == 0 and uid != 0:
         _unshare_as_root(uid, gid)
     else:
@@ -47,12 +49,35 @@ def enter(uid: int, gid: int, shm_mb: int) -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a changed uid clears it
     _fork_and_wait()  # the outside process stays here
     _check(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "mount --make-rprivate /")
+    _read_only_but(scratch)
     _check(_libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None),
            "mount /proc")
     if os.path.isdir("/dev/shm"):
         _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
                            f"size={shm_mb}m,mode=1777".encode()), "mount /dev/shm")
     _fork_and_wait(init=True)  # init stays here
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+def _read_only_but(scratch: Path) -> None:
+    """Every mount read-only, then the scratch (bound onto itself: a mount of its own) writable
+    again: no write, chmod, chown, utime or xattr change reaches any file outside it, whatever
+    Landlock's ABI covers. mount_setattr (Linux 5.12) does it for the whole tree in one call."""
+    def setattr_(path: bytes, flags: int, attr_set: int, attr_clr: int) -> None:
+        attr = _MountAttr(attr_set=attr_set, attr_clr=attr_clr)
+        try:
+            syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path, flags, ctypes.byref(attr), ctypes.sizeof(attr))
+        except OSError as e:
+            raise OSError(e.errno, f"mount_setattr {path.decode()}: {e.strerror}") from None
+
+    target = os.fsencode(scratch)
+    _check(_libc.mount(target, target, None, ctypes.c_ulong(MS_BIND), None), "bind the scratch")
+    setattr_(b"/", AT_RECURSIVE, MOUNT_ATTR_RDONLY, 0)
+    setattr_(target, 0, 0, MOUNT_ATTR_RDONLY)
 
 
 def _unshare_as_self() -> None:

@@ -1,7 +1,7 @@
 """A small seccomp filter for what Landlock does not cover: sockets of any kind (UDP and unix
 sockets too, not only TCP), io_uring (which would reach sockets and files around this filter), the
-system calls that build new namespaces or mounts, and those that inspect or move into other
-processes. Each is refused with EPERM, so a candidate sees an ordinary error, not a crash.
+system calls that build new namespaces or mounts, those that inspect or move into other processes,
+and (where no read-only mount does it) changes to files' metadata. Each is refused with EPERM, so a candidate sees an ordinary error, not a crash.
 
 `socketpair` stays allowed: it connects only the two ends it creates (pipes between a trial's own
 processes, e.g. multiprocessing.Pipe). `clone3` answers ENOSYS, so the C library falls back to
@@ -26,6 +26,10 @@ _X86_64 = (0xC000003E, {
     "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
     "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
     "clone": 56, "clone3": 435,
+    "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94, "utime": 132, "utimes": 235,
+    "fchownat": 260, "futimesat": 261, "fchmodat": 268, "utimensat": 280, "setxattr": 188, "lsetxattr": 189,
+    "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "fchmodat2": 452,
+    "setxattrat": 463, "removexattrat": 466,
 })
 _AARCH64 = (0xC00000B7, {
     "socket": 198, "ptrace": 117, "pivot_root": 41, "chroot": 51, "mount": 40, "umount2": 39,
@@ -36,6 +40,9 @@ _AARCH64 = (0xC00000B7, {
     "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
     "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
     "clone": 220, "clone3": 435,
+    "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55, "utimensat": 88, "setxattr": 5,
+    "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15, "fremovexattr": 16,
+    "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
 })
 MACHINES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 DENIED = ("socket", "ptrace", "pivot_root", "chroot", "mount", "umount2", "init_module", "delete_module",
@@ -43,6 +50,12 @@ DENIED = ("socket", "ptrace", "pivot_root", "chroot", "mount", "umount2", "init_
           "open_by_handle_at", "setns", "process_vm_readv", "process_vm_writev", "finit_module",
           "kexec_file_load", "bpf", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
           "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_getfd", "mount_setattr")
+# Landlock (ABI <= 7) does not guard a file's metadata: without this a sandbox could chmod, chown,
+# re-date or tag any file its uid owns (as an unprivileged user: the project, the study's journal).
+# The `namespaces` level has no need of it: there every mount but the scratch is read-only.
+METADATA = ("chmod", "fchmod", "chown", "fchown", "lchown", "utime", "utimes", "fchownat", "futimesat",
+            "fchmodat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
+            "fremovexattr", "fchmodat2", "setxattrat", "removexattrat")
 NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 X32_SYSCALL_BIT = 0x40000000
 
@@ -59,14 +72,15 @@ def supported() -> bool:
     return platform.machine() in MACHINES
 
 
-def program() -> list[tuple[int, int, int, int]]:
+def program(deny_metadata: bool) -> list[tuple[int, int, int, int]]:
     """The filter as (code, jt, jf, k) instructions; seccomp_data is nr at 0, arch at 4, args at 16."""
     arch, numbers = MACHINES[platform.machine()]
     ops = [(_LD_ABS_W, 0, 0, 4), (_JEQ, 1, 0, arch), (_RET, 0, 0, _RET_KILL_PROCESS), (_LD_ABS_W, 0, 0, 0)]
     if arch == _X86_64[0]:  # the x32 ABI reuses this arch value with other numbers: refuse it whole
         ops += [(_JGE, 0, 1, X32_SYSCALL_BIT), (_RET, 0, 0, _errno(errno.EPERM))]
-    for name in DENIED:
-        ops += [(_JEQ, 0, 1, numbers[name]), (_RET, 0, 0, _errno(errno.EPERM))]
+    for name in DENIED + (METADATA if deny_metadata else ()):
+        if name in numbers:  # a newer machine lacks the old calls (aarch64 has no chmod, only fchmodat)
+            ops += [(_JEQ, 0, 1, numbers[name]), (_RET, 0, 0, _errno(errno.EPERM))]
     ops += [(_JEQ, 0, 1, numbers["clone3"]), (_RET, 0, 0, _errno(errno.ENOSYS))]
     ops += [(_JEQ, 0, 3, numbers["clone"]), (_LD_ABS_W, 0, 0, 16), (_JSET, 0, 1, NAMESPACE_FLAGS),
             (_RET, 0, 0, _errno(errno.EPERM))]
@@ -78,10 +92,10 @@ class _Prog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install() -> None:
+def install(*, deny_metadata: bool) -> None:
     """Load the filter into this thread (inherited by every child, irreversible). Needs no_new_privs
     (set by Landlock first) or CAP_SYS_ADMIN."""
-    ops = program()
+    ops = program(deny_metadata)
     raw = b"".join(struct.pack("=HBBI", *op) for op in ops)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     prog = _Prog(len(ops), ctypes.cast(buffer, ctypes.c_void_p))
