@@ -10,7 +10,8 @@ from rich.table import Table
 
 def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simulated: bool, top: int = 10) -> None:
     console = Console()
-    ranked = sorted((tr for tr in state.history if tr[1].ok), key=lambda tr: tr[1].score())
+    ranked = sorted((tr for tr in state.history if tr[1].ok and tr[0].candidate.full_budget),
+                    key=lambda tr: tr[1].score())
     table = Table(title=f"study {conf['study']['name']}: top {min(top, len(ranked))} of {len(state.history)} trials")
     for col in ("trial", "val_bpb", "steps", "train s", "device", "hypothesis"):
         table.add_column(col, justify="right" if col in ("val_bpb", "steps", "train s") else "left",

@@ -21,7 +21,7 @@ from pathlib import Path
 from launchers.base import Launcher, Slot
 from searchers.base import SearchContext, Searcher
 from study.journal import Journal, JournalState
-from study.records import Candidate, Result, Trial
+from study.records import Candidate, Result, Trial, scaled_objective
 from study.trialdir import write_trial_dir
 
 log = logging.getLogger("arena.loop")
@@ -192,23 +192,43 @@ class StudyLoop:
             if not self.pending or self._budget_left() <= 0:
                 return
             candidate = self._take_candidate(slot)
-            self._submit(candidate, slot)
+            if candidate is not None:
+                self._submit(candidate, slot)
 
-    def _take_candidate(self, slot: Slot) -> Candidate:
-        """Prefer a candidate that asked for this slot's device kind, else the oldest."""
-        for i, c in enumerate(self.pending):
-            if c.device_kind == slot.device_kind:
-                return self.pending.pop(i)
-        for i, c in enumerate(self.pending):
-            if c.device_kind is None:
-                return self.pending.pop(i)
-        return self.pending.pop(0)
+    def _take_candidate(self, slot: Slot) -> Candidate | None:
+        """The oldest candidate that asked for this slot's device kind, else the oldest that may run
+        anywhere. A candidate that named a kind the launcher has waits for it (a rung that confirms
+        on the faster kind must not land on the slower one); one naming a kind it lacks runs anywhere."""
+        kinds = {s.device_kind for s in self.state.slots}
+        for wanted in (lambda c: c.device_kind == slot.device_kind, lambda c: c.device_kind not in kinds):
+            for i, c in enumerate(self.pending):
+                if wanted(c):
+                    return self.pending.pop(i)
+        return None
+
+    def _placeable(self, free: list[Slot]) -> int:
+        """How many pending candidates may start on these free slots (one each at most)."""
+        kinds = {s.device_kind for s in self.state.slots}
+        free_kinds = [s.device_kind for s in free]
+        count = 0
+        for c in self.pending:
+            kind = c.device_kind if c.device_kind in kinds else None
+            if kind is None and free_kinds:
+                free_kinds.pop()
+                count += 1
+            elif kind in free_kinds:
+                free_kinds.remove(kind)
+                count += 1
+        return count
 
     def _submit(self, candidate: Candidate, slot: Slot) -> None:
         index = self.next_index
         self.next_index += 1
+        objective = self.objective
+        if candidate.budget_fraction is not None:
+            objective = scaled_objective(objective, candidate.budget_fraction)
         trial = Trial(
-            trial_id=f"t{index:04d}", index=index, candidate=candidate, objective=self.objective,
+            trial_id=f"t{index:04d}", index=index, candidate=candidate, objective=objective,
             seed=self.seed if candidate.seed is None else candidate.seed,
             slot=slot.name, device_kind=slot.device_kind,
         )
@@ -221,7 +241,10 @@ class StudyLoop:
     def _maybe_ask(self) -> None:
         if self._ask_future is not None or self._stop_submitting or self.searcher.done():
             return
-        wanted = min(len(self._free_slots()), self._budget_left()) - len(self.pending)
+        # Ask for what can start now; candidates waiting for a busy kind never outnumber the slots.
+        free = self._free_slots()
+        wanted = min(len(free) - self._placeable(free), self._budget_left() - len(self.pending),
+                     len(self.state.slots) - len(self.pending))
         if wanted <= 0:
             return
         self._tell_untold()
@@ -290,7 +313,9 @@ class StudyLoop:
         self.state.history.append((trial, result))
         self.untold.append((trial, result))
         self._tell_untold()
-        improved = result.ok and (self.state.best is None or result.score() < self.state.best[1].score())
+        # A shortened (rung) run screens candidates; only a run on the whole budget can be the best.
+        improved = result.ok and trial.candidate.full_budget and (
+            self.state.best is None or result.score() < self.state.best[1].score())
         if improved:
             self.state.best = (trial, result)
             self.staircase.append((len(self.state.history) - 1, result.val_bpb, trial.trial_id))

@@ -79,6 +79,14 @@ def trial_metrics(trial: Trial, result: Result, times: dict[str, float]) -> dict
         metrics.pop(key, None)  # replaced by the study-relative t_* below
     metrics.update({k: float(v) for k, v in times.items() if v is not None})
     metrics["trial_index"] = float(trial.index)
+    fraction = trial.candidate.budget_fraction
+    if fraction is not None:  # a successive-halving rung (searchers/rungs.py)
+        metrics["budget_fraction"] = float(fraction)
+        metrics["rung"] = float(trial.candidate.meta.get("rung", 0))
+        if not trial.candidate.full_budget and "val_bpb" in metrics:
+            # A screening score is not a result of the study: under its own name, analysis and the
+            # UI's best never mistake it for one, and its slot-time still counts as spent.
+            metrics["rung_val_bpb"] = metrics.pop("val_bpb")
     for k, v in trial.candidate.meta.items():
         if k.startswith("agent_") and isinstance(v, (int, float)) and not isinstance(v, bool):
             metrics[k] = float(v)

@@ -45,6 +45,8 @@ class Candidate:
     `knobs` holds the knob values this candidate sets (all of them for classical searchers, the
     changed ones for an agent); `meta` is the searcher's private bookkeeping (an Optuna trial
     number, a grid index) and must be JSON-serialisable so a resumed study can hand it back.
+    `budget_fraction` < 1 asks for a complete but shorter run (a successive-halving rung, see
+    searchers/rungs.py): its score screens candidates and never counts as a result of the study.
     """
 
     source: str
@@ -54,6 +56,12 @@ class Candidate:
     device_kind: str | None = None
     seed: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    budget_fraction: float | None = None
+
+    @property
+    def full_budget(self) -> bool:
+        """A run on the study's whole budget: only these can be the study's best."""
+        return self.budget_fraction is None or self.budget_fraction >= 1.0
 
     def to_dict(self) -> dict:
         return _shallow(self)
@@ -161,6 +169,26 @@ class Result:
             if math.isfinite(v):
                 out[k] = float(v)
         return out
+
+
+def scaled_objective(objective: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """The objective of a complete run on `fraction` of the budget. The schedules in train.py run
+    on the fraction of *their* budget, so this is a shorter run done right, not a long one cut.
+    The hard limit shrinks with it, but never below a minute (or the full limit, if less): start-up
+    and evaluation take the same time on any budget."""
+    if fraction >= 1.0:
+        return objective
+    scaled = dict(objective)
+    budget = objective["budget"] * fraction
+    scaled["budget"] = budget if objective["budget_kind"] == "seconds" else max(1, int(round(budget)))
+    limit = objective["hard_limit_s"]
+    scaled["hard_limit_s"] = max(limit * fraction, min(limit, MIN_HARD_LIMIT_S))
+    scaled["budget_fraction"] = fraction
+    return scaled
+
+
+# The least a shortened run's hard limit may be: a run's fixed costs do not shrink with its budget.
+MIN_HARD_LIMIT_S = 60.0
 
 
 def _shallow(record) -> dict:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launchers.base import PROJECT_ROOT, Launcher, LauncherError
 from searchers.base import SearchContext, Searcher
+from searchers.rungs import Rung, RungSearcher, check_rung_kinds, parse_rungs
 from study.journal import JournalState
 from study.loop import StopRules, StudyLoop
 from study.leaderboard import print_leaderboard
@@ -47,6 +48,10 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
                       target_val_bpb=conf["study"].get("target_val_bpb"),
                       on_stop=conf["study"].get("on_stop", "cancel"))
     header = study_header(conf, objective, space)
+    rungs = check_rungs(conf["study"])
+    if rungs:
+        header["searcher"] += "+rungs"
+        header["rungs"] = {"rungs": conf["study"]["rungs"], "eta": conf["study"].get("eta", 3)}
     existing = JournalState.load(study_dir / "journal.jsonl").header
     if existing:
         check_same_study(existing, header, study_dir)
@@ -54,6 +59,8 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
 
     searcher = searcher or _build(instantiate, cfg.searcher, "searcher")
     launcher = launcher or _build(instantiate, cfg.launcher, "launcher")
+    if rungs and not isinstance(searcher, RungSearcher):
+        searcher = RungSearcher(searcher, rungs, conf["study"].get("eta", 3))
     ctx = SearchContext(
         baseline_source=baseline, baseline_knobs=_read_knobs(baseline), space=space, seed=int(conf["seed"]),
         study_dir=str(study_dir), objective=objective)
@@ -84,6 +91,11 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
         raise ConfigError(f"launcher {conf['launcher'].get('name')}: {e}") from None
     slots = launcher.slots()
     ctx.device_kinds.update(device_kinds(slots))
+    try:
+        check_rung_kinds(rungs or [], ctx.device_kinds)
+    except ValueError as e:
+        launcher.close()
+        raise ConfigError(str(e)) from None
     if mirror:
         mirror.tags = parent_tags(conf, header, launcher, slots)
 
@@ -163,6 +175,17 @@ def baseline_source(conf: dict, objective: dict) -> str:
         raise ConfigError(f"objective.knobs: {e}") from None
 
 
+def check_rungs(study: dict) -> list[Rung] | None:
+    """Successive-halving rungs (searchers/rungs.py), or None when the study runs every candidate
+    on the whole budget."""
+    if not study.get("rungs"):
+        return None
+    try:
+        return parse_rungs(study["rungs"], study.get("eta", 3))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_space(space: dict, baseline: str) -> dict:
     from searchers.space import validate_space
 
@@ -202,10 +225,11 @@ def check_same_study(old: dict, new: dict, study_dir: Path) -> None:
         return json.dumps(old.get(key), sort_keys=True, default=str) == json.dumps(new.get(key), sort_keys=True,
                                                                                     default=str)
 
-    differs = [k for k in ("searcher", "launcher", "slots", "seed", "objective", "space")
+    differs = [k for k in ("searcher", "launcher", "slots", "seed", "objective", "space", "rungs")
                if k in old and not same(k)]
     if differs:
-        shown = [f"{k} {old[k]!r} -> {new.get(k)!r}" if k not in ("objective", "space") else k for k in differs]
+        shown = [f"{k} {old[k]!r} -> {new.get(k)!r}" if k not in ("objective", "space", "rungs") else k
+                 for k in differs]
         raise ConfigError(f"{study_dir} holds a study with a different {', '.join(shown)}; "
                           "resume it with the same settings or choose another study.name")
 
