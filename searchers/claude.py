@@ -1,30 +1,38 @@
-"""The Claude code-editor searcher: Claude edits train.py in waves sized to the free slots.
+"""The Claude code-editor searcher: Claude edits train.py in waves, a population of elites keeps
+what works, and no slot waits for the model while there is something it could run.
 
-Each `ask(n)` is one wave: a fresh multi-turn tool-use conversation (official `anthropic` SDK) that
-starts from a compact state (the results table, the kept best's diff against the baseline, the notes
-the agent chose to keep), never from the previous waves' transcripts, so a study of hundreds of
-trials does not grow the context. The stable prefix (tools, the program prompt of
-`searchers/program.md`, the baseline train.py) is cached for an hour; the conversation tail of the
-current wave for five minutes.
+How the slots stay busy: `ask(n)` never waits for the model when it has something to hand out. It
+returns at once what needs no model call (the baseline's noise seeds, the keep rule's
+confirmation re-runs, the agent's re-runs) and the candidates the model already queued; a wave
+(a fresh tool-use conversation, claude_wave.py) runs in the background and puts each candidate in
+the queue the moment it is submitted, asking for more than the free slots so the queue stays
+`queue_depth` deep. Only when there is nothing at all to hand out does `ask` wait for the model
+(at most `idle_wait_s` per call), which under a simulated clock is charged as the slots' idle
+time. `background: false` runs each wave in line instead (deterministic, one ask = one wave).
 
-Around the model: a scoreboard with the keep rule (claude_board.py), tools confined to this wave's
-candidate files (claude_tools.py), dollars per call from a dated price table (claude_cost.py), and
-the rules of the real API (claude_api.py): a call and a wave have time limits however often the SDK
-retries; an empty reply is never sent back and a reply cut off at max_tokens never runs its tool
-calls; a refusal restarts the wave from a fresh context and is counted by category. The SDK retries
-429/529/5xx; an error that retrying cannot fix (auth, permission, billing, spend limit) ends the
-searcher cleanly, and so does `max_usd`. Everything the agent did is written under
-`<study>/agent/` (transcripts, costs, notes), which the study uploads to MLflow. The API key is
-read from the environment into the client and nowhere else.
+`propose(k, ctx, extra_context)` is the entry point for other searchers (a hybrid that wants "N
+candidates from the agent given this context"): one wave, in line, its candidates returned, not
+queued.
+
+Around the model: the frontier and keep rule (claude_board.py), tools confined to this wave's
+candidate files (claude_tools.py, claude_merge.py), dollars per call from a dated price table
+(claude_cost.py), and the real API's rules (claude_api.py). An error that retrying cannot fix
+(auth, permission, billing, spend limit) ends the searcher cleanly, and so does `max_usd`.
+Everything the agent did is written under `<study>/agent/` (transcripts, costs, notes,
+reflections), which the study uploads to MLflow. The API key is read from the environment into the
+client and nowhere else.
 """
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+import math
 import os
 import string
+import threading
 import time
+from collections import Counter
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,20 +40,18 @@ from typing import Any
 import anthropic
 
 from searchers.base import SearchContext, Searcher
-from searchers.claude_api import (
-    TRUNCATED, CallTimeLimit, deadline, describe, is_stopping, refusal_category, tail_of, with_breakpoints,
-)
-from searchers.claude_board import AGENT, BASELINE, CONFIRM, Board, code_key, unified_diff
+from searchers.claude_api import with_breakpoints
+from searchers.claude_board import ANY_KIND, BASELINE, CONFIRM, Board, code_key, unified_diff
 from searchers.claude_cost import Ledger, Prices, Tokens
-from searchers.claude_tools import (
-    EDITOR_NAME, Broken, CandidateFiles, Refused, ToolError, changed_knobs, check_candidate, tool_definitions,
-)
+from searchers.claude_tools import ToolError, tool_definitions
+from searchers.claude_wave import Wave
 from study.records import INFRA_STATUSES, Candidate, Result, Trial
-from train.knobs import read_knobs
 
 log = logging.getLogger("arena.claude")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
 class ClaudeSearcherError(RuntimeError):
     """A configuration the searcher cannot start with (no API key, unknown model price)."""
 
@@ -54,7 +60,10 @@ class ClaudeSearcher(Searcher):
     name = "claude"
 
     def __init__(self, *, model: str, prices: dict[str, dict[str, float]], max_usd: float,
-                 noise_margin: float = 0.01, confirm_seeds: int = 2, max_turns_per_wave: int = 40,
+                 noise_margin: float = 0.01, noise_z: float = 2.0, noise_seeds: int = 3,
+                 noise_store: str | None = None, confirm_seeds: int = 2, max_elites: int = 4,
+                 queue_depth: int | None = None, background: bool = True, idle_wait_s: float = 5.0,
+                 max_sweep: int = 8, max_turns_per_wave: int = 40,
                  max_tokens: int = 16000, thinking: dict | None = None, effort: str | None = None,
                  max_retries: int = 6, timeout_s: float = 600.0, max_call_s: float = 900.0,
                  max_wave_s: float = 2400.0, max_refusals: int = 2, max_nudges: int = 2, max_failed_waves: int = 5,
@@ -69,8 +78,9 @@ class ClaudeSearcher(Searcher):
                                       "searcher=claude (no trial was started)")
         if max_usd <= 0:
             raise ClaudeSearcherError(f"max_usd must be > 0, not {max_usd}")
-        if noise_margin < 0 or confirm_seeds < 0 or max_turns_per_wave < 1:
-            raise ClaudeSearcherError("noise_margin and confirm_seeds must be >= 0, max_turns_per_wave >= 1")
+        if noise_margin < 0 or confirm_seeds < 0 or max_turns_per_wave < 1 or noise_seeds < 1 or max_elites < 1:
+            raise ClaudeSearcherError("noise_margin and confirm_seeds must be >= 0; max_turns_per_wave, noise_seeds "
+                                      "and max_elites >= 1")
         program_path = Path(program) if Path(program).is_absolute() else PROJECT_ROOT / program
         if not program_path.is_file():
             raise ClaudeSearcherError(f"program prompt {str(program_path)!r} is not a file")
@@ -81,8 +91,14 @@ class ClaudeSearcher(Searcher):
         self.name = name
         self.model = model
         self.max_usd = float(max_usd)
-        self.noise_margin = float(noise_margin)
+        self.noise_margin, self.noise_z, self.noise_seeds = float(noise_margin), float(noise_z), int(noise_seeds)
+        self.noise_store = noise_store
         self.confirm_seeds = int(confirm_seeds)
+        self.max_elites = int(max_elites)
+        self.queue_depth = queue_depth
+        self.background = bool(background)
+        self.idle_wait_s = float(idle_wait_s)
+        self.max_sweep = int(max_sweep)
         self.max_turns = int(max_turns_per_wave)
         self.max_tokens = int(max_tokens)
         self.thinking = thinking
@@ -102,11 +118,17 @@ class ClaudeSearcher(Searcher):
         self.client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=max_retries,
                                           timeout=timeout_s, http_client=http_client)
         self.stop_reason: str | None = None
-        self.issued: set[tuple[str, int]] = set()
-        self.baseline_issued = False
+        self.lock = threading.RLock()  # the board, queue and files: tell (loop thread) vs tools (wave thread)
+        self.issued: set[tuple] = set()  # confirmation and baseline jobs handed out, not yet told
+        self.queue: list[Candidate] = []  # ready for a slot
+        self.proposed: dict[str, Candidate] = {}  # handed out or queued, not yet told (code key -> candidate)
         self.failed_in_a_row = 0
         self.errors_in_a_row = 0
-        self.queued: dict[str, Candidate] = {}  # proposed, not yet told back (code key -> candidate)
+        self.unpriced = (0.0, Tokens())  # spent since the last accepted candidate
+        self._thinking: Future | None = None  # the background wave
+        self.closed = False
+        self.waits = 0  # asks that had nothing to hand out and waited for the model
+        self.waited_s = 0.0
 
     # -- the Searcher interface ------------------------------------------------------------------
     def setup(self, ctx: SearchContext) -> None:
@@ -114,72 +136,235 @@ class ClaudeSearcher(Searcher):
         self.dir = Path(ctx.study_dir) / "agent"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.dir / "costs.jsonl", self.prices, self.model)
+        self.kind_sensitive = ctx.objective.get("budget_kind") == "seconds"
         self.board = Board(ctx.baseline_source, noise_margin=self.noise_margin, confirm_seeds=self.confirm_seeds,
-                           kind_sensitive=ctx.objective.get("budget_kind") == "seconds",
-                           wait_for_baseline=self.run_baseline)
+                           kind_sensitive=self.kind_sensitive, wait_for_baseline=self.run_baseline,
+                           noise_z=self.noise_z, max_elites=self.max_elites, stored_sigma=self._stored_sigma(ctx))
+        for row in _read_jsonl(self.dir / "reflections.jsonl"):
+            self.board.reflect(row["trial_id"], row["text"])
         self.notes_path = self.dir / "notes.md"
         self.notes = self.notes_path.read_text() if self.notes_path.exists() else ""
         self.prefix_key: str | None = None
+        self.kinds: list[str] = sorted(ctx.device_kinds)
         self.waves = _read_jsonl(self.dir / "waves.jsonl")  # earlier waves, on resume
         if self.ledger.usd >= self.max_usd:
             self._stop(f"max_usd={self.max_usd} already spent (${self.ledger.usd:.2f})")
 
     def ask(self, n: int, ctx: SearchContext) -> list[Candidate]:
-        out: list[Candidate] = []
-        if self.stop_reason is None and self._baseline_missing(ctx):
-            self.baseline_issued = True
-            out.append(Candidate(source=ctx.baseline_source, hypothesis="baseline: the unmodified train.py",
-                                 meta={"role": BASELINE, "agent_usd": 0.0}))
-        issued = self.issued | {(t.candidate.meta.get("confirms"), t.candidate.seed) for t in ctx.in_flight
-                                if t.candidate.meta.get("role") == CONFIRM}
-        for job in self.board.confirmations_due(issued)[: n - len(out)]:
-            self.issued.add((job.challenger, job.seed))
-            challenger = self.board.runs[job.challenger]
-            out.append(Candidate(
-                source=job.source, knobs=dict(challenger.knobs), parent=job.challenger, seed=job.seed,
-                device_kind=job.device_kind, hypothesis=f"re-run of {job.challenger} with seed {job.seed} (keep rule)",
-                meta={"role": CONFIRM, "confirms": job.challenger, "agent_usd": 0.0}))
-        if n - len(out) > 0 and self.stop_reason is None:
-            out.extend(self._wave(n - len(out), ctx))
+        self._collect_wave()
+        with self.lock:
+            out = self._ready(n, ctx)
+            wanted = n - len(out) + self._queue_target(ctx) - len(self.queue)
+        if not self.background:
+            if n > len(out) and self.stop_reason is None:
+                out += self._in_line_wave(n - len(out), ctx)
+            return out
+        if wanted > 0 and self._thinking is None and self.stop_reason is None:
+            self._start_wave(wanted, ctx)
+        if not out and self._thinking is not None:  # nothing to hand out: the slots wait for the model
+            started = time.monotonic()
+            try:
+                self._thinking.result(timeout=self.idle_wait_s)
+            except Exception:  # noqa: BLE001 - a timeout here, or the wave's own error, reported by _collect_wave
+                pass
+            self.waits += 1
+            self.waited_s += time.monotonic() - started
+            self._collect_wave()
+            with self.lock:
+                out = self._ready(n, ctx)
         return out
 
+    def propose(self, k: int, ctx: SearchContext, extra_context: str = "") -> list[Candidate]:
+        """One wave for `k` candidates, run now, returned (not queued); `extra_context` is added to
+        the wave's opening state (e.g. what another searcher learned). Waits for a background wave
+        first: one conversation at a time."""
+        if self._thinking is not None:
+            self._thinking.exception()
+            self._collect_wave()
+        if self.stop_reason is not None:
+            return []
+        return self._in_line_wave(k, ctx, extra_context)
+
     def tell(self, trial: Trial, result: Result) -> None:
-        run = self.board.record(trial, result)
-        self.queued.pop(run.code, None)
-        if result.status in INFRA_STATUSES:  # the infrastructure, not the candidate, failed: run it again
-            self.issued.discard((run.confirms, run.seed))
-            self.baseline_issued = self.baseline_issued and run.role != BASELINE
+        with self.lock:
+            run = self.board.record(trial, result)
+            c = trial.candidate
+            self.proposed.pop(run.code, None)
+            if result.status in INFRA_STATUSES:  # the infrastructure, not the candidate, failed: run it again
+                self.issued.discard(_job_key(c, self.board))
+                if c.meta.get("role") not in (BASELINE, CONFIRM):
+                    self.queue.insert(0, c)
+                    self.proposed[run.code] = c
+            else:
+                self.queue = [q for q in self.queue if code_key(q.source) != run.code or q.meta.get("role") != "agent"]
         log.info("%s %s %s", trial.trial_id, result.status, run.decision)
 
     def done(self) -> bool:
-        """Stopped, and no re-run the keep rule still waits for (those cost no API call)."""
-        return self.stop_reason is not None and not self.board.challenges
+        """Stopped, nothing queued or thinking, and no re-run the keep rule still waits for."""
+        return (self.stop_reason is not None and not self.board.challenges and not self.queue
+                and self._thinking is None)
 
     def summary(self) -> dict[str, Any]:
         total = lambda key: sum(w.get(key, 0) for w in self.waves)  # noqa: E731
         kept = [i for i in self.board.kept if self.board.runs[i].role != BASELINE]
+        tools = Counter()
+        for w in self.waves:
+            tools.update(w.get("tools", {}))
+        refusals = Counter(c for w in self.waves for c in w.get("refusals", []))
         return {
             "agent_usd_total": self.ledger.usd,
+            # spent on candidates that never ran (queued when the study stopped) or after the last one
+            "agent_usd_not_run": self.unpriced[0] + sum(c.meta.get("agent_usd", 0.0) for c in self.proposed.values()),
             "agent_calls": self.ledger.calls,
             **self.ledger.tokens.as_meta(),
             "agent_waves": len(self.waves),
             "agent_waves_skipped": sum(w["outcome"] != "ok" for w in self.waves),
             "agent_candidates": total("candidates"),
+            "agent_reruns": total("reruns"),
             "agent_broken_submissions": total("broken"),
             "agent_refused_tool_calls": total("refused"),
             "agent_tool_errors": total("tool_errors"),
             "agent_truncated_replies": total("truncations"),
             "agent_empty_replies": total("empty_replies"),
-            "agent_refusals": sum(len(w.get("refusals", [])) for w in self.waves),
-            **{f"agent_refusals_{c}": n for c, n in Counter(c for w in self.waves for c in w.get("refusals", [])).items()},
+            "agent_refusals": sum(refusals.values()),
+            **{f"agent_refusals_{c}": n for c, n in refusals.items()},
+            **{f"agent_tool_{name}": n for name, n in tools.items()},
             "agent_kept": len(kept),
+            "agent_elites": len(self.board.frontier()),
+            "agent_idle_waits": self.waits,
+            "agent_idle_wait_seconds": self.waited_s,
             "agent_stop_reason": self.stop_reason or "",
         }
 
     def close(self) -> None:
+        """A wave still talking stops before its next call (its thread is a daemon: a call in
+        progress never holds up the process's exit)."""
+        self.closed = True
         self.client.close()
 
-    # -- one wave --------------------------------------------------------------------------------
+    # -- handing out -------------------------------------------------------------------------------
+    def _ready(self, n: int, ctx: SearchContext) -> list[Candidate]:
+        """Up to n candidates that need no model call: baseline seeds, confirmations, the queue."""
+        out: list[Candidate] = []
+        in_flight = {_job_key(t.candidate, self.board) for t in ctx.in_flight}
+        if self.run_baseline:
+            tiers = [k for k in self.kinds] if self.kind_sensitive and self.kinds else [ANY_KIND]
+            seeds = [ctx.seed + i for i in range(self.noise_seeds)]
+            for tier, seed in self.board.baseline_seeds_due(tiers, seeds, self.issued | in_flight)[:n]:
+                kind = None if tier == ANY_KIND else tier
+                c = Candidate(source=ctx.baseline_source, seed=seed, device_kind=kind,
+                              hypothesis=f"baseline: the unmodified train.py (seed {seed}, measures the noise)",
+                              meta={"role": BASELINE, "agent_usd": 0.0})
+                self.issued.add(_job_key(c, self.board))
+                out.append(c)
+        for job in self.board.confirmations_due(self.issued | in_flight)[: n - len(out)]:
+            of = self.board.runs[job.of]
+            why = "its fresh re-run" if job.of == job.challenger else f"the incumbent's re-run to pair with {job.challenger}"
+            c = Candidate(source=job.source, knobs=dict(of.knobs), parent=job.of, seed=job.seed,
+                          device_kind=job.device_kind, hypothesis=f"{why}, seed {job.seed} (keep rule)",
+                          meta={"role": CONFIRM, "confirms": job.challenger, "agent_usd": 0.0})
+            self.issued.add(job.key)
+            out.append(c)
+        while self.queue and len(out) < n:
+            out.append(self.queue.pop(0))
+        return out
+
+    def _queue_target(self, ctx: SearchContext) -> int:
+        if self.queue_depth is not None:
+            return int(self.queue_depth)
+        slots = sum(int(spec.get("count", 1)) for spec in ctx.device_kinds.values()) or 1
+        return max(1, math.ceil(slots / 2))
+
+    def _accept(self, wave: Wave, candidates: list[Candidate]) -> None:
+        """Called by the wave's tools (under the lock): price, record and (in background) queue."""
+        usd, tokens = self.unpriced
+        self.unpriced = (0.0, Tokens())
+        share = 1.0 / len(candidates)
+        for c in candidates:
+            c.meta["agent_usd"] = usd * share
+            c.meta.update({k: v * share for k, v in tokens.as_meta().items()})
+            self.proposed[code_key(c.source)] = c
+        wave.accepted.extend(candidates)
+        if wave.stream:
+            self.queue.extend(candidates)
+
+    def _queue_reruns(self, candidates: list[Candidate]) -> None:
+        for c in candidates:
+            c.meta["agent_usd"] = 0.0
+        self.queue.extend(candidates)
+
+    def _fresh_seeds(self, code: str, count: int) -> list[int]:
+        used = {r.seed for r in self.board.runs.values() if r.code == code}
+        used |= {c.seed for c in self.queue if c.seed is not None and code_key(c.source) == code}
+        seeds, s = [], self.ctx.seed
+        while len(seeds) < count:
+            s += 1
+            if s not in used:
+                seeds.append(s)
+        return seeds
+
+    def _reflect(self, trial_id: str, text: str) -> None:
+        self.board.reflect(trial_id, text)
+        with (self.dir / "reflections.jsonl").open("a") as f:
+            f.write(json.dumps({"trial_id": trial_id, "text": text}) + "\n")
+
+    # -- waves -------------------------------------------------------------------------------------
+    def _start_wave(self, k: int, ctx: SearchContext) -> None:
+        future: Future = Future()
+        in_flight = list(ctx.in_flight)
+
+        def think() -> None:
+            try:
+                future.set_result(self._wave(k, ctx, in_flight, "", True))
+            except BaseException as e:  # noqa: BLE001 - handed to the loop's thread by _collect_wave
+                future.set_exception(e)
+
+        self._thinking = future
+        threading.Thread(target=think, name="claude-wave", daemon=True).start()
+
+    def _collect_wave(self) -> None:
+        fut = self._thinking
+        if fut is None or not fut.done():
+            return
+        self._thinking = None
+        error = fut.exception()
+        if error is not None:  # a bug in a wave ends the searcher, not the study
+            log.error("claude wave failed: %s: %s", type(error).__name__, error)
+            self._stop(f"wave failed: {type(error).__name__}: {error}")
+
+    def _in_line_wave(self, k: int, ctx: SearchContext, extra: str = "") -> list[Candidate]:
+        return self._wave(k, ctx, list(ctx.in_flight), extra, False)
+
+    def _wave(self, k: int, ctx: SearchContext, in_flight: list[Trial], extra: str, stream: bool) -> list[Candidate]:
+        if self.errors_in_a_row:  # the API failed past the SDK's retries: give an outage time to pass
+            time.sleep(min(300.0, self.wave_backoff_s * 2 ** (self.errors_in_a_row - 1)))
+        with self.lock:
+            self._stable_prefix(ctx)
+            number = 1 + max((w["wave"] for w in self.waves), default=0)
+            wave = Wave(self, number, k, in_flight, extra, stream)
+        started = time.time()
+        outcome, reason = "ok", ""
+        try:
+            outcome, reason = wave.run()
+        finally:
+            if self.stop_reason is not None and outcome == "ok" and not wave.accepted:
+                outcome, reason = "stopped", self.stop_reason
+            self._write_wave(wave, outcome, reason, started)
+        self.failed_in_a_row = 0 if wave.accepted else self.failed_in_a_row + 1
+        self.errors_in_a_row = self.errors_in_a_row + 1 if outcome == "error" else 0
+        if self.failed_in_a_row >= self.max_failed_waves:
+            self._stop(f"{self.failed_in_a_row} waves in a row gave no candidate (last: {reason or outcome})")
+        return wave.accepted
+
+    def _charge(self, usage: Any, wave: Wave, turn: int) -> None:
+        tokens, usd = self.ledger.record(usage, wave=wave.number, turn=turn)
+        wave.tokens += tokens
+        wave.usd += usd
+        with self.lock:
+            carried_usd, carried = self.unpriced
+            carried += tokens
+            self.unpriced = (carried_usd + usd, carried)
+
     def _stable_prefix(self, ctx: SearchContext) -> None:
         """Tools and system prompt: the cached prefix of every call. They name the device kinds,
         which the study knows only once its launcher has started (after `setup`)."""
@@ -188,96 +373,9 @@ class ClaudeSearcher(Searcher):
             return
         self.prefix_key = key
         self.kinds = sorted(ctx.device_kinds)
-        self.tools = tool_definitions(self.editor_tool, self.view_max_characters, self.kinds)
+        self.tools = tool_definitions(self.editor_tool, self.view_max_characters, self.kinds, self.max_sweep)
         self.system = self._system_prompt(ctx)
         (self.dir / "system_prompt.md").write_text(self.system)
-
-    def _wave(self, k: int, ctx: SearchContext) -> list[Candidate]:
-        if self.errors_in_a_row:  # the API failed past the SDK's retries: give an outage time to pass
-            time.sleep(min(300.0, self.wave_backoff_s * 2 ** (self.errors_in_a_row - 1)))
-        self._stable_prefix(ctx)
-        number = 1 + max((w["wave"] for w in self.waves), default=0)
-        best = self.board.best()
-        names = [f"c{i}" for i in range(1, k + 1)]
-        files = CandidateFiles(names, self.board.best_source(), best.trial_id if best else None,
-                               self.view_max_characters)
-        wave = _Wave(number, k, files, ctx)
-        messages = self._fresh_conversation(wave)
-        outcome, reason = "ok", ""
-        started = time.time()
-        wave_deadline = time.monotonic() + self.max_wave_s
-        tail: tuple[int, int] | None = None
-        try:
-            for turn in range(1, self.max_turns + 1):
-                if self.ledger.usd >= self.max_usd:
-                    self._stop(f"max_usd={self.max_usd} reached (${self.ledger.usd:.2f})")
-                    break
-                if time.monotonic() >= wave_deadline:
-                    outcome, reason = "timeout", f"max_wave_s={self.max_wave_s} reached"
-                    break
-                until = min(time.monotonic() + self.max_call_s, wave_deadline)
-                client = self.client.with_middleware(deadline(until, self.timeout_s))
-                response = client.messages.create(**self._request(messages, tail))
-                tail = tail_of(messages)
-                tokens, usd = self.ledger.record(response.usage, wave=number, turn=turn)
-                wave.tokens += tokens
-                wave.usd += usd
-                wave.turns = turn
-                stop = response.stop_reason
-                if stop == "refusal":  # a refused context keeps refusing: start the wave's conversation again
-                    wave.refusals.append(refusal_category(response))
-                    log.warning("wave %d: refusal (%s)", number, wave.refusals[-1])
-                    if len(wave.refusals) > self.max_refusals:
-                        outcome, reason = "refused", f"{len(wave.refusals)} refusals ({', '.join(wave.refusals)})"
-                        break
-                    messages, tail = self._fresh_conversation(wave), None
-                    continue
-                if stop in TRUNCATED or not response.content:  # never run a cut-off call, never send an empty turn
-                    kind = "truncations" if stop in TRUNCATED else "empty"
-                    setattr(wave, kind, getattr(wave, kind) + 1)
-                    if wave.truncations + wave.empty > self.max_nudges:
-                        outcome, reason = "skipped", f"{wave.truncations} truncated and {wave.empty} empty replies"
-                        break
-                    messages[-1]["content"].append({"type": "text", "text": _cut_off(self.max_tokens) if
-                                                    stop in TRUNCATED else "Please continue."})
-                    continue
-                messages.append({"role": "assistant", "content": [b.to_dict() for b in response.content]})
-                uses = [b for b in response.content if b.type == "tool_use"]
-                if uses:
-                    messages.append({"role": "user", "content": [self._tool_result(u, wave) for u in uses]})
-                if len(wave.accepted) == k or (not uses and wave.accepted):
-                    break
-                if not uses:
-                    if wave.nudges >= self.max_nudges:
-                        outcome, reason = "skipped", (f"no usable candidate after {wave.nudges} reminders "
-                                                      f"(stop_reason {stop})")
-                        break
-                    wave.nudges += 1
-                    messages.append({"role": "user", "content": [{"type": "text", "text": _nudge(wave)}]})
-            else:
-                if not wave.accepted:
-                    outcome, reason = "skipped", f"no candidate within max_turns_per_wave={self.max_turns}"
-        except (anthropic.APIError, CallTimeLimit) as e:
-            reason = describe(e)
-            stopping = isinstance(e, anthropic.APIStatusError) and is_stopping(e)
-            outcome = "stopped" if stopping else "error"
-            if stopping:
-                self._stop(f"API: {reason}")
-            log.warning("wave %d: %s", number, reason)
-        finally:
-            if self.done() and outcome == "ok" and not wave.accepted:
-                outcome, reason = "stopped", self.stop_reason
-            self._write_wave(wave, messages, outcome, reason, started)
-        self.failed_in_a_row = 0 if wave.accepted else self.failed_in_a_row + 1
-        self.errors_in_a_row = self.errors_in_a_row + 1 if outcome == "error" else 0
-        if self.failed_in_a_row >= self.max_failed_waves:
-            self._stop(f"{self.failed_in_a_row} waves in a row gave no candidate (last: {reason or outcome})")
-        return self._priced(wave)
-
-    def _fresh_conversation(self, wave: "_Wave") -> list[dict]:
-        """The wave's opening turn, also after a refusal (the refused context is dropped, the
-        candidates already submitted stay)."""
-        return [{"role": "user", "content": [{"type": "text", "text": self._state_prompt(wave)}]}]
 
     def _request(self, messages: list[dict], tail: tuple[int, int] | None) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -291,118 +389,6 @@ class ClaudeSearcher(Searcher):
         if self.effort:
             request["output_config"] = {"effort": self.effort}
         return request
-
-    def _priced(self, wave: "_Wave") -> list[Candidate]:
-        """Split the wave's dollars and tokens over its candidates, so per-trial MLflow metrics add
-        up to the study's total."""
-        share = 1.0 / max(1, len(wave.accepted))
-        for c in wave.accepted:
-            c.meta["agent_usd"] = wave.usd * share
-            c.meta.update({k: v * share for k, v in wave.tokens.as_meta().items()})
-        return wave.accepted
-
-    # -- tools -----------------------------------------------------------------------------------
-    def _tool_result(self, use: Any, wave: "_Wave") -> dict[str, Any]:
-        handlers = {
-            EDITOR_NAME: lambda a: wave.files.editor(a),
-            "read_results": lambda a: self.board.table(top=a.get("top", 10), last=a.get("last", 20),
-                                                       ids=a.get("trial_ids")),
-            "read_trial": lambda a: self._read_trial(a, wave),
-            "start_from": lambda a: self._start_from(a, wave),
-            "submit_candidate": lambda a: self._submit(a, wave),
-            "keep_note": self._keep_note,
-        }
-        args = use.input if isinstance(use.input, dict) else {}
-        try:
-            if use.name not in handlers:
-                raise ToolError(f"unknown tool {use.name!r}")
-            return {"type": "tool_result", "tool_use_id": use.id, "content": handlers[use.name](args)}
-        except Exception as e:  # noqa: BLE001 - whatever a tool call does wrong, the model hears it, the study goes on
-            if not isinstance(e, ToolError):
-                log.exception("tool %s failed on %r", use.name, args)
-                e = ToolError(f"{use.name} failed: {type(e).__name__}: {e}; check the arguments")
-            wave.tool_errors += 1
-            wave.broken += isinstance(e, Broken)
-            wave.refused += isinstance(e, Refused)
-            return {"type": "tool_result", "tool_use_id": use.id, "content": str(e), "is_error": True}
-
-    def _submit(self, args: dict, wave: "_Wave") -> str:
-        name = str(args.get("candidate", ""))
-        path = wave.files.path_for(name)
-        if name in wave.files.submitted:
-            raise ToolError(f"{name} was already submitted")
-        source = wave.files.files[path]
-        knobs = check_candidate(source)
-        start, parent = wave.files.starts[name]
-        key = code_key(source)
-        if key == code_key(start):
-            raise ToolError(f"{name} runs the same code as its starting point ({parent or 'baseline'}): "
-                            "comments and layout aside, nothing changed, so it would only re-run a seed")
-        queued = self.queued.get(key)
-        owner = self.board.owner_of(source) or wave.in_flight_codes.get(key) or \
-            (queued and f"candidate {queued.meta['agent_candidate']} of wave {queued.meta['agent_wave']}")
-        if owner:
-            raise ToolError(f"{name} runs the same code as {owner}; make it test a different idea")
-        hypothesis = " ".join(str(args.get("hypothesis", "")).split())[:300]
-        if not hypothesis:
-            raise ToolError("a one-line hypothesis is required")
-        kind = args.get("device_kind") or None
-        if kind is not None and kind not in self.kinds:
-            raise ToolError(f"device_kind {kind!r} is not in this study's kinds {self.kinds}")
-        changed = changed_knobs(read_knobs(start), knobs)
-        candidate = Candidate(source=source, knobs=changed, parent=parent, hypothesis=hypothesis, device_kind=kind,
-                              meta={"role": AGENT, "agent_wave": wave.number, "agent_candidate": name})
-        wave.accepted.append(candidate)
-        self.queued[key] = candidate
-        wave.files.submitted.add(name)
-        return (f"accepted {name} ({len(wave.accepted)} of {wave.k}); knobs changed: {changed or 'none (code edit)'}")
-
-    def _start_from(self, args: dict, wave: "_Wave") -> str:
-        tid = str(args.get("trial_id", ""))
-        source, parent = self._lookup_source(tid, wave)
-        wave.files.restart(str(args.get("candidate", "")), source, parent)
-        return f"{args.get('candidate')}/train.py is now a copy of {tid}"
-
-    def _lookup_source(self, tid: str, wave: "_Wave") -> tuple[str, str | None]:
-        best = self.board.best()
-        if tid == "best":
-            return self.board.best_source(), best.trial_id if best else None
-        if tid == "baseline":
-            owner = self.board.owner_of(self.ctx.baseline_source)
-            return self.ctx.baseline_source, owner
-        if tid in self.board.runs:
-            return self.board.runs[tid].source, tid
-        if tid in wave.in_flight:
-            return wave.in_flight[tid].candidate.source, tid
-        raise ToolError(f"no trial {tid!r}; see read_results")
-
-    def _read_trial(self, args: dict, wave: "_Wave") -> str:
-        tid = str(args.get("trial_id", ""))
-        if tid in ("best", "baseline"):
-            best = self.board.best()
-            tid = (best.trial_id if best else None) if tid == "best" else self.board.owner_of(self.ctx.baseline_source)
-            if tid is None:
-                raise ToolError(f"no finished trial is the {args.get('trial_id')} yet")
-        source, _ = self._lookup_source(tid, wave)
-        run = self.board.runs.get(tid)
-        trial = wave.in_flight.get(tid)
-        part = args.get("part")
-        if part == "log":
-            directory = run.directory if run else trial.directory
-            lines = int(args.get("lines") or 60)
-            log_path = Path(directory) / "run.log"
-            text = log_path.read_text(errors="replace") if log_path.exists() else ""
-            tail = "\n".join(text.splitlines()[-lines:])
-            error = f"\n(error: {run.error})" if run and run.error else ""
-            return (tail or "(no run.log yet)") + error
-        if part == "source":
-            return source[: self.view_max_characters]
-        if part == "diff":
-            against = args.get("against") or "parent"
-            parent = (run.parent if run else trial.candidate.parent) if against == "parent" else against
-            old, _ = self._lookup_source(parent or "baseline", wave)
-            return unified_diff(old, source, f"{parent or 'baseline'}/train.py", f"{tid}/train.py")
-        raise ToolError("part must be log, source or diff")
 
     def _keep_note(self, args: dict) -> str:
         text = str(args.get("text", "")).strip()
@@ -420,97 +406,109 @@ class ClaudeSearcher(Searcher):
         unit = {"seconds": "seconds of training", "steps": "optimizer steps", "tokens": "training tokens"}
         kinds = [f"- `{kind}`: {spec.get('count', '?')} slot(s), relative speed {spec.get('speed', 1.0)}"
                  for kind, spec in sorted(ctx.device_kinds.items())]
+        hardware = ("The budget is in seconds, so a faster kind trains more in the same budget. Every score is "
+                    "judged against the baseline **on the same kind**: running on faster hardware earns nothing."
+                    if self.kind_sensitive else
+                    "The budget counts work, not time, so every kind does the same training; kinds differ in "
+                    "speed only, and scores on any kind are compared directly.")
         program = string.Template(self.program_template).safe_substitute(
             budget=f"{o.get('budget')} {unit.get(o.get('budget_kind'), o.get('budget_kind'))}",
             warmup_steps=o.get("warmup_steps", 0), hard_limit_s=o.get("hard_limit_s"), corpus=o.get("corpus"),
-            vocab_size=o.get("vocab_size"), noise_margin=self.noise_margin, confirm_seeds=self.confirm_seeds,
-            device_kinds="\n".join(kinds) or "- one local slot",
+            vocab_size=o.get("vocab_size"), noise_margin=self.noise_margin, noise_z=self.noise_z,
+            noise_seeds=self.noise_seeds, confirm_seeds=self.confirm_seeds, max_elites=self.max_elites,
+            max_sweep=self.max_sweep, device_kinds="\n".join(kinds) or "- one local slot", hardware=hardware,
         )
         return f"{program}\n\n## The baseline train.py (every study starts from it)\n\n```python\n" \
                f"{ctx.baseline_source}\n```\n"
 
-    def _state_prompt(self, wave: "_Wave") -> str:
+    def _state_prompt(self, wave: Wave) -> str:
         b = self.board
         best = b.best()
         counts = ", ".join(f"{v} {k}" for k, v in sorted(b.counts().items())) or "none yet"
         if best:
-            head = (f"Best (kept): {best.trial_id}, val_bpb {b.best_score():.4f} over {len(b.best_runs)} run(s) "
-                    f"on {b.best_kind() or '?'}; its decision: {best.decision}.")
+            head = (f"Incumbent: {best.trial_id}, val_bpb {b.best_score():.4f} over {len(b.best_elite().evidence)} "
+                    f"run(s) on {b.best_kind() or '?'}; its decision: {best.decision}.")
         else:
-            head = "No kept best yet: your candidates start from the baseline."
-        in_flight = [f"- {t.trial_id} [{t.candidate.meta.get('role', AGENT)}, {t.device_kind or '?'}] "
+            head = "No incumbent yet: your candidates start from the baseline."
+        in_flight = [f"- {t.trial_id} [{t.candidate.meta.get('role', 'agent')}, {t.device_kind or '?'}] "
                      f"{t.candidate.hypothesis}" for t in wave.in_flight.values()]
-        in_flight += [f"- (waiting for a slot) {c.hypothesis}" for key, c in self.queued.items()
+        in_flight += [f"- (waiting for a slot) {c.hypothesis}" for key, c in self.proposed.items()
                       if key not in wave.in_flight_codes]
+        unreflected = [r.trial_id for r in sorted(b.runs.values(), key=lambda r: r.index)
+                       if r.role == "agent" and not r.reflection and r.status not in INFRA_STATUSES][-8:]
+        submitted = sorted(wave.files.submitted)
         diff = unified_diff(self.ctx.baseline_source, b.best_source(), "baseline/train.py", "best/train.py")
         start = best.trial_id if best else "the baseline"
         return "\n".join([
             f"# Wave {wave.number}: prepare {wave.k} candidate(s)", "",
             f"## Results so far ({len(b.runs)} finished: {counts}; {len(wave.in_flight)} in flight)", head, "",
             b.table(top=10, last=20), "",
-            "## In flight (do not duplicate these)", *(in_flight or ["(none)"]), "",
-            "## The current best train.py against the baseline", "```diff", diff, "```", "",
+            "## The frontier (elites within noise of the incumbent; start from any of them)",
+            *(b.frontier_lines() or ["(empty until the baseline has run)"]), "",
+            "## Noise and keep margins", *b.noise_lines(self.kinds), "",
+            "## In flight and queued (do not duplicate these)", *(in_flight or ["(none)"]), "",
+            "## The incumbent's train.py against the baseline", "```diff", diff, "```", "",
             "## Your notes from earlier waves", self.notes or "(none yet)", "",
+            *(["## Finished trials without your reflection", ", ".join(unreflected), ""] if unreflected else []),
+            *([wave.extra, ""] if wave.extra else []),
             "## This wave",
             f"Candidate files: {', '.join(wave.files.files)}; each starts as a copy of {start}. "
-            f"Submit {wave.k} candidate(s) with submit_candidate, each testing a different idea.",
+            f"Submit {wave.k} candidate(s) with submit_candidate or sweep, each testing a different idea."
+            + (f" Already submitted in this wave: {', '.join(submitted)}." if submitted else ""),
         ])
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def _baseline_missing(self, ctx: SearchContext) -> bool:
-        if not self.run_baseline or self.baseline_issued:
-            return False
-        known = [r.source for r in self.board.runs.values() if r.status not in INFRA_STATUSES]
-        known += [t.candidate.source for t in ctx.in_flight]
-        return ctx.baseline_source not in known
+    def _stored_sigma(self, ctx: SearchContext) -> dict[str, float]:
+        """The noise floor analysis/noise.py stored for this preset and kind, if any."""
+        if not self.noise_store:
+            return {}
+        try:
+            from analysis.noise import lookup
+        except ImportError:
+            log.warning("noise_store is set but analysis.noise is not available; measuring from baseline seeds")
+            return {}
+        preset = str(ctx.objective.get("preset", ""))
+        out = {}
+        for kind in sorted(ctx.device_kinds) or ["cpu"]:
+            record = lookup(self.noise_store, preset, kind)
+            if record and isinstance(record.get("sigma"), (int, float)) and math.isfinite(record["sigma"]):
+                out[kind if self.kind_sensitive else ANY_KIND] = float(record["sigma"])
+        return out
 
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             log.warning("claude searcher stops: %s", reason)
 
-    def _write_wave(self, wave: "_Wave", messages: list[dict], outcome: str, reason: str, started: float) -> None:
+    def _write_wave(self, wave: Wave, outcome: str, reason: str, started: float) -> None:
         row = {
-            "wave": wave.number, "asked": wave.k, "candidates": len(wave.accepted), "outcome": outcome,
-            "reason": reason, "turns": wave.turns, "nudges": wave.nudges, "usd": wave.usd,
+            "wave": wave.number, "asked": wave.k, "candidates": len(wave.accepted), "reruns": len(wave.reruns),
+            "outcome": outcome, "reason": reason, "turns": wave.turns, "nudges": wave.nudges, "usd": wave.usd,
             "tokens": asdict(wave.tokens), "broken": wave.broken, "refused": wave.refused,
             "tool_errors": wave.tool_errors, "truncations": wave.truncations, "empty_replies": wave.empty,
-            "refusals": wave.refusals, "seconds": round(time.time() - started, 3), "model": self.model,
-            "prices_checked": self.prices_checked,
+            "refusals": wave.refusals, "tools": wave.tools_used, "seconds": round(time.time() - started, 3),
+            "model": self.model, "prices_checked": self.prices_checked,
         }
-        self.waves.append(row)
-        with (self.dir / "waves.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        with self.lock:
+            self.waves.append(row)
+            with (self.dir / "waves.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
         transcript = {**row, "submitted": [{"hypothesis": c.hypothesis, "parent": c.parent, "knobs": c.knobs,
-                                            "device_kind": c.device_kind, "file": c.meta["agent_candidate"]}
-                                           for c in wave.accepted],
-                      "system_prompt": "system_prompt.md", "messages": messages}
+                                            "device_kind": c.device_kind, "file": c.meta["agent_candidate"],
+                                            "combines": c.meta.get("combines")} for c in wave.accepted],
+                      "system_prompt": "system_prompt.md", "messages": wave.messages}
         (self.dir / f"wave_{wave.number:04d}.json").write_text(json.dumps(transcript, indent=1, default=str))
 
 
-class _Wave:
-    """One wave's working state."""
-
-    def __init__(self, number: int, k: int, files: CandidateFiles, ctx: SearchContext):
-        self.number, self.k, self.files = number, k, files
-        self.in_flight = {t.trial_id: t for t in ctx.in_flight}
-        self.in_flight_codes = {code_key(t.candidate.source): t.trial_id for t in ctx.in_flight}
-        self.accepted: list[Candidate] = []
-        self.tokens = Tokens()
-        self.usd = 0.0
-        self.turns = self.nudges = self.broken = self.refused = self.tool_errors = 0
-        self.truncations = self.empty = 0
-        self.refusals: list[str] = []  # stop_details.category of each refusal
-
-
-def _cut_off(max_tokens: int) -> str:
-    return (f"Your last reply was cut off at max_tokens={max_tokens} before it finished, so none of its tool "
-            "calls ran. Make smaller steps: one str_replace per change, never a whole-file create.")
-
-
-def _nudge(wave: _Wave) -> str:
-    return (f"No candidate has been submitted yet. Edit {', '.join(wave.files.files)} and call submit_candidate "
-            f"for each ({wave.k} wanted); a wave without a candidate leaves slots idle.")
+def _job_key(c: Candidate, board: Board) -> tuple | None:
+    """What identifies a job the searcher issues itself, so it is not issued twice."""
+    role = c.meta.get("role")
+    if role == CONFIRM:
+        of = c.parent
+        return c.meta.get("confirms"), of, c.seed
+    if role == BASELINE and c.source == board.baseline_source:
+        return board.tier(c.device_kind), c.seed
+    return None
 
 
 def _read_jsonl(path: Path) -> list[dict]:

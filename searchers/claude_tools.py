@@ -31,7 +31,8 @@ class Broken(ToolError):
     """A submitted candidate that cannot run: it does not compile or its knobs do not parse."""
 
 
-def tool_definitions(editor_type: str, max_characters: int, device_kinds: list[str]) -> list[dict[str, Any]]:
+def tool_definitions(editor_type: str, max_characters: int, device_kinds: list[str],
+                     max_sweep: int = 8) -> list[dict[str, Any]]:
     submit_properties: dict[str, Any] = {
         "candidate": {"type": "string", "description": "c1, c2, ..."},
         "hypothesis": {"type": "string", "description": "one line: what you changed and why it should lower val_bpb"},
@@ -61,18 +62,57 @@ def tool_definitions(editor_type: str, max_characters: int, device_kinds: list[s
         },
         {
             "name": "start_from",
-            "description": "Replace a candidate file with the train.py of a finished trial ('baseline' and "
-                           "'best' also work), to build on something other than the current best.",
+            "description": "Replace a candidate file with the train.py of a trial: any elite of the frontier, any "
+                           "finished trial, 'baseline' or 'best'. Candidates start from the incumbent otherwise.",
             "input_schema": {"type": "object", "required": ["candidate", "trial_id"], "properties": {
                 "candidate": {"type": "string", "description": "c1, c2, ..."},
                 "trial_id": {"type": "string"}}},
         },
         {
+            "name": "combine",
+            "description": "Replace a candidate file with a three-way merge of two trials' train.py against their "
+                           "nearest common ancestor, to test two ideas together. Edits to the same lines leave "
+                           "conflict markers that you must resolve (view, then str_replace) before submitting.",
+            "input_schema": {"type": "object", "required": ["candidate", "first", "second"], "properties": {
+                "candidate": {"type": "string"}, "first": {"type": "string", "description": "a trial id"},
+                "second": {"type": "string", "description": "a trial id"}}},
+        },
+        {
             "name": "submit_candidate",
             "description": "Submit a candidate file for a training run. It must compile, its knobs must "
                            "parse, and it must differ from its starting point and from every trial so far. "
-                           "A submitted candidate is final.",
+                           "A submitted candidate is final. You may submit more candidates than there are free "
+                           "slots: the extra ones wait in a queue and start as soon as a slot frees.",
             "input_schema": {"type": "object", "required": ["candidate", "hypothesis"], "properties": submit_properties},
+        },
+        {
+            "name": "sweep",
+            "description": "Submit one idea as a small factorial wave: the candidate file (after your edits) with "
+                           "each combination of the given knob values, one trial each (at most "
+                           f"{max_sweep}). The file is final afterwards.",
+            "input_schema": {"type": "object", "required": ["candidate", "knobs", "hypothesis"], "properties": {
+                "candidate": {"type": "string"},
+                "knobs": {"type": "object", "description": "knob name -> list of values, e.g. "
+                          "{\"MATRIX_LR\": [0.02, 0.04], \"WARMDOWN_RATIO\": [0.3, 0.6]}",
+                          "additionalProperties": {"type": "array", "minItems": 1}},
+                "hypothesis": {"type": "string"}}},
+        },
+        {
+            "name": "rerun",
+            "description": "Run a finished trial's exact code again on a device kind with new seeds: to measure "
+                           "its noise, to see how it does on other hardware, or to firm up an elite. Scores are "
+                           "judged against the baseline on the same kind, so faster hardware earns no credit.",
+            "input_schema": {"type": "object", "required": ["trial_id"], "properties": {
+                "trial_id": {"type": "string"},
+                **({"device_kind": {"type": "string", "enum": device_kinds}} if device_kinds else {}),
+                "seeds": {"type": "integer", "minimum": 1, "maximum": 4, "description": "how many runs (default 1)"}}},
+        },
+        {
+            "name": "reflect",
+            "description": "Record a one-line reflection on a finished trial's result (what it taught, why it "
+                           "won or failed). It shows in the results table for all later waves.",
+            "input_schema": {"type": "object", "required": ["trial_id", "text"], "properties": {
+                "trial_id": {"type": "string"}, "text": {"type": "string"}}},
         },
         {
             "name": "keep_note",
@@ -92,6 +132,7 @@ class CandidateFiles:
         self.files = {f"{n}/train.py": source for n in names}
         self.starts = {n: (source, parent) for n in names}
         self.submitted: set[str] = set()
+        self.combined: dict[str, str] = {}  # candidate -> the second parent a combine merged in
         self.max_characters = max_characters
 
     @staticmethod
@@ -109,6 +150,7 @@ class CandidateFiles:
         self._writable(path)
         self.files[path] = source
         self.starts[candidate] = (source, parent)
+        self.combined.pop(candidate, None)
 
     # -- the Anthropic text editor tool ----------------------------------------------------------
     def editor(self, args: dict[str, Any]) -> str:
