@@ -8,6 +8,7 @@ import json
 import math
 import os
 import statistics
+import threading
 import re
 from pathlib import Path
 
@@ -797,3 +798,149 @@ def test_two_waves_end_to_end_with_real_training(tmp_path, monkeypatch):
         if p.is_file():
             assert KEY.encode() not in p.read_bytes(), p
     assert state.best is not None
+
+
+# -- the frontier's tools ------------------------------------------------------------------------------
+def _study_with(tmp_path, runs: list[tuple[dict, float]], api: FakeMessagesAPI, kinds=None, budget_kind="steps",
+                **overrides):
+    """A searcher that has seen the baseline (2.000) and `runs` (knob changes, val_bpb) finish."""
+    searcher, ctx = build(api, run_baseline=True, confirm_seeds=0, **overrides), make_ctx(tmp_path, budget_kind, kinds)
+    searcher.setup(ctx)
+    kind = sorted(ctx.device_kinds)[0]
+    finish(searcher, started(ctx, searcher, Candidate(source=BASELINE, seed=0, meta={"role": "baseline"}), 0, kind), 2.0)
+    for i, (knobs, v) in enumerate(runs, start=1):
+        cand = Candidate(source=write_knobs(BASELINE, knobs), knobs=knobs, hypothesis=f"set {knobs}")
+        finish(searcher, started(ctx, searcher, cand, i, kind), v)
+    return searcher, ctx
+
+
+def test_combine_merges_two_elites_and_a_conflict_must_be_resolved(tmp_path):
+    api = FakeMessagesAPI([
+        message(thinking(), tool_use("combine", {"candidate": "c1", "first": "t0001", "second": "t0002"}),
+                tool_use("combine", {"candidate": "c2", "first": "t0001", "second": "t0003"}),
+                tool_use("submit_candidate", {"candidate": "c2", "hypothesis": "both LRs?"})),
+        message(tool_use("submit_candidate", {"candidate": "c1", "hypothesis": "lower LR and less decay together"}),
+                tool_use("start_from", {"candidate": "c2", "trial_id": "t0003"}),
+                tool_use(EDITOR, {"command": "str_replace", "path": "c2/train.py", "old_str": "MATRIX_LR = 0.05",
+                                  "new_str": "MATRIX_LR = 0.06"}),
+                tool_use("submit_candidate", {"candidate": "c2", "hypothesis": "LR 0.06"})),
+    ])
+    searcher, ctx = _study_with(tmp_path, [({"MATRIX_LR": 0.03}, 1.996), ({"WEIGHT_DECAY": 0.1}, 1.997),
+                                           ({"MATRIX_LR": 0.05}, 1.998)], api)
+    assert {e.trial_id for e, _ in searcher.board.frontier()} >= {"t0001", "t0002"}
+    out = searcher.ask(2, ctx)
+    first, second = tool_results(api.requests[1])[:2]
+    assert "cleanly" in first["content"] and "ancestor baseline" in first["content"]
+    assert "1 conflict(s)" in second["content"]
+    conflict = tool_results(api.requests[1])[2]
+    assert conflict["is_error"] and "does not compile" in conflict["content"]
+    merged = out[0]
+    assert read_knobs(merged.source) == {**read_knobs(BASELINE), "MATRIX_LR": 0.03, "WEIGHT_DECAY": 0.1}
+    assert merged.parent == "t0001" and merged.meta["combines"] == ["t0001", "t0002"]
+    assert merged.knobs == {"WEIGHT_DECAY": 0.1}  # changed against its first parent
+    assert out[1].knobs == {"MATRIX_LR": 0.06} and "combines" not in out[1].meta
+
+
+def test_sweep_turns_one_idea_into_a_factorial_wave(tmp_path):
+    base_wd = read_knobs(BASELINE)["WEIGHT_DECAY"]
+    api = FakeMessagesAPI([
+        message(tool_use("sweep", {"candidate": "c1", "hypothesis": "x", "knobs": {
+            "MATRIX_LR": [0.01, 0.02, 0.03], "WEIGHT_DECAY": [0.1, 0.3]}})),
+        message(tool_use("sweep", {"candidate": "c1", "hypothesis": "LR x decay", "knobs": {
+            "MATRIX_LR": [0.03, 0.04], "WEIGHT_DECAY": [0.1, base_wd]}})),
+        message(text("Those are my candidates.")),
+    ])
+    searcher, ctx = _study_with(tmp_path, [({"MATRIX_LR": 0.03}, 2.01)], api, max_sweep=4)
+    out = searcher.ask(3, ctx)
+    assert "6 combinations, over the limit of 4" in tool_results(api.requests[1])[0]["content"]
+    grid = sorted((read_knobs(c.source)["MATRIX_LR"], read_knobs(c.source)["WEIGHT_DECAY"]) for c in out)
+    # of the 4 combinations, (0.04, base) is the incumbent (the baseline) itself and (0.03, base) ran as t0001
+    assert read_knobs(BASELINE)["MATRIX_LR"] == 0.04 and grid == [(0.03, 0.1), (0.04, 0.1)]
+    reply = tool_results(api.requests[2])[0]["content"]
+    assert "accepted 2 sweep candidate(s)" in reply and f"MATRIX_LR=0.03, WEIGHT_DECAY={base_wd!r}" in reply
+    assert all("LR x decay [sweep MATRIX_LR=" in c.hypothesis for c in out)
+    assert searcher.summary()["agent_tool_sweep"] == 2
+
+
+def test_rerun_takes_a_trial_to_other_hardware_where_it_is_judged_against_that_kinds_baseline(tmp_path):
+    kinds = {"H100": {"count": 2, "speed": 1.0}, "H200": {"count": 1, "speed": 1.08}}
+    api = FakeMessagesAPI([
+        message(tool_use("rerun", {"trial_id": "t0001", "device_kind": "H200", "seeds": 2}),
+                tool_use("rerun", {"trial_id": "t0001", "device_kind": "TPU"}),
+                tool_use("sweep", {"candidate": "c1", "knobs": {"WEIGHT_DECAY": [0.15]}, "hypothesis": "less decay"})),
+    ])
+    searcher, ctx = _study_with(tmp_path, [({"MATRIX_LR": 0.03}, 1.95)], api, kinds=kinds, budget_kind="seconds")
+    assert searcher.board.best_id == "t0001"
+    out = searcher.ask(2, ctx)  # the baseline's seed on H200 is due, then a wave that also queues re-runs
+    assert [(c.meta["role"], c.device_kind) for c in out] == [("baseline", "H200"), ("agent", None)]
+    reply = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())["messages"][-1]["content"]
+    assert "queued 2 re-run(s) of t0001 on H200 (seeds [1, 2])" in reply[0]["content"]
+    assert reply[1]["is_error"] and "not in this study's kinds" in reply[1]["content"]
+    calls = len(api.requests)
+    ready = searcher.ask(2, ctx)
+    assert len(api.requests) == calls, "queued re-runs need no model call"
+    assert sorted((c.meta["role"], c.device_kind, c.seed) for c in ready) == [("rerun", "H200", 1), ("rerun", "H200", 2)]
+    finish(searcher, started(ctx, searcher, out[0], 10, "H200"), 1.90)  # the faster kind: baseline 1.90
+    for i, c in enumerate(r for r in ready if r.meta["role"] == "rerun"):
+        finish(searcher, started(ctx, searcher, c, 11 + i, "H200"), 1.86)
+    elite = searcher.board.best_elite()
+    assert elite.trial_id == "t0001" and [r.device_kind for r in elite.evidence] == ["H100", "H200", "H200"]
+    # 0.05 better than the baseline on H100, 0.04 on H200: the H200's own speed earns nothing
+    assert searcher.board.elite_score(elite) == pytest.approx((-0.05 - 0.04 - 0.04) / 3)
+    table = searcher.board.table()
+    assert "t0011\tok\t1.8600" in table and "re-run on H200" in table
+
+
+def test_results_show_steps_speed_memory_and_reflections_that_survive_a_resume(tmp_path):
+    api = FakeMessagesAPI([message(tool_use("reflect", {"trial_id": "t0001", "text": "lower LR   helps\nat this size"}),
+                                   tool_use("reflect", {"trial_id": "t0099", "text": "x"}),
+                                   tool_use("sweep", {"candidate": "c1", "knobs": {"MATRIX_LR": [0.02]},
+                                                      "hypothesis": "lower still"}))])
+    searcher, ctx = _study_with(tmp_path, [({"MATRIX_LR": 0.03}, 1.98)], api)
+    trial = started(ctx, searcher, Candidate(source=write_knobs(BASELINE, {"MATRIX_LR": 0.05})), 2)
+    searcher.tell(trial, Result(status="oom", error="CUDA out of memory", num_steps=3, tokens_per_second=5120.0,
+                                peak_memory_mb=79000.0, device_kind="cpu"))
+    searcher.ask(1, ctx)
+    first = api.requests[0]["messages"][0]["content"][0]["text"]
+    assert "## Finished trials without your reflection\nt0001" in first
+    assert "t0002\toom\t-\t-\tcpu\t0\t3\t5120\t79000" in first  # steps, tokens/s, peak MB
+    reply = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())["messages"][-1]["content"]
+    assert reply[1]["is_error"] and "no finished trial 't0099'" in reply[1]["content"]
+    assert "lower LR helps at this size" in searcher.board.table()
+
+    again = build(FakeMessagesAPI(), run_baseline=True, confirm_seeds=0)
+    again.setup(ctx)
+    for run in sorted(searcher.board.runs.values(), key=lambda r: r.index):  # the journal's replay
+        t = Trial(trial_id=run.trial_id, index=run.index, objective=ctx.objective, directory=run.directory,
+                  candidate=Candidate(source=run.source, meta={"role": run.role}))
+        again.tell(t, Result(status=run.status, val_bpb=run.score if run.ok else None, device_kind="cpu"))
+    assert again.board.runs["t0001"].reflection == "lower LR helps at this size"
+
+
+def test_asks_hand_out_reruns_and_queued_candidates_while_the_model_thinks(tmp_path):
+    """No slot waits for the model when something is ready: the model is held mid-wave (a gate)
+    while confirmation re-runs and queued candidates go out at once."""
+    gate = threading.Event()
+    gate.set()
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2, 1.3]), gate=gate)
+    searcher, ctx = build(api, background=True, noise_seeds=3, queue_depth=2, idle_wait_s=0.05), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    first = searcher.ask(4, ctx)  # the baseline's 3 seeds at once; a wave for 1 + a queue of 2 starts
+    assert [c.meta["role"] for c in first] == ["baseline"] * 3
+    searcher._thinking.result(timeout=60)
+    for i, (c, v) in enumerate(zip(first, (2.000, 2.001, 1.999))):
+        finish(searcher, started(ctx, searcher, c, i), v)
+    gate.clear()  # the model now thinks until the test says so
+    out = searcher.ask(2, ctx)  # two of the 3 queued; the queue falls below its depth: a new wave starts
+    assert [c.meta["role"] for c in out] == ["agent", "agent"] and searcher._thinking is not None
+    cand = started(ctx, searcher, out[0], 3)
+    finish(searcher, cand, 1.998)  # within noise: two fresh re-runs are due
+    calls = len(api.requests)
+    now = searcher.ask(4, ctx)
+    assert len(api.requests) == calls and not searcher._thinking.done(), "the model is still thinking"
+    assert sorted(c.meta["role"] for c in now) == ["agent", "confirm", "confirm"]
+    assert searcher.ask(2, ctx) == [] and searcher.summary()["agent_idle_waits"] == 1  # nothing left: it waited
+    gate.set()
+    searcher._thinking.result(timeout=60)
+    assert len(searcher.ask(8, ctx)) >= 1
+    searcher.close()
