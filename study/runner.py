@@ -6,9 +6,11 @@ one clear line instead of compute: the preset's knobs against train.py, the spac
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,11 +25,13 @@ from searchers.base import SearchContext, Searcher
 from searchers.rungs import Rung, RungSearcher, check_rung_kinds, parse_rungs
 from study.journal import JournalState
 from study.loop import StopRules, StudyLoop
-from study.leaderboard import print_leaderboard
+from study.announce import UnequalArms, banner, check_trial_budget, idle_seconds
+from study.leaderboard import leaderboard_text, print_leaderboard
 
 log = logging.getLogger("arena")
 
 BUDGET_KINDS = ("seconds", "steps", "tokens")
+HARD_LIMIT_ALLOWANCE_S = 60.0  # start-up and the final evaluation, on top of a derived hard limit
 
 
 class ConfigError(ValueError):
@@ -44,26 +48,90 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
     baseline = baseline_source(conf, objective)
     space = check_space(conf.get("space") or {}, baseline)
     study_dir = Path(conf["study"]["dir"]).resolve()
-    rules = StopRules(max_trials=conf["study"].get("max_trials"), max_hours=conf["study"].get("max_hours"),
-                      target_val_bpb=conf["study"].get("target_val_bpb"),
-                      on_stop=conf["study"].get("on_stop", "cancel"))
+    try:
+        rules = StopRules(max_trials=conf["study"].get("max_trials"), max_hours=conf["study"].get("max_hours"),
+                          target_val_bpb=conf["study"].get("target_val_bpb"),
+                          on_stop=conf["study"].get("on_stop", "cancel"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     header = study_header(conf, objective, space)
     rungs = check_rungs(conf["study"])
     if rungs:
         header["searcher"] += "+rungs"
         header["rungs"] = {"rungs": conf["study"]["rungs"], "eta": conf["study"].get("eta", 3)}
-    existing = JournalState.load(study_dir / "journal.jsonl").header
+    journal = JournalState.load(study_dir / "journal.jsonl")
+    existing = journal.header
     if existing:
         check_same_study(existing, header, study_dir)
         header["study_id"] = existing["study_id"]
+        try:
+            check_trial_budget(journal, rules.max_trials, study_dir)
+        except UnequalArms as e:
+            raise ConfigError(str(e)) from None
 
     searcher = searcher or _build(instantiate, cfg.searcher, "searcher")
     launcher = launcher or _build(instantiate, cfg.launcher, "launcher")
     if rungs and not isinstance(searcher, RungSearcher):
         searcher = RungSearcher(searcher, rungs, conf["study"].get("eta", 3))
+    if not getattr(launcher, "prepares_data_remotely", False):
+        prepare_data(objective)  # a bad corpus is reported before anything is created
     ctx = SearchContext(
         baseline_source=baseline, baseline_knobs=_read_knobs(baseline), space=space, seed=int(conf["seed"]),
         study_dir=str(study_dir), objective=objective)
+    with _removed_if_setup_fails(study_dir, conf["mlflow"]["tracking_uri"] if conf["mlflow"].get("enabled", True)
+                                 else None):
+        mirror = _set_up(conf, header, baseline, searcher, launcher, ctx, study_dir, rungs)
+    slots = launcher.slots()
+    if mirror:
+        mirror.tags = parent_tags(conf, header, launcher, slots)
+
+    (study_dir / "baseline_train.py").write_text(baseline)
+    (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    banner(conf, objective, journal, sys.stdout)
+
+    display = None
+    if conf.get("progress", True):
+        from study.progress import make_display
+
+        display = make_display(conf["study"]["name"], launcher.simulated_time, ctx.baseline_knobs)
+    if mirror:
+        mirror.start()
+    loop = StudyLoop(searcher=searcher, launcher=launcher, ctx=ctx, objective=objective, study_dir=study_dir,
+                     seed=int(conf["seed"]), rules=rules, mirror=mirror, display=display)
+    started = time.time()
+    try:
+        if display:
+            display.start()
+        state = loop.run(header, setup_searcher=False)
+    finally:
+        if display:
+            display.stop()
+        launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
+        searcher_summary = _safe_summary(searcher)
+        searcher.close()
+        board = study_dir / "leaderboard.txt"
+        board.write_text(leaderboard_text(loop.state, conf, ctx.baseline_knobs) + "\n")
+        if mirror:
+            mirror.finish(end_metrics(loop, searcher_summary, started), [study_dir / "agent"],
+                          tags={"stop_reason": loop.state.stop_reason or "",
+                                **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
+                          status="KILLED" if loop.state.stop_reason and "interrupt" in loop.state.stop_reason
+                          else "FINISHED", files=[study_dir / "best_train.py", board],
+                          description=f"```\n{board.read_text()}```")
+            if not mirror.flush(float(conf["mlflow"].get("flush_timeout_s", 60))):
+                print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
+                      file=sys.stderr)
+            mirror.close()
+    idle = 0.0 if launcher.simulated_time else idle_seconds(study_dir / "journal.jsonl")
+    print_leaderboard(state, conf, study_dir, mirror is not None, launcher.simulated_time,
+                      baseline_knobs=ctx.baseline_knobs, idle_s=idle)
+    return state
+
+
+def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launcher: Launcher, ctx: SearchContext,
+            study_dir: Path, rungs: list[Rung] | None):
+    """Everything that creates something (the study folder, the searcher's storage, the MLflow
+    store, the launcher's backend); returns the mirror, or None without MLflow."""
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
         searcher.setup(ctx)
@@ -82,58 +150,43 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
             mirror.check()
         except MirrorError as e:
             raise ConfigError(str(e)) from None
-
-    if not getattr(launcher, "prepares_data_remotely", False):
-        prepare_data(objective)
     try:  # the last check, because for cloud launchers it is the first thing that costs money
         launcher.start()
     except LauncherError as e:
         raise ConfigError(f"launcher {conf['launcher'].get('name')}: {e}") from None
-    slots = launcher.slots()
-    ctx.device_kinds.update(device_kinds(slots))
+    ctx.device_kinds.update(device_kinds(launcher.slots()))
     try:
         check_rung_kinds(rungs or [], ctx.device_kinds)
     except ValueError as e:
         launcher.close()
         raise ConfigError(str(e)) from None
-    if mirror:
-        mirror.tags = parent_tags(conf, header, launcher, slots)
+    return mirror
 
-    (study_dir / "baseline_train.py").write_text(baseline)
-    (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    display = None
-    if conf.get("progress", True):
-        from study.progress import LiveDisplay
-
-        display = LiveDisplay(conf["study"]["name"], launcher.simulated_time)
-    if mirror:
-        mirror.start()
-    loop = StudyLoop(searcher=searcher, launcher=launcher, ctx=ctx, objective=objective, study_dir=study_dir,
-                     seed=int(conf["seed"]), rules=rules, mirror=mirror, display=display)
-    started = time.time()
+@contextlib.contextmanager
+def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None):
+    """Bad input found while setting up leaves nothing behind: not the study folder, not a
+    local MLflow database, when this run created them."""
+    had_dir = study_dir.exists()
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri and tracking_uri.startswith("sqlite:///") else None
+    had_db = db is None or db.exists()
     try:
-        if display:
-            display.start()
-        state = loop.run(header, setup_searcher=False)
-    finally:
-        if display:
-            display.stop()
-        launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
-        searcher_summary = _safe_summary(searcher)
-        searcher.close()
-        if mirror:
-            mirror.finish(end_metrics(loop, searcher_summary, started), [study_dir / "agent"],
-                          tags={"stop_reason": loop.state.stop_reason or "",
-                                **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
-                          status="KILLED" if loop.state.stop_reason and "interrupt" in loop.state.stop_reason
-                          else "FINISHED")
-            if not mirror.flush(float(conf["mlflow"].get("flush_timeout_s", 60))):
-                print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
-                      file=sys.stderr)
-            mirror.close()
-    print_leaderboard(state, conf, study_dir, mirror is not None, launcher.simulated_time)
-    return state
+        yield
+    except BaseException:
+        if not had_dir:
+            shutil.rmtree(study_dir, ignore_errors=True)
+            _remove_empty_parents(study_dir.parent)
+        if not had_db:
+            db.unlink(missing_ok=True)
+        raise
+
+
+def _remove_empty_parents(folder: Path) -> None:
+    """`studies/` made for this study alone goes too."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _build(instantiate, node, what: str):
@@ -150,6 +203,8 @@ def check_objective(o: dict) -> dict:
     o = dict(o)
     if o.get("budget_kind") not in BUDGET_KINDS:
         raise ConfigError(f"objective.budget_kind must be one of {BUDGET_KINDS}, not {o.get('budget_kind')!r}")
+    if o.get("hard_limit_s") is None and o.get("hard_limit_per_unit_s"):
+        o["hard_limit_s"] = derived_hard_limit(o)
     for key in ("budget", "hard_limit_s", "eval_tokens"):
         value = o.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -159,6 +214,18 @@ def check_objective(o: dict) -> dict:
     o["cache_dir"] = str(Path(o["cache_dir"]).expanduser().resolve())
     o.pop("knobs", None)
     return o
+
+
+def derived_hard_limit(o: dict) -> float:
+    """The kill time that follows the budget: a start-up and evaluation allowance plus a
+    per-unit ceiling (seconds per step) a healthy trial stays under even on a crowded machine, so a
+    bigger budget never runs into a limit set for a smaller one."""
+    per_unit = o["hard_limit_per_unit_s"]
+    if not isinstance(per_unit, (int, float)) or isinstance(per_unit, bool) or per_unit <= 0:
+        raise ConfigError(f"objective.hard_limit_per_unit_s must be a number > 0, not {per_unit!r}")
+    if not isinstance(o.get("budget"), (int, float)) or isinstance(o.get("budget"), bool):
+        return o.get("budget")  # reported as a bad budget just below
+    return round(HARD_LIMIT_ALLOWANCE_S + o["budget"] * per_unit, 1)
 
 
 def baseline_source(conf: dict, objective: dict) -> str:
