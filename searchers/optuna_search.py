@@ -101,7 +101,7 @@ class OptunaSearcher(Searcher):
                 trial = self.study.ask(fixed_distributions=self.distributions)
                 number, params = trial.number, trial.params
             meta["optuna_trial"] = number
-            values = {k: _external(self.space[k], params[k]) for k in self.space}
+            values = {k: sp.significant(_external(self.space[k], params[k])) for k in self.space}
             hypothesis = f"{LABELS[self.sampler_name]} #{number}: {sp.describe(values, ctx.baseline_knobs)}"
             out.append(sp.candidate(ctx, values, hypothesis, meta=meta))
         return out
@@ -116,7 +116,7 @@ class OptunaSearcher(Searcher):
         trials = self.study.get_trials(deepcopy=False)
         number = trial.candidate.meta.get("optuna_trial")
         stored = next((t for t in trials if t.number == number), None)
-        if stored is not None and stored.params == params:
+        if stored is not None and {k: sp.significant(v) for k, v in stored.params.items()} == params:
             self.study.tell(number, value, state=state, skip_if_finished=True)
         elif not any(t.user_attrs.get("arena_trial_id") == trial.trial_id for t in trials):
             # The storage never saw this journal trial (optuna.db lost or replaced): rebuild it.

@@ -57,6 +57,15 @@ def describe(values: Mapping[str, Any], baseline_knobs: Mapping[str, Any]) -> st
     return ", ".join(changed) or "baseline values"
 
 
+def significant(value: Any, digits: int = 4) -> Any:
+    """A sampled float cut to `digits` significant digits, so that train.py (and its diff) reads
+    0.07364 rather than 0.07363929961016057; what is written is exactly what runs. A value inside
+    a range whose bounds have no more digits stays inside it."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return float(f"{value:.{digits}g}")
+    return value
+
+
 def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
