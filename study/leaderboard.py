@@ -1,35 +1,98 @@
-"""The end-of-study summary a person reads first: the best trials and where to look next."""
+"""The end-of-study summary a person reads first: the best trials, the ones that did not score,
+and where to look next.
+
+The same rows print as a rich table in a terminal and as plain aligned text anywhere else (a log
+file, a Slurm batch job), where a table sized for a terminal collapses. `leaderboard_text` is also
+what the MLflow mirror attaches to the study's parent run.
+"""
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any, Mapping, TextIO
 
-from rich.console import Console
-from rich.table import Table
+from study.changes import summary
+
+COLUMNS = ("rank", "trial", "val_bpb", "steps", "train s", "device", "changes against the baseline")
 
 
-def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simulated: bool, top: int = 10) -> None:
-    console = Console()
+def ranked_rows(state, baseline_knobs: Mapping[str, Any], top: int | None = None) -> list[tuple[str, ...]]:
     ranked = sorted((tr for tr in state.history if tr[1].ok and tr[0].candidate.full_budget),
                     key=lambda tr: tr[1].score())
-    table = Table(title=f"study {conf['study']['name']}: top {min(top, len(ranked))} of {len(state.history)} trials")
-    for col in ("trial", "val_bpb", "steps", "train s", "device", "hypothesis"):
-        table.add_column(col, justify="right" if col in ("val_bpb", "steps", "train s") else "left",
-                         no_wrap=col == "hypothesis", overflow="ellipsis")
-    for trial, result in ranked[:top]:
-        table.add_row(trial.trial_id, f"{result.val_bpb:.4f}", str(result.num_steps or ""),
-                      f"{result.training_seconds or 0:.1f}", result.device_kind or "",
-                      (trial.candidate.hypothesis or "")[:70])
-    console.print(table)
+    return [(str(i), trial.trial_id, f"{result.val_bpb:.4f}", str(result.num_steps or ""),
+             f"{result.training_seconds or 0:.1f}", result.device_kind or "",
+             summary(trial.candidate, baseline_knobs))
+            for i, (trial, result) in enumerate(ranked[:top], start=1)]
+
+
+def title(state, conf: dict, top: int) -> str:
+    ok = sum(1 for t, r in state.history if r.ok and t.candidate.full_budget)
+    screened = sum(1 for t, r in state.history if r.ok and not t.candidate.full_budget)
+    not_ok = Counter(r.status for _, r in state.history if not r.ok)
+    if screened:  # successive-halving rungs (searchers/rungs.py): a screening score is not a result
+        not_ok["shorter-budget rung"] = screened
+    unranked = f"; not ranked: {', '.join(f'{n} {s}' for s, n in sorted(not_ok.items()))}" if not_ok else ""
+    return (f"study {conf['study']['name']}: top {min(top, ok)} of {ok} scored "
+            f"({len(state.history)} finished{unranked})")
+
+
+def failures(state) -> list[str]:
+    return [f"{trial.trial_id} {result.status}: {' '.join((result.reason or result.error or '').split())[:160]}"
+            for trial, result in state.history if not result.ok]
+
+
+def leaderboard_text(state, conf: dict, baseline_knobs: Mapping[str, Any], top: int | None = None) -> str:
+    """Every ranked trial (or the `top` ones) as aligned plain text, then the unscored ones."""
+    rows = [COLUMNS, *ranked_rows(state, baseline_knobs, top)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    lines = [title(state, conf, top or len(state.history))]
+    lines += ["  ".join([*(cell.ljust(w) for cell, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
+    lines += failures(state)
+    return "\n".join(lines)
+
+
+def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simulated: bool, top: int = 10,
+                      baseline_knobs: Mapping[str, Any] | None = None, stream: TextIO | None = None,
+                      idle_s: float = 0.0) -> None:
+    """`idle_s`: time between runs of a resumed study, left out of its elapsed time."""
+    stream = stream or sys.stdout
+    baseline_knobs = baseline_knobs or {}
+    if stream.isatty():
+        _print_table(state, conf, baseline_knobs, top, stream)
+    else:
+        stream.write(leaderboard_text(state, conf, baseline_knobs, top) + "\n")
     counts = Counter(r.status for _, r in state.history)
     clock = " (simulated clock)" if simulated else ""
-    console.print(f"statuses: {dict(counts)}  elapsed{clock}: {state.elapsed / 60:.1f} min  "
-                  f"stopped: {state.stop_reason}")
+    idle = f" (plus {idle_s / 60:.1f} min idle between runs)" if idle_s >= 1 else ""
+    lines = [f"statuses: {dict(counts)}  elapsed{clock}: {(state.elapsed - idle_s) / 60:.1f} min{idle}  "
+             f"stopped: {state.stop_reason}"]
     if state.best:
-        console.print(f"best: {state.best[0].trial_id} val_bpb={state.best[1].val_bpb:.4f}  "
-                      f"code: {study_dir / 'best_train.py'}  dir: {study_dir / 'best'}")
+        lines.append(f"best: {state.best[0].trial_id} val_bpb={state.best[1].val_bpb:.4f}  "
+                     f"code: {study_dir / 'best_train.py'}  dir: {study_dir / 'best'}")
+        lines.append(f"diff against the baseline: diff -u {study_dir / 'baseline_train.py'} "
+                     f"{study_dir / 'best_train.py'}")
     if mirrored:
         uri = conf["mlflow"]["tracking_uri"]
-        hint = (f"mlflow ui --backend-store-uri {uri} --port 5000" if not uri.startswith("http")
+        hint = (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000" if not uri.startswith("http")
                 else f"open {uri}")
-        console.print(f"MLflow: {hint}  -> experiment '{conf['study']['experiment']}', run '{conf['study']['name']}'")
+        lines.append(f"MLflow: {hint}  -> experiment '{conf['study']['experiment']}', run '{conf['study']['name']}'")
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
+
+
+def _print_table(state, conf: dict, baseline_knobs, top: int, stream: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream)
+    table = Table(title=title(state, conf, top), expand=True)
+    for col in COLUMNS:
+        last = col == COLUMNS[-1]
+        table.add_column(col, justify="left" if last or col in ("trial", "device") else "right",
+                         no_wrap=True, overflow="ellipsis", ratio=1 if last else None)
+    for row in ranked_rows(state, baseline_knobs, top):
+        table.add_row(*row)
+    console.print(table)
+    for line in failures(state):
+        console.print(line, markup=False, highlight=False)

@@ -7,8 +7,6 @@ parent run per study, one child run per trial; the layout is what `analysis/` re
 """
 from __future__ import annotations
 
-import difflib
-import hashlib
 import logging
 import os
 import queue
@@ -18,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from study import mlflow_content as content
 from study.records import Result, Trial
 
 log = logging.getLogger("arena.mirror")
@@ -26,71 +25,14 @@ log = logging.getLogger("arena.mirror")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+# "Creating initial MLflow database tables..." on every run of a local store is noise to a researcher.
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
-MAX_PARAM_LEN = 6000
 
 
 class MirrorError(RuntimeError):
     pass
-
-
-def source_sha(source: str) -> str:
-    """Identifies a candidate's code across trials and device kinds (for hardware comparisons)."""
-    return hashlib.sha1(source.encode()).hexdigest()[:12]
-
-
-def trial_tags(trial: Trial, result: Result, study_id: str, searcher: str) -> dict[str, str]:
-    tags = {
-        "arena.kind": "trial",
-        "arena.study_id": study_id,
-        "arena.trial_id": trial.trial_id,
-        "status": result.status,
-        "device": result.device or "",
-        "device_kind": result.device_kind or trial.device_kind or "",
-        "host": result.host or "",
-        "searcher": searcher,
-        "slot": result.slot or trial.slot or "",
-        "source_sha": source_sha(trial.candidate.source),
-        "budget_kind": str(result.budget_kind or trial.objective.get("budget_kind", "")),
-    }
-    if result.reason:
-        tags["reason"] = result.reason[:5000]
-    if result.error:
-        tags["error"] = result.error[-5000:]
-    return tags
-
-
-def trial_params(trial: Trial) -> dict[str, str]:
-    params = {f"knob.{k}": str(v) for k, v in sorted(trial.candidate.knobs.items())}
-    params.update(
-        {
-            "parent_trial": trial.candidate.parent or "",
-            "hypothesis": trial.candidate.hypothesis or "",
-            "seed": str(trial.seed if trial.candidate.seed is None else trial.candidate.seed),
-            "trial_index": str(trial.index),
-        }
-    )
-    return {k: v[:MAX_PARAM_LEN] for k, v in params.items()}
-
-
-def trial_metrics(trial: Trial, result: Result, times: dict[str, float]) -> dict[str, float]:
-    metrics = result.numbers()
-    for key in ("started_at", "finished_at"):
-        metrics.pop(key, None)  # replaced by the study-relative t_* below
-    metrics.update({k: float(v) for k, v in times.items() if v is not None})
-    metrics["trial_index"] = float(trial.index)
-    fraction = trial.candidate.budget_fraction
-    if fraction is not None:  # a successive-halving rung (searchers/rungs.py)
-        metrics["budget_fraction"] = float(fraction)
-        metrics["rung"] = float(trial.candidate.meta.get("rung", 0))
-        if not trial.candidate.full_budget and "val_bpb" in metrics:
-            # A screening score is not a result of the study: under its own name, analysis and the
-            # UI's best never mistake it for one, and its slot-time still counts as spent.
-            metrics["rung_val_bpb"] = metrics.pop("val_bpb")
-    for k, v in trial.candidate.meta.items():
-        if k.startswith("agent_") and isinstance(v, (int, float)) and not isinstance(v, bool):
-            metrics[k] = float(v)
-    return metrics
 
 
 class Mirror:
@@ -107,6 +49,10 @@ class Mirror:
         self.tags = tags
         self.params = params
         self.baseline_source = baseline_source
+        from train.knobs import read_knobs
+
+        self.baseline_knobs = read_knobs(baseline_source)
+        self.finished: list[tuple[Trial, Result]] = []  # in the loop's order, for the running best
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self._queue: "queue.Queue[tuple[str, Callable[[], None]]]" = queue.Queue()
@@ -122,8 +68,7 @@ class Mirror:
     def check(self) -> None:
         """Fail fast, with one line, when the tracking URI cannot be used at all."""
         try:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            self._ensure_experiment()
         except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
             raise MirrorError(f"MLflow tracking URI {self.tracking_uri!r} is not usable: {_one_line(e)}") from None
 
@@ -133,12 +78,20 @@ class Mirror:
 
     # -- what the loop calls (never blocks) --------------------------------------------------
     def trial_finished(self, trial: Trial, result: Result, times: dict[str, float]) -> None:
-        self._submit(f"trial {trial.trial_id}", lambda: self._log_trial(trial, result, times))
+        self.finished.append((trial, result))
+        point = content.running_best(self.finished)[-1:]
+        t_finished = times.get("t_finished")
+
+        def job():
+            self._log_trial(trial, result, times)
+            self._log_running_best(point, t_finished)
+
+        self._submit(f"trial {trial.trial_id}", job)
 
     def best_improved(self, step: int, val_bpb: float, trial_id: str) -> None:
+        """The running best itself is logged with every trial (`trial_finished`)."""
         def job():
             self._ensure_parent()
-            self.client.log_metric(self.parent_run_id, "best_val_bpb", val_bpb, step=step)
             self.client.set_tag(self.parent_run_id, "best_trial", trial_id)
 
         self._submit(f"best {step}", job)
@@ -146,6 +99,10 @@ class Mirror:
     def catch_up(self, finished: list[tuple[Trial, Result, dict[str, float]]],
                  staircase: list[tuple[int, float, str]]) -> None:
         """On (re)start: mirror every finished trial MLflow does not have yet."""
+        self.finished = [(t, r) for t, r, _ in finished]
+        points = content.running_best(self.finished)
+        study_seconds = {t.trial_id: tm.get("t_finished") for t, _, tm in finished}
+
         def job():
             self._ensure_parent()
             have = self._mirrored_trial_ids()
@@ -153,14 +110,18 @@ class Mirror:
             for t, r, tm in missing:
                 self._log_trial(t, r, tm)
             if missing:
-                for step, value, tid in staircase:
-                    self.client.log_metric(self.parent_run_id, "best_val_bpb", value, step=step)
+                for point in points:
+                    self._log_running_best([point], study_seconds.get(self.finished[point[0]][0].trial_id))
                 log.info("mirror caught up %d trial(s) from the journal", len(missing))
 
         self._submit("catch-up", job)
 
     def finish(self, metrics: dict[str, float], artifact_dirs: list[Path], status: str = "FINISHED",
-               tags: dict[str, str] | None = None) -> None:
+               tags: dict[str, str] | None = None, files: list[Path] = (), description: str | None = None) -> None:
+        """End the parent run; `files` (best_train.py, the leaderboard) are attached as they are now,
+        `description` becomes the run's Description."""
+        tags = {**(tags or {}), **({content.DESCRIPTION_TAG: description} if description else {})}
+
         def job():
             self._ensure_parent()
             import mlflow.entities as ent
@@ -172,6 +133,9 @@ class Mirror:
             for d in artifact_dirs:
                 if Path(d).is_dir() and any(Path(d).iterdir()):
                     self.client.log_artifacts(self.parent_run_id, str(d), artifact_path=Path(d).name)
+            for f in files:
+                if Path(f).is_file():
+                    self.client.log_artifact(self.parent_run_id, str(f))
             self.client.set_terminated(self.parent_run_id, status=status)
 
         self._submit("finish", job)
@@ -225,12 +189,25 @@ class Mirror:
                 retry_at = time.time() + 5.0
                 self._retry_now.clear()
 
+    def _ensure_experiment(self) -> None:
+        """Find or make the experiment, marked as model training with a description (an existing
+        one made before these tags, or by hand, gets them too)."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(self.experiment, tags=content.experiment_tags())
+            return
+        self.experiment_id = exp.experiment_id
+        kind, value = content.EXPERIMENT_KIND
+        if exp.tags.get(kind) != value:
+            self.client.set_experiment_tag(self.experiment_id, kind, value)
+        if not exp.tags.get(content.DESCRIPTION_TAG):
+            self.client.set_experiment_tag(self.experiment_id, content.DESCRIPTION_TAG, content.EXPERIMENT_DESCRIPTION)
+
     def _ensure_parent(self) -> None:
         if self.parent_run_id:
             return
         if self.experiment_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            self._ensure_experiment()
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`arena.study_id` = '{self.study_id}' and tags.`arena.kind` = 'study'",
@@ -244,7 +221,7 @@ class Mirror:
 
         run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags={
             "arena.kind": "study", "arena.study_id": self.study_id, **self.tags})
-        params = [ent.Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in self.params.items()]
+        params = [ent.Param(k, str(v)[:content.MAX_PARAM_LEN]) for k, v in self.params.items()]
         for i in range(0, len(params), 90):
             self.client.log_batch(run.info.run_id, params=params[i:i + 90])
         self.parent_run_id = run.info.run_id
@@ -258,7 +235,7 @@ class Mirror:
         )
         return {r.data.tags.get("arena.trial_id") for r in runs}
 
-    def _child_run(self, trial: Trial) -> str:
+    def _child_run(self, trial: Trial, start_ms: int | None) -> str:
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`arena.study_id` = '{self.study_id}'"
@@ -267,7 +244,7 @@ class Mirror:
         )
         if found:
             return found[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags={
+        run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, start_time=start_ms, tags={
             "mlflow.parentRunId": self.parent_run_id, "arena.kind": "trial",
             "arena.study_id": self.study_id, "arena.trial_id": trial.trial_id})
         return run.info.run_id
@@ -276,34 +253,38 @@ class Mirror:
         import mlflow.entities as ent
 
         self._ensure_parent()
-        run_id = self._child_run(trial)
-        now = int(time.time() * 1000)
-        metrics = [ent.Metric(k, v, now, 0) for k, v in trial_metrics(trial, result, times).items()]
-        params = [ent.Param(k, v) for k, v in trial_params(trial).items()]
-        tags = [ent.RunTag(k, v) for k, v in trial_tags(trial, result, self.study_id, self.searcher).items()]
-        self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+        start_ms, end_ms = content.run_span_ms(result)
+        run_id = self._child_run(trial, start_ms)
+        at = end_ms or int(time.time() * 1000)
+        metrics = [ent.Metric(k, v, at, 0) for k, v in content.trial_metrics(trial, result, times).items()]
+        metrics += [ent.Metric("train_loss", loss, (start_ms or at) + int(seconds * 1000), step)
+                    for step, loss, seconds in content.loss_curve(trial)]
+        params = [ent.Param(k, v) for k, v in content.trial_params(trial).items()]
+        tags = [ent.RunTag(k, v) for k, v in content.trial_tags(
+            trial, result, self.study_id, self.searcher, self.baseline_knobs).items()]
+        for i in range(0, max(1, len(metrics)), 1000):  # MLflow takes at most 1000 metrics a call
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000], params=params if i == 0 else [],
+                                  tags=tags if i == 0 else [])
         with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            (tmp / "train.py").write_text(trial.candidate.source)
-            (tmp / "train.diff").write_text(source_diff(self.baseline_source, trial.candidate.source))
-            tail = _tail(Path(trial.directory) / "run.log", 200) if trial.directory else ""
-            (tmp / "run_tail.log").write_text(tail)
-            self.client.log_artifacts(run_id, str(tmp))
-        self.client.set_terminated(run_id, status="FINISHED" if result.ok else "FAILED")
+            content.write_trial_artifacts(Path(tmp), trial, self.baseline_source)
+            self.client.log_artifacts(run_id, tmp)
+        self.client.set_terminated(run_id, status="FINISHED" if result.ok else "FAILED", end_time=end_ms)
         self.client.set_tag(run_id, "arena.mirrored", "1")
 
+    def _log_running_best(self, points, study_seconds: float | None) -> None:
+        """`best_val_bpb` by finished-trial index (stamped with the trial's finish time, so the UI's
+        time axes show it by study time), and `best_val_bpb_by_time` with the study second as step."""
+        import mlflow.entities as ent
 
-def source_diff(baseline: str, source: str) -> str:
-    return "".join(difflib.unified_diff(
-        baseline.splitlines(keepends=True), source.splitlines(keepends=True),
-        fromfile="baseline/train.py", tofile="candidate/train.py"))
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+        self._ensure_parent()
+        metrics = []
+        for index, value, trial_id, finished_at in points:
+            at = int(finished_at * 1000) if finished_at and finished_at > 1e9 else int(time.time() * 1000)
+            metrics.append(ent.Metric("best_val_bpb", value, at, index))
+            if study_seconds is not None:
+                metrics.append(ent.Metric("best_val_bpb_by_time", value, at, int(round(study_seconds))))
+        if metrics:
+            self.client.log_batch(self.parent_run_id, metrics=metrics)
 
 
 def _one_line(e: BaseException) -> str:

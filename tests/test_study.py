@@ -17,7 +17,7 @@ from study.journal import Journal, JournalState
 from tests.conftest import ROOT, TINY, MlflowServer, run_arena, sqlite_uri
 
 RESULT_METRICS = {"val_bpb", "training_seconds", "total_seconds", "num_steps", "tokens", "num_params",
-                  "queue_seconds", "t_submitted", "t_started", "t_finished"}
+                  "queue_seconds", "t_submitted_s", "t_started_s", "t_finished_s", "train_loss"}
 
 
 def study_runs(uri: str, experiment: str = "autoresearch-arena"):
@@ -64,7 +64,7 @@ def check_study(workdir: Path, name: str, uri: str, n_trials: int, searcher: str
             assert RESULT_METRICS <= set(child.data.metrics), RESULT_METRICS - set(child.data.metrics)
             assert child.data.metrics["val_bpb"] == pytest.approx(result.val_bpb)
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"train.py", "train.diff", "run_tail.log"} <= names
+        assert {"train.py", "train_diff.txt", "train_diff.html", "run_tail.txt"} <= names
     staircase = client.get_metric_history(parent.info.run_id, "best_val_bpb")
     values = [m.value for m in sorted(staircase, key=lambda m: m.step)]
     assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(best.val_bpb)

@@ -1,0 +1,84 @@
+"""What a study says before its first trial: new, resuming, or already complete, and the settings
+a reader of its log needs to interpret what follows.
+
+A re-run of a finished command used to print nothing about the earlier run, and a multirun arm
+could silently resume an older, longer study with the same name, giving an ablation unequal arms.
+Here a resume is always announced, and an arm that already holds more finished trials than
+`study.max_trials` asks for is refused, with the fix, before anything starts.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import TextIO
+
+from study.journal import Journal, JournalState
+
+
+class UnequalArms(ValueError):
+    """The study on disk has already run past `study.max_trials`: resuming it would report more
+    trials than this command asked for."""
+
+
+def check_trial_budget(existing: JournalState, max_trials: int | None, study_dir) -> None:
+    done = len(existing.results)
+    if max_trials is not None and done > max_trials:
+        raise UnequalArms(
+            f"{study_dir} already holds {done} finished trials, more than study.max_trials={max_trials}: "
+            f"its results would not compare with {max_trials}-trial arms. Use study.max_trials={done}, "
+            "another study.name, or move that folder away")
+
+
+def startup_trials(searcher_conf: dict) -> int | None:
+    """How many trials an Optuna sampler draws at random before it models anything: the
+    configured `options.n_startup_trials`, else the sampler's own default."""
+    sampler = searcher_conf.get("sampler")
+    if not sampler:
+        return None
+    from searchers.optuna_search import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        return None
+    param = inspect.signature(SAMPLERS[sampler]).parameters.get("n_startup_trials")
+    if param is None:
+        return None
+    return (searcher_conf.get("options") or {}).get("n_startup_trials", param.default)
+
+
+def idle_seconds(journal_path) -> float:
+    """Wall time the study spent with no orchestrator: from the last record before each resume to
+    that resume. A study's elapsed time minus this is the time it actually ran."""
+    idle, previous = 0.0, None
+    for record in Journal.read(journal_path):
+        if record.get("event") == "resumed" and previous is not None:
+            idle += max(0.0, record["wall_time"] - previous)
+        previous = record.get("wall_time", previous)
+    return idle
+
+
+def banner(conf: dict, objective: dict, existing: JournalState, stream: TextIO) -> None:
+    """Two or three lines: what this study is, and whether it starts, resumes or has nothing to do."""
+    name, max_trials = conf["study"]["name"], conf["study"].get("max_trials")
+    searcher = conf["searcher"]
+    slots = conf["launcher"].get("slots")
+    budget = f"{objective['budget']:g} {objective['budget_kind']}"
+    limits = [f"max {max_trials} trials" if max_trials else "", f"max {conf['study']['max_hours']:g} h"
+              if conf["study"].get("max_hours") else ""]
+    lines = [f"study {name}: searcher {searcher.get('name')}, launcher {conf['launcher'].get('name')} "
+             f"({slots} slots), objective {objective.get('preset')} ({budget} per trial, hard limit "
+             f"{objective['hard_limit_s']:g} s), seed {conf['seed']}; {', '.join(x for x in limits if x) or 'no limit'}"]
+    startup = startup_trials(searcher)
+    if startup:
+        lines.append(f"sampler start-up: the first {startup} trials are drawn at random before "
+                     f"{searcher.get('sampler')} models anything (searcher.options.n_startup_trials)")
+    done, in_flight = len(existing.results), len(existing.in_flight())
+    of = f" of {max_trials}" if max_trials else ""
+    if existing.header is None:
+        lines.append(f"starting {name}")
+    elif max_trials is not None and done >= max_trials:
+        lines.append(f"already complete: {name} has {done}{of} trials done; nothing to run "
+                     "(raise study.max_trials to continue it)")
+    else:
+        flight = f", {in_flight} in flight at the last stop (adopted or re-run)" if in_flight else ""
+        lines.append(f"resuming {name}: {done}{of} done{flight}")
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
