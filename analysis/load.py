@@ -2,7 +2,7 @@
 
 Everything downstream (curves, speedups, tables) works on these two frames only, so a study logged
 to a local sqlite file, a remote `mlflow server` or Databricks reads the same. Times come from the
-trial metrics `t_submitted`, `t_started`, `t_finished` (seconds since study start on the study's
+trial metrics `t_submitted_s`, `t_started_s`, `t_finished_s` (seconds since study start on the study's
 own clock, virtual under the simulated launcher), never from MLflow's run timestamps, which record
 when the mirror wrote, not when the trial ran.
 """
@@ -132,6 +132,9 @@ def _trial_row(run: Run) -> dict:
     row.update({k: params[k] for k in TRIAL_PARAMS if k in params})
     row.update({k: v for k, v in params.items() if k.startswith(KNOB_PREFIX)})
     row.update(run.data.metrics)
+    for unit_named in ("t_submitted_s", "t_started_s", "t_finished_s"):  # the mirror names the unit
+        if unit_named in row:
+            row[unit_named[:-2]] = row.pop(unit_named)
     return row
 
 
