@@ -136,8 +136,17 @@ LEVELS = CONFINING + ["none"]
 # Files
 
 
+@pytest.fixture
+def shared_memory_secret():
+    """A file in the host's /dev/shm, where other processes' shared memory lives."""
+    path = Path(f"/dev/shm/arena-sandbox-test-{os.getpid()}")
+    path.write_text(SECRET)
+    yield path
+    path.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("level", LEVELS)
-def test_a_trial_reads_nothing_outside_its_readable_paths(world, outsider, level):
+def test_a_trial_reads_nothing_outside_its_readable_paths(world, outsider, shared_memory_secret, level):
     parent = os.getpid()
 
     def attack(w):
@@ -150,6 +159,7 @@ def test_a_trial_reads_nothing_outside_its_readable_paths(world, outsider, level
             "outsider_env": attempt(lambda: Path(f"/proc/{outsider.pid}/environ").read_bytes().decode()),
             "parent_env": attempt(lambda: Path(f"/proc/{parent}/environ").read_bytes().decode()),
             "init_env": attempt(lambda: Path("/proc/1/environ").read_bytes().decode()),
+            "shm": attempt(lambda: shared_memory_secret.read_text()),
             "own_code": attempt(lambda: (w.root / "project/train/run_api.py").read_text()),
         }
 
@@ -157,7 +167,7 @@ def test_a_trial_reads_nothing_outside_its_readable_paths(world, outsider, level
     assert ran.code == 0 and ran.report["own_code"] == "ok: BUDGET = 1\n"
     reached = {k: v for k, v in ran.report.items() if k != "own_code" and v.startswith("ok")}
     if level == "none":
-        assert "VALIDATION" in reached["val"] and SECRET in reached["outsider_env"]
+        assert "VALIDATION" in reached["val"] and SECRET in reached["outsider_env"] and SECRET in reached["shm"]
     else:
         assert reached == {}
         assert SECRET not in json.dumps(ran.report)
@@ -477,6 +487,25 @@ def _ptrace_attach(pid: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.ptrace.restype = ctypes.c_long
     return _check(libc.ptrace(ctypes.c_long(16), ctypes.c_long(pid), None, None))  # PTRACE_ATTACH
+
+
+def test_the_namespaces_level_has_a_private_shared_memory(world):
+    """multiprocessing's locks live in /dev/shm: there they work, in a /dev/shm of the trial's own."""
+    if "namespaces" not in CONFINING:
+        pytest.skip("no namespaces level here")
+
+    def attack(w):
+        import multiprocessing
+
+        lock = multiprocessing.Lock()
+        with lock:
+            pass
+        (Path("/dev/shm") / "mine").write_text("x")
+        return {"shm": sorted(os.listdir("/dev/shm"))}
+
+    ran = world.run("namespaces", attack)
+    assert ran.code == 0 and ran.report["shm"] == ["mine"]
+    assert not Path("/dev/shm/mine").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import os
 import signal
 import stat
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def python_readable() -> tuple[Path, ...]:
     paths |= {Path(p) for p in ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/opt/conda")}
     paths |= {Path("/etc") / name for name in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime",
                                                 "passwd", "group", "nsswitch.conf", "alternatives")}
-    paths |= {Path("/proc"), Path("/sys/devices/system/cpu"), Path("/sys/fs/cgroup")}
+    # Hardware descriptions the CPU and CUDA runtimes read (cores, caches, NUMA, the PCI devices);
+    # no secret lives there, and nothing there is writable to the sandbox.
+    paths |= {Path(p) for p in ("/proc", "/sys/devices", "/sys/bus", "/sys/class", "/sys/module", "/sys/fs/cgroup")}
     return tuple(sorted(p for p in paths if os.path.exists(p)))
 
 
@@ -139,16 +142,18 @@ def available_level() -> str:
 
 
 def _probe_namespaces() -> bool:
+    scratch = tempfile.mkdtemp(prefix="arena-sandbox-probe-")
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            namespaces.enter(*_identity(python_readable()), Path("/tmp"), shm_mb=1)
+            namespaces.enter(*_identity(python_readable()), Path(scratch), shm_mb=1)
             code = 0 if procfs.read(1) is not None and os.getpid() == 2 else 1
         except BaseException:  # noqa: BLE001 - any failure means the level is not available
             pass
         os._exit(code)
     _, status = os.waitpid(pid, 0)
+    os.rmdir(scratch)
     return os.waitstatus_to_exitcode(status) == 0
 
 
@@ -206,7 +211,8 @@ def confine(policy: Policy, level: str) -> None:
             _drop_identity(uid, gid)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a changed uid clears it
         _drop_capabilities()
-        landlock.restrict_self(read=tuple(policy.readable), write=(scratch,),
+        private_shm = (Path("/dev/shm"),) if level == "namespaces" and os.path.isdir("/dev/shm") else ()
+        landlock.restrict_self(read=tuple(policy.readable), write=(scratch, *private_shm),
                                devices=BASE_DEVICES + tuple(policy.devices))
         seccomp.install(deny_metadata=level != "namespaces")
     os.environ.clear()

@@ -75,7 +75,8 @@ def _read_only_but(scratch: Path) -> None:
             raise OSError(e.errno, f"mount_setattr {path.decode()}: {e.strerror}") from None
 
     target = os.fsencode(scratch)
-    _check(_libc.mount(target, target, None, ctypes.c_ulong(MS_BIND), None), "bind the scratch")
+    # Recursive: a plain bind of a folder with mounts beneath it is refused in a user namespace.
+    _check(_libc.mount(target, target, None, ctypes.c_ulong(MS_BIND | MS_REC), None), "bind the scratch")
     setattr_(b"/", AT_RECURSIVE, MOUNT_ATTR_RDONLY, 0)
     setattr_(target, 0, 0, MOUNT_ATTR_RDONLY)
 

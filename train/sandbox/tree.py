@@ -1,13 +1,12 @@
 """The trusted parent's handle on everything a confined child starts, and the kernel's evidence of
 what that tree used.
 
-Which processes belong to the tree, strongest source first:
-  - its cgroup (root): the kernel's list, whatever they did to parentage or session;
-  - otherwise the parent chain from the child, plus the orphans this process adopted: the parent
-    is a child subreaper, so a double-forked, setsid'd grandchild is re-parented here, not to init,
-    and is recognised by no_new_privs (set by confine(), never cleared). At the `namespaces` level
-    the child is outside a PID namespace whose init is its only child, so killing the chain kills
-    the namespace whole.
+Which processes belong to the tree: the child and its descendants (by the kernel's children
+lists), the orphans this process adopted, and, as root, everything in the trial's cgroup (the
+kernel's list, whatever they did to parentage or session). The parent is a child subreaper, so a
+double-forked, setsid'd grandchild is re-parented here, not to init, and is recognised by
+no_new_privs (set by confine(), never cleared). At the `namespaces` level the child is outside a
+PID namespace whose init is its only child, so killing the chain kills the namespace whole.
 
 Without a cgroup the limits the kernel cannot hold per tree are held here: a watcher thread sums
 the private memory of the tree and the size of the scratch folder a few times a second and kills
@@ -20,11 +19,13 @@ import resource
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from . import procfs
 from .cgroup import Cgroup
 from .kernel import PR_SET_CHILD_SUBREAPER, prctl
+from .limits import scratch_is_tmpfs, tree_size_mb, unmount_scratch
 
 POLL_S = 0.2
 DISK_POLL_S = 1.0
@@ -56,6 +57,9 @@ class ProcessTree:
         self.killed_for: str | None = None  # "memory" or "disk" when the watcher ended the tree
         self._closed = threading.Event()
         _LIVE_ROOTS.add(pid)
+        # A parent that forgets close() still unmounts the scratch when it exits normally (one killed,
+        # or leaving through os._exit, leaves the tmpfs mounted: call close()).
+        self._unmount_at_exit = weakref.finalize(self, unmount_scratch, Path(policy.scratch))
         self._watcher = threading.Thread(target=self._watch, name=f"sandbox-watch-{pid}", daemon=True)
         if watch:
             self._watcher.start()
@@ -68,7 +72,7 @@ class ProcessTree:
     def members(self) -> list[procfs.Proc]:
         """The tree's processes now, zombies included (they still hold their CPU accounting)."""
         group = self._group()
-        pids = set(group.pids()) | {self.pid} if group is not None else self._walk()
+        pids = self._walk() | (set(group.pids()) if group is not None else set())
         return [p for p in map(procfs.read, pids) if p is not None]
 
     def _walk(self) -> set[int]:
@@ -96,23 +100,22 @@ class ProcessTree:
 
     def kill_all(self) -> None:
         """SIGKILL every process of the tree, again and again until none is left running (a process
-        forking while it dies adds children to the next round), and reap the orphans it adopted.
+        forking while it dies adds children to the next round), and reap the orphans it left here.
         The child `pid` itself is left for its caller to wait for."""
         deadline = time.monotonic() + KILL_ROUNDS_S
-        adopted: set[int] = set()
         with self._lock:
             self._sample()
             while True:
                 members = self.members()
-                adopted |= {p.pid for p in members if p.pid != self.pid and p.ppid == self._me}
                 running = [p for p in members if p.state != "Z"]
                 for p in running:
                     try:
                         os.kill(p.pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
-                adopted = {pid for pid in adopted if not _reaped(pid)}
-                if not running and not adopted:
+                orphans = [p.pid for p in members if p.pid != self.pid and p.ppid == self._me]
+                unreaped = [pid for pid in orphans if not _reaped(pid)]
+                if not running and not unreaped:
                     return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"sandbox: {len(running)} processes of trial pid {self.pid} "
@@ -133,9 +136,7 @@ class ProcessTree:
                 if not self._cgroup.exists():
                     break
                 time.sleep(0.01)
-        from .limits import unmount_scratch
-
-        unmount_scratch(Path(self.policy.scratch))
+        self._unmount_at_exit()
 
     def __enter__(self) -> ProcessTree:
         return self
@@ -176,8 +177,6 @@ class ProcessTree:
 
     def mechanisms(self) -> dict:
         """What held each limit, for the trial's record."""
-        from .limits import scratch_is_tmpfs
-
         group = self._group()
         return {"level": self.level,
                 "tree": "cgroup" if group else ("pid-namespace" if self.level == "namespaces" else "subreaper"),
@@ -197,8 +196,6 @@ class ProcessTree:
         return members
 
     def _watch(self) -> None:
-        from .limits import scratch_is_tmpfs, tree_size_mb
-
         next_disk = 0.0
         while not self._closed.wait(POLL_S):
             with self._lock:
