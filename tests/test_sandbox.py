@@ -553,6 +553,44 @@ def test_asking_for_a_level_this_host_lacks_is_one_clear_line(monkeypatch):
         sandbox.check_level("chroot")
 
 
+def test_where_user_namespaces_are_blocked_the_landlock_level_is_the_strongest_and_still_confines(world):
+    """A process whose seccomp filter refuses unshare (as a node that blocks user namespaces
+    would): the probe finds no namespaces level, asking for it is one clear line, and the landlock
+    level still keeps the validation split out."""
+    if "landlock" not in CONFINING:
+        pytest.skip("no landlock level here")
+    from train.sandbox import seccomp
+    from train.sandbox.kernel import PR_SET_NO_NEW_PRIVS, prctl
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            prctl(PR_SET_NO_NEW_PRIVS, 1)
+            seccomp.install(deny_metadata=False)
+            sandbox.available_level.cache_clear()
+            result = {"best": sandbox.available_level()}
+            try:
+                sandbox.check_level("namespaces")
+            except sandbox.SandboxUnavailable as e:
+                result["refused"] = str(e)
+            ran = world.run("landlock", lambda w: {"val": attempt(lambda: (w.root / "data/val.bin").read_text())})
+            result["report"] = ran.report
+            ran.tree.close()
+            os.write(write, json.dumps(result).encode())
+            code = 0
+        except BaseException:  # noqa: BLE001 - shown in the test's output
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    assert wait(pid, 120) == 0
+    result = json.loads(os.read(read, 65536))
+    assert result["best"] == "landlock"
+    assert "\n" not in result["refused"] and "user namespaces are blocked" in result["refused"]
+    assert result["report"]["val"].startswith("denied")
+
+
 def test_confine_refuses_a_multithreaded_process(world):
     def attack(w):
         return {}
@@ -747,3 +785,55 @@ def test_an_unprivileged_parent_catches_a_memory_hog_by_watching(open_world):
     result = _as_nobody(open_world, run)
     assert result["memory"].startswith("watcher")
     assert result["report"] is None and result["oom"] and result["peak"] >= 200
+
+
+@needs_root
+@pytest.mark.parametrize("level", CONFINING)
+def test_an_unprivileged_parent_holds_processes_disk_and_counts_cpu(open_world, level):
+    """Without a cgroup: RLIMIT_NPROC stops a fork bomb, RLIMIT_FSIZE and the watcher the disk, and
+    the CPU time of the tree still comes from the kernel."""
+    def bomb(world):
+        children = 0
+        try:
+            for _ in range(500):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                children += 1
+        except OSError as e:
+            return {"children": children, "stopped": e.errno}
+        return {"children": children, "stopped": None}
+
+    def fill(world):
+        try:
+            with open(world.scratch / "blob", "wb") as f:
+                for _ in range(64):
+                    f.write(b"\1" * 2**20)
+        except OSError as e:
+            (world.scratch / "blob").unlink()
+            return {"stopped": e.errno}
+        return {"stopped": None}
+
+    def burn(world):
+        end = time.process_time() + 1.0
+        while time.process_time() < end:
+            pass
+        return {}
+
+    def run(world):
+        results = {}
+        for name, attack, limits in (("bomb", bomb, {"max_processes": 20}), ("fill", fill, {"disk_mb": 16}),
+                                     ("burn", burn, {})):
+            ran = world.run(level, attack, **limits)
+            results[name] = {"code": ran.code, "report": ran.report, "cpu": ran.tree.cpu_seconds(),
+                             "killed_for": ran.tree.killed_for, "mechanisms": ran.tree.mechanisms()}
+            ran.tree.close()
+        return results
+
+    results = _as_nobody(open_world, run)
+    assert results["bomb"]["mechanisms"]["processes"] == "rlimit"
+    # RLIMIT_NPROC counts the whole user's tasks at confine() time plus 20: others ending lets it run a few more
+    assert results["bomb"]["report"]["stopped"] is not None and results["bomb"]["report"]["children"] < 40
+    fill = results["fill"]
+    assert fill["killed_for"] == "disk" or fill["report"]["stopped"] is not None  # EFBIG at 16 MB
+    assert 0.8 <= results["burn"]["cpu"] <= 10.0

@@ -190,6 +190,8 @@ def confine(policy: Policy, level: str) -> None:
     process forks twice inside and only the innermost one returns (see namespaces.py)."""
     if level not in LEVELS:
         raise SandboxUnavailable(f"unknown sandbox level {level!r}; one of {', '.join(LEVELS)}")
+    if not Path(policy.scratch).is_dir():
+        raise ValueError(f"sandbox: the scratch folder {policy.scratch} does not exist (the caller creates it)")
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # ends with the trusted parent
     _close_fds(policy.keep_fds)
     if level != "none":
