@@ -31,4 +31,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 else
   echo "test.sh: not root on Debian: Slurm and SkyPilot tests will skip" >&2
 fi
+.venv/bin/ruff check .   # every `noqa` must silence something real (pyproject.toml [tool.ruff])
 .venv/bin/python -m pytest "$@"

@@ -209,7 +209,7 @@ def run_trial(trial_dir) -> dict:
         result["status"] = "ok"
     except TrialFailed as e:
         result.update(status=e.status, error=str(e))
-    except Exception as e:  # train.py failing here, or a harness bug: still a result, never a lost trial
+    except Exception as e:  # noqa: BLE001 - train.py failing here, or a harness bug: still a result, never a lost trial
         result.update(status=_classify(e), error=_tail(traceback.format_exc()))
     finally:
         (trial_dir / WEIGHTS_FILE).unlink(missing_ok=True)
