@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from searchers.base import SearchContext  # noqa: E402
+from study.core import SearchContext  # noqa: E402
 from study.journal import JournalState  # noqa: E402
 from study.loop import StopRules, StudyLoop  # noqa: E402
 from tests.fakes import InstantLauncher, ListSearcher  # noqa: E402

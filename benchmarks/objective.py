@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from train import prepare  # noqa: E402
+from train.contract import RESULT_FILE, TRAIN_FILE, TRIAL_FILE  # noqa: E402
 from train.knobs import read_knobs, write_knobs  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def main() -> None:
 
     preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "cpu.yaml"), resolve=True)
     knobs = preset.pop("knobs") or {}
-    baseline = (ROOT / "train" / "train.py").read_text()
+    baseline = (ROOT / "train" / TRAIN_FILE).read_text()
     source = write_knobs(baseline, knobs)
     lr_knobs = sorted(name for name in read_knobs(source) if name.endswith("_LR"))
     out = Path(args.out or tempfile.mkdtemp(prefix="arena-objective-"))
@@ -47,14 +48,14 @@ def main() -> None:
     def trial(name: str, seed: int, knob_values: dict | None = None, **objective) -> dict:
         folder = out / f"{name}-seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "train.py").write_text(write_knobs(source, knob_values or {}))
+        (folder / TRAIN_FILE).write_text(write_knobs(source, knob_values or {}))
         spec = {"trial_id": folder.name, "seed": seed, "objective": {**preset, **objective}}
-        (folder / "trial.json").write_text(json.dumps(spec))
+        (folder / TRIAL_FILE).write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
                "ARENA_THREADS": str(args.threads)}
         subprocess.run([sys.executable, "-m", "train.harness", str(folder)], env=env, cwd=out,
                        stdout=subprocess.DEVNULL, check=True)
-        result = json.loads((folder / "result.json").read_text())
+        result = json.loads((folder / RESULT_FILE).read_text())
         print(f"  {folder.name:24s} {result['status']:7s} val_bpb {_f(result['val_bpb'])}  steps {result['num_steps']}"
               f"  training {_f(result['training_seconds'], 1)} s  total {_f(result['total_seconds'], 1)} s"
               f"  {_f(result['tokens_per_second'], 0)} tok/s", flush=True)

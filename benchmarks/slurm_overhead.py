@@ -48,10 +48,11 @@ def tiny_trial(study_dir: Path, index: int) -> Trial:
     from omegaconf import OmegaConf
 
     from study.runner import check_objective, prepare_data
+    from train.contract import TRAIN_FILE
     from train.knobs import write_knobs
 
     conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"), resolve=True)
-    source = write_knobs((ROOT / "train" / "train.py").read_text(), conf["knobs"])
+    source = write_knobs((ROOT / "train" / TRAIN_FILE).read_text(), conf["knobs"])
     objective = check_objective(conf)
     if index == 0:
         prepare_data(objective)

@@ -1,10 +1,5 @@
-"""The interface every launcher implements: submitit's small Executor/Job API, made asynchronous.
-
-The loop owns the clock and the slots' bookkeeping; a launcher only runs what it is given. A trial's
-directory already holds `train.py` and `trial.json` when `submit` is called; wherever the trial
-runs, the same harness (`python -m train.harness TRIAL_DIR`) writes `result.json` and `run.log`
-there, and the launcher turns that into a Result (or an infrastructure status when the harness
-never got to write one).
+"""What every launcher needs around the harness, written once: its command line, its environment,
+reading what it left in the trial directory. The Launcher interface itself is in study/core.py.
 """
 from __future__ import annotations
 
@@ -12,74 +7,12 @@ import json
 import os
 import sys
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from study.records import Result, Trial
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Slot:
-    """One place a trial can run. `speed` is relative throughput (1.0 = the reference kind), used
-    by the simulated clock and told to agents."""
-
-    name: str
-    device_kind: str = "cpu"
-    speed: float = 1.0
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-class LauncherError(RuntimeError):
-    """Bad launcher configuration or an unusable backend: raised before anything is submitted."""
-
-
-class Launcher(ABC):
-    name: str = "base"
-    # True when `now()` is a simulated clock; results then say so.
-    simulated_time: bool = False
-
-    def start(self) -> None:
-        """Validate the config and bring up what the slots need; raise LauncherError with one
-        clear line if the backend cannot work. Nothing is submitted yet."""
-
-    @abstractmethod
-    def slots(self) -> list[Slot]:
-        ...
-
-    @abstractmethod
-    def submit(self, trial: Trial, slot: Slot) -> None:
-        ...
-
-    @abstractmethod
-    def wait(self, timeout: float) -> list[tuple[str, Result]]:
-        """Results of trials that finished since the last call, as (trial_id, result); waits at
-        most `timeout` seconds for the first one, returns [] if none."""
-
-    @abstractmethod
-    def cancel(self, trial_id: str) -> None:
-        """Stop a trial; its result (status `cancelled`) still comes back through `wait`."""
-
-    def adopt(self, trial: Trial, slot: Slot) -> bool:
-        """On resume: re-attach to a trial the journal says was in flight. Return True if the
-        launcher can still collect its result (e.g. a Slurm job still running); False means the
-        loop re-runs it."""
-        return False
-
-    def now(self) -> float:
-        """Seconds on the study's clock. Real time unless the launcher simulates it."""
-        return time.time()
-
-    def advance(self, seconds: float) -> None:
-        """The searcher just spent `seconds` of real time thinking (an `ask`). A real clock has
-        already moved; a simulated clock adds them, so agent latency is real time on the virtual
-        clock. Under a simulated clock the loop calls `ask` synchronously, then this."""
-
-    def close(self, cancel_running: bool = True) -> None:
-        pass
+from study.core import PROJECT_ROOT
+from study.records import Result
+from train.contract import LOG_FILE, RESULT_FILE
 
 
 def poll_until(poll: Callable[[], list], timeout: float, interval: float) -> list:
@@ -115,7 +48,7 @@ def _is_secret(name: str) -> bool:
 
 
 def log_tail(trial_dir: str | os.PathLike, lines: int = 40) -> str:
-    p = Path(trial_dir) / "run.log"
+    p = Path(trial_dir) / LOG_FILE
     try:
         return "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -123,11 +56,11 @@ def log_tail(trial_dir: str | os.PathLike, lines: int = 40) -> str:
 
 
 def read_result(trial_dir: str | os.PathLike, *, missing_status: str = "crash", reason: str = "") -> Result:
-    """The harness's result.json as a Result; if there is none the trial died before the harness
+    """The harness's RESULT_FILE as a Result; if there is none the trial died before the harness
     could write it (killed, node lost), so record `missing_status` with the log tail as evidence."""
-    p = Path(trial_dir) / "result.json"
+    p = Path(trial_dir) / RESULT_FILE
     try:
         return Result.from_dict(json.loads(p.read_text()))
     except (OSError, ValueError) as e:
-        why = reason or f"no result.json ({type(e).__name__})"
+        why = reason or f"no {RESULT_FILE} ({type(e).__name__})"
         return Result(status=missing_status, reason=why, error=log_tail(trial_dir, 20))

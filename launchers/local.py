@@ -21,8 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.base import Launcher, LauncherError, Slot, harness_command, harness_env, poll_until, read_result
+from launchers.base import harness_command, harness_env, poll_until, read_result
+from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
+from train.contract import RESULT_FILE
 
 KILL_GRACE_S = 30.0  # the harness enforces hard_limit_s itself; this is the backstop
 WARM_START_TIMEOUT_S = 300.0  # importing torch on a loaded machine; past this the slot goes cold
@@ -170,8 +172,8 @@ class LocalLauncher(Launcher):
                                  reason=f"killed by the launcher past hard_limit_s+{KILL_GRACE_S:.0f}s")
         else:
             code = f" with code {p.popen.returncode}" if p.popen else ""  # a forked trial is not our child
-            result = read_result(trial_dir, reason=f"the harness ended{code} without a result.json")
-            if not (trial_dir / "result.json").exists():
+            result = read_result(trial_dir, reason=f"the harness ended{code} without a {RESULT_FILE}")
+            if not (trial_dir / RESULT_FILE).exists():
                 result.error = (result.error or "") + _tail(trial_dir / "stdout.log")
         result.slot = p.slot.name
         result.started_at = result.started_at or p.started
@@ -194,7 +196,7 @@ class LocalLauncher(Launcher):
         except (OSError, ValueError):
             return False
         running = _is_our_harness(pid, trial_dir)
-        if not running and not (trial_dir / "result.json").exists():
+        if not running and not (trial_dir / RESULT_FILE).exists():
             return False
         now = time.time()
         limit = float(trial.objective.get("hard_limit_s") or 3600)

@@ -6,7 +6,7 @@ submitted. Its virtual duration is its virtual training time plus its real fixed
 (result total_seconds - training_seconds: start-up, data, evaluation):
 
 - virtual training time = the real budget it got, spent at the slot's speed. A slot of speed 1.08
-  gets 1.08x the nominal budget in trial.json (more steps, tokens or seconds, like an H200 doing ~8%
+  gets 1.08x the nominal budget in its trial spec (more steps, tokens or seconds, like an H200 doing ~8%
   more work in the same 5 minutes), and spends it in the nominal time. With a `steps`/`tokens`
   budget, `seconds_per_budget_unit` says what one step (or token) costs on a speed-1.0 slot, which
   keeps the clock free of CPU noise; left null, the trial's measured training_seconds stand in.
@@ -43,8 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from launchers.base import Launcher, LauncherError, Slot, harness_command, harness_env, read_result
+from launchers.base import harness_command, harness_env, read_result
+from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
+from train.contract import RESULT_FILE, TRIAL_FILE
 
 KILL_GRACE_S = 30.0  # the harness enforces hard_limit_s itself; this is the backstop
 SLOT_KEYS = {"kind", "count", "speed"}
@@ -144,7 +146,7 @@ class SimulatedLauncher(Launcher):
     def submit(self, trial: Trial, slot: Slot) -> None:
         if self._pool is None:
             self.start()
-        real_budget = _scale_budget(Path(trial.directory) / "trial.json", slot.speed)
+        real_budget = _scale_budget(Path(trial.directory) / TRIAL_FILE, slot.speed)
         bound = self._clock
         if self.assume_full_budget:
             bound += self.budget_seconds(trial.objective["budget_kind"], real_budget, slot)
@@ -170,7 +172,7 @@ class SimulatedLauncher(Launcher):
                 return Result(status="cancelled", reason="cancelled by the study")
             entry.popen = subprocess.Popen(harness_command(trial_dir, self.python), cwd=trial_dir, env=env,
                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        limit = float(json.loads((trial_dir / "trial.json").read_text())["objective"]["hard_limit_s"])
+        limit = float(json.loads((trial_dir / TRIAL_FILE).read_text())["objective"]["hard_limit_s"])
         try:
             code = entry.popen.wait(timeout=limit + KILL_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -178,7 +180,7 @@ class SimulatedLauncher(Launcher):
             entry.popen.wait()
             return read_result(trial_dir, missing_status="timeout",
                                reason=f"killed by the launcher past hard_limit_s+{KILL_GRACE_S:.0f}s")
-        return read_result(trial_dir, reason=f"harness exited with code {code} and no result.json")
+        return read_result(trial_dir, reason=f"harness exited with code {code} and no {RESULT_FILE}")
 
     def wait(self, timeout: float) -> list[tuple[str, Result]]:
         if self._just_thought and not self._gave_way:
@@ -297,7 +299,7 @@ class SimulatedLauncher(Launcher):
 
 def _scale_budget(spec_path: Path, speed: float) -> float:
     """A faster slot does proportionally more work in the same time: scale the real budget (and
-    the hard limit, so the larger budget still fits) in the trial's own trial.json. Returns the
+    the hard limit, so the larger budget still fits) in the trial's own spec. Returns the
     real budget."""
     spec = json.loads(spec_path.read_text())
     objective = spec["objective"]

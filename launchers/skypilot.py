@@ -9,9 +9,9 @@ Everything goes through SkyPilot's Python SDK (every call returns a request id; 
 it). The pool is launched in parallel in `start()`: the launch's setup installs what `train/` needs
 and prepares the data and tokenizer once per cluster, with `train/` itself file-mounted to
 ~/arena/train. A trial is one `sky.exec` on its cluster with the trial's own workdir (train.py and
-trial.json, synced to the cluster's ~/sky_workdir; a cluster runs one trial at a time, so parallel
+its spec, synced to the cluster's ~/sky_workdir; a cluster runs one trial at a time, so parallel
 trials never see each other's code). SkyPilot 0.14 has no SDK call that copies files back from a
-cluster, so the job prints result.json and run.log (gzip + base64, one `ARENA-FILE name chunk` line
+cluster, so the job prints its result and log files (gzip + base64, one `ARENA-FILE name chunk` line
 each 2000 characters) after the harness, and the launcher rebuilds them from `sky.tail_logs`.
 
 Each trial is watched by its own thread (the SDK is blocking), so `wait` never blocks longer than
@@ -41,15 +41,17 @@ from typing import Any
 
 import yaml
 
-from launchers.base import PROJECT_ROOT, Launcher, LauncherError, Slot, read_result
+from launchers.base import read_result
+from study.core import PROJECT_ROOT, Launcher, LauncherError, Slot
 from study.records import Result, Trial
+from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE, TRIAL_FILE
 
 log = logging.getLogger("arena.skypilot")
 
 REMOTE_PROJECT = "~/arena"  # train/ is mounted at ~/arena/train on every cluster
 REMOTE_WORKDIR = "~/sky_workdir"  # where SkyPilot syncs a task's workdir
 FILE_MARK = "ARENA-FILE"
-FETCHED = ("result.json", "run.log")
+FETCHED = (RESULT_FILE, LOG_FILE)
 _FILE_LINE = re.compile(rf"{FILE_MARK} ({'|'.join(re.escape(f) for f in FETCHED)}) ([A-Za-z0-9+/=]+)\s*$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _NAME_BAD = re.compile(r"[^a-z0-9-]+")
@@ -236,20 +238,20 @@ class SkyPilotLauncher(Launcher):
         threading.Thread(target=self._watch, args=(run, workdir), daemon=True, name=f"sky-{trial.trial_id}").start()
 
     def _stage(self, trial: Trial) -> Path:
-        """The trial's workdir as the cluster sees it: train.py and trial.json, with the data cache
+        """The trial's workdir as the cluster sees it: the candidate and its spec, with the data cache
         left to the cluster (its own ~/.cache, filled by setup) instead of this machine's path."""
         src = Path(trial.directory)
         workdir = src / "sky_workdir"
         workdir.mkdir(exist_ok=True)
-        shutil.copy2(src / "train.py", workdir / "train.py")
-        spec = json.loads((src / "trial.json").read_text())
+        shutil.copy2(src / TRAIN_FILE, workdir / TRAIN_FILE)
+        spec = json.loads((src / TRIAL_FILE).read_text())
         spec["objective"] = {**spec.get("objective", {}), "cache_dir": None}
-        (workdir / "trial.json").write_text(json.dumps(spec, indent=2))
+        (workdir / TRIAL_FILE).write_text(json.dumps(spec, indent=2))
         return workdir
 
     def _watch(self, run: _Run, workdir: Path) -> None:
         """One trial from exec to result; every failure becomes a Result, never an exception."""
-        cluster, trial = run.cluster, run.trial
+        cluster = run.cluster
         try:
             while not cluster.ready.wait(1.0) and not run.cancel.is_set():
                 pass  # the cluster is being relaunched
@@ -273,15 +275,15 @@ class SkyPilotLauncher(Launcher):
         fetched = _decode_files(logs)
         for name, data in fetched.items():
             (trial_dir / name).write_bytes(data)
-        if "run.log" not in fetched:  # the harness never got to write one: keep the job's log as evidence
-            (trial_dir / "run.log").write_text(logs)
+        if LOG_FILE not in fetched:  # the harness never got to write one: keep the job's log as evidence
+            (trial_dir / LOG_FILE).write_text(logs)
         if status == "CANCELLED" and run.cancel.is_set():
             timed_out = run.cancel_reason.startswith("timeout")
             return Result(status="timeout" if timed_out else "cancelled", reason=run.cancel_reason)
-        if "result.json" in fetched:
+        if RESULT_FILE in fetched:
             return read_result(trial_dir)
         return read_result(trial_dir, reason=f"SkyPilot job {run.job_id} on {cluster.name} ended {status} "
-                                             "without result.json")
+                                             f"without {RESULT_FILE}")
 
     def _wait_job(self, cluster: str, job_id: int, cancel: _Run | None) -> str:
         """Poll the job until it ends; cancel it when asked or when it outlives the hard limit."""
@@ -499,7 +501,7 @@ class SkyPilotLauncher(Launcher):
         header = (f"# Trial {trial.trial_id} as a standalone SkyPilot task; rerun it with\n"
                   f"#   sky launch -c <cluster> {Path(trial.directory) / 'sky_task.yaml'}\n"
                   f"# (the study ran it with sky.exec on a cluster of its pool, launched with this setup;\n"
-                  f"# the {FILE_MARK} lines carry result.json and run.log back in the job's log).\n")
+                  f"# the {FILE_MARK} lines carry {RESULT_FILE} and {LOG_FILE} back in the job's log).\n")
         return header + yaml.safe_dump(config, sort_keys=False, width=1000)
 
 

@@ -2,7 +2,7 @@
 
 hydra-submitit-launcher blocks until a whole batch ends and reports failed jobs as COMPLETED, so
 this launcher uses submitit only to write and submit the job (sbatch script, pickled job body, log
-files) and reads the outcome itself: the harness's result.json when the trial ran to the end, or
+files) and reads the outcome itself: the harness's result file when the trial ran to the end, or
 Slurm's own accounting state (CANCELLED, TIMEOUT, NODE_FAIL, ...) when something else ended the
 job. Each poll asks Slurm once for all jobs: one `squeue` call (the controller's live view, the
 only proof a job is alive), plus one `sacct` call for the jobs that just ended (their final state),
@@ -10,7 +10,7 @@ never one call per job. A job the controller does not answer for, or no longer k
 `forget_after_s` is recorded as lost, so the loop never waits on it forever.
 
 The job body is the same harness as the local launcher's, `python -m train.harness TRIAL_DIR` in a
-subprocess, so result.json and run.log land in the trial directory (which must be on a filesystem
+subprocess, so its result and log land in the trial directory (which must be on a filesystem
 the nodes see) and the device and host come from the node. The Slurm time limit is the trial's
 hard_limit_s plus a margin: the harness enforces hard_limit_s itself and records `timeout`; Slurm's
 limit is the backstop for a harness that hangs. submitit's own timeout/preemption signal handling is
@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launchers.base import (Launcher, LauncherError, Slot, harness_command, harness_env, log_tail, poll_until,
-                            read_result)
+from launchers.base import harness_command, harness_env, log_tail, poll_until, read_result
+from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
+from train.contract import RESULT_FILE
 
 log = logging.getLogger("arena.slurm")
 
@@ -234,7 +235,7 @@ class SlurmLauncher(Launcher):
 
     def _poll(self) -> list[tuple[str, Result]]:
         now = time.time()
-        harness_done = [j for j in self._jobs.values() if (j.trial_dir / "result.json").exists()]
+        harness_done = [j for j in self._jobs.values() if (j.trial_dir / RESULT_FILE).exists()]
         if now - self._last_query >= self.poll_interval_s or any(not j.info.get("Start") for j in harness_done):
             self._query(list(self._jobs.values()))
         done, self._done = self._done, []
@@ -252,7 +253,7 @@ class SlurmLauncher(Launcher):
     def _outcome(self, job: _Job, now: float) -> Result | None:
         """The trial's result if its job is over, else None."""
         base = _base(job.state)
-        if (job.trial_dir / "result.json").exists():  # written last by the harness: the trial ran to its end
+        if (job.trial_dir / RESULT_FILE).exists():  # written last by the harness: the trial ran to its end
             result = read_result(job.trial_dir)
             if result.status != "cancelled":
                 return result
@@ -278,12 +279,12 @@ class SlurmLauncher(Launcher):
                           error=log_tail(job.trial_dir, 20))
         if base in LOST_STATES:
             return Result(status="lost", reason=f"Slurm job {job.job_id} {base} on {job.info.get('NodeList') or '?'}")
-        # COMPLETED or FAILED without result.json: give a slow shared filesystem a moment to show it
+        # COMPLETED or FAILED without a result file: give a slow shared filesystem a moment to show it
         job.ended_seen = job.ended_seen or now
         if now - job.ended_seen < self.result_grace_s and base == "COMPLETED":
             return None
         return Result(status="crash", reason=f"Slurm job {job.job_id} {base} (exit {job.info.get('ExitCode', '?')}) "
-                                             "and the harness wrote no result.json",
+                                             f"and the harness wrote no {RESULT_FILE}",
                       error=(log_tail(job.trial_dir, 20) + "\n" + _job_stderr(job)).strip())
 
     @staticmethod
@@ -310,7 +311,7 @@ class SlurmLauncher(Launcher):
         case it is still alive somewhere)."""
         log.warning("%s: %s; requeueing once", job.trial.trial_id, why)
         _slurm(["scancel", job.job_id])
-        (job.trial_dir / "result.json").unlink(missing_ok=True)
+        (job.trial_dir / RESULT_FILE).unlink(missing_ok=True)
         submitted = time.time()
         try:
             job_id = self._sbatch(job.trial, job.name)
@@ -376,7 +377,7 @@ class SlurmLauncher(Launcher):
         job = _Job(trial, slot, entry["job_id"], entry["folder"], entry["submitted"], entry["name"],
                    last_seen=float("-inf"), requeued_after=entry.get("requeued_after"))
         self._query([job])
-        if job.state is None and not (job.trial_dir / "result.json").exists():
+        if job.state is None and not (job.trial_dir / RESULT_FILE).exists():
             return False
         job.last_seen = max(job.last_seen, time.time())
         self._jobs[trial.trial_id] = job

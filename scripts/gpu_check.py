@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE, TRIAL_FILE  # noqa: E402
 from train.knobs import write_knobs  # noqa: E402
 
 
@@ -40,12 +41,12 @@ def main() -> None:
                     "--vocab-size", str(objective["vocab_size"])], env=env, check=True)
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp)
-        source = (ROOT / "train/train.py").read_text()
-        (trial / "train.py").write_text(write_knobs(source, knobs) if knobs else source)
-        (trial / "trial.json").write_text(json.dumps({"trial_id": "gpu-check", "seed": 0, "objective": objective}))
+        source = (ROOT / "train" / TRAIN_FILE).read_text()
+        (trial / TRAIN_FILE).write_text(write_knobs(source, knobs) if knobs else source)
+        (trial / TRIAL_FILE).write_text(json.dumps({"trial_id": "gpu-check", "seed": 0, "objective": objective}))
         subprocess.run([sys.executable, "-P", "-m", "train.harness", str(trial)], env=env, cwd=tmp)
-        result = json.loads((trial / "result.json").read_text())
-        print((trial / "run.log").read_text()[-3000:])
+        result = json.loads((trial / RESULT_FILE).read_text())
+        print((trial / LOG_FILE).read_text()[-3000:])
     keys = ("status", "device", "val_bpb", "num_params", "num_steps", "tokens_per_second", "mfu",
             "peak_memory_mb", "training_seconds", "total_seconds", "error")
     for k in keys:

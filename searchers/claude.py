@@ -39,17 +39,16 @@ from typing import Any
 
 import anthropic
 
-from searchers.base import SearchContext, Searcher
 from searchers.claude_api import with_breakpoints
 from searchers.claude_board import ANY_KIND, BASELINE, CONFIRM, Board, code_key, unified_diff
 from searchers.claude_cost import Ledger, Prices, Tokens
 from searchers.claude_tools import ToolError, tool_definitions
 from searchers.claude_wave import Wave
+from study.core import PROJECT_ROOT, SearchContext, Searcher
 from study.records import INFRA_STATUSES, Candidate, Result, Trial
 
 log = logging.getLogger("arena.claude")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ClaudeSearcherError(RuntimeError):

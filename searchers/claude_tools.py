@@ -9,14 +9,12 @@ know the metric and the contract it is scored by) but never edited.
 from __future__ import annotations
 
 import posixpath
-from pathlib import Path
 from typing import Any
 
-from train.knobs import KnobError, read_knobs
+from study.core import PROJECT_ROOT, KnobError, SearchContext
 
 EDITOR_NAME = "str_replace_based_edit_tool"
 READ_ONLY = ("train/prepare.py", "train/harness.py")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ToolError(Exception):
@@ -256,7 +254,7 @@ def check_candidate(source: str) -> dict[str, Any]:
     except ValueError as e:  # e.g. null bytes
         raise Broken(f"does not compile: {e}") from None
     try:
-        return read_knobs(source)
+        return SearchContext.knobs_of(source)
     except KnobError as e:
         raise Broken(f"knobs do not parse: {e}") from None
 

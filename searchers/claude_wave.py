@@ -30,7 +30,8 @@ from searchers.claude_tools import (
     EDITOR_NAME, Broken, CandidateFiles, Refused, ToolError, changed_knobs, check_candidate,
 )
 from study.records import Candidate, Trial
-from train.knobs import KnobError, read_knobs, write_knobs
+from study.core import KnobError, read_knobs, write_knobs
+from train.contract import LOG_FILE
 
 if TYPE_CHECKING:
     from searchers.claude import ClaudeSearcher
@@ -281,10 +282,10 @@ class Wave:
         run, trial = board.runs.get(tid), self.in_flight.get(tid)
         part = args.get("part")
         if part == "log":
-            log_path = Path(run.directory if run else trial.directory) / "run.log"
+            log_path = Path(run.directory if run else trial.directory) / LOG_FILE
             text = log_path.read_text(errors="replace") if log_path.exists() else ""
             tail = "\n".join(text.splitlines()[-int(args.get("lines") or 60):])
-            return (tail or "(no run.log yet)") + (f"\n(error: {run.error})" if run and run.error else "")
+            return (tail or f"(no {LOG_FILE} yet)") + (f"\n(error: {run.error})" if run and run.error else "")
         if part == "source":
             return source[: self.agent.view_max_characters]
         if part == "diff":

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from searchers import space as sp
-from searchers.base import SearchContext, Searcher
+from study.core import SearchContext, Searcher
 from study.records import Candidate, Result, Trial
 
 

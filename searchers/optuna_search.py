@@ -26,7 +26,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from searchers import space as sp
-from searchers.base import SearchContext, Searcher
+from study.core import SearchContext, Searcher
 from study.records import Candidate, Result, Trial
 
 SAMPLERS = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from searchers.base import SearchContext, Searcher
+from study.core import SearchContext, Searcher
 from study.records import Candidate, Result, Trial
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from scipy.stats import kendalltau
 
-from searchers.base import SearchContext, Searcher
+from study.core import SearchContext, Searcher
 from study.records import INFRA_STATUSES, Candidate, Result, Trial
 
 log = logging.getLogger("arena.rungs")

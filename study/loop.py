@@ -18,11 +18,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launchers.base import Launcher, Slot
-from searchers.base import SearchContext, Searcher
+from study.core import HistoryView, Launcher, SearchContext, Searcher, Slot
 from study.journal import Journal, JournalState
 from study.records import Candidate, Result, Trial, scaled_objective
 from study.trialdir import write_trial_dir
+from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE
 
 log = logging.getLogger("arena.loop")
 
@@ -76,6 +76,7 @@ class StudyLoop:
         self.display = display
         self.journal_path = self.study_dir / "journal.jsonl"
         self.state = StudyState()
+        self._history_view = HistoryView(self.state.history)
         self.pending: list[Candidate] = []
         self.untold: list[tuple[Trial, Result]] = []
         self.next_index = 0
@@ -145,7 +146,7 @@ class StudyLoop:
                 self._rerun(trial, slot)
 
     def _rerun(self, trial: Trial, slot: Slot) -> None:
-        for name in ("result.json", "run.log"):
+        for name in (RESULT_FILE, LOG_FILE):
             (Path(trial.directory) / name).unlink(missing_ok=True)
         trial.slot, trial.device_kind = slot.name, slot.device_kind
         trial.submitted_at = self.now()
@@ -248,7 +249,7 @@ class StudyLoop:
         if wanted <= 0:
             return
         self._tell_untold()
-        self.ctx.history = self.state.history  # live and append-only: no copy per ask
+        self.ctx.history = self._history_view  # live, read-only, no copy per ask
         self.ctx.in_flight = [r.trial for r in self.state.running.values()]
         self._ask_started = time.time()
         if self.launcher.simulated_time:
@@ -340,7 +341,7 @@ class StudyLoop:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(Path("trials") / trial.trial_id)
         tmp.replace(link)
-        shutil.copyfile(Path(trial.directory) / "train.py", self.study_dir / "best_train.py")
+        shutil.copyfile(Path(trial.directory) / TRAIN_FILE, self.study_dir / "best_train.py")
 
     # -- stopping -------------------------------------------------------------------------------
     def _check_stop(self) -> None:

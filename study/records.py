@@ -2,7 +2,7 @@
 
 Searchers produce candidates, the loop turns them into trials, launchers return results. They are
 plain dataclasses that round-trip through JSON because the journal (the source of truth) and
-`trial.json` on a remote node must hold them exactly; nothing here imports a searcher, a launcher
+the trial spec on a remote node must hold them exactly; nothing here imports a searcher, a launcher
 or torch.
 """
 from __future__ import annotations
@@ -12,14 +12,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# Outcomes of a trial. The first six come from the harness; the last two from a launcher, when the
-# infrastructure (not the candidate) ended the trial: `cancelled` (scancel, Ctrl-C, study stop) and
-# `lost` (node failure, preemption, a cluster that died, a job the scheduler forgot). The harness
-# also writes `cancelled` when its worker is stopped by SIGTERM/SIGINT from outside: a scheduler's
-# cancel can reach the worker before it reaches the harness.
-HARNESS_STATUSES = ("ok", "crash", "timeout", "oom", "nan", "invalid")
-INFRA_STATUSES = ("cancelled", "lost")
-STATUSES = HARNESS_STATUSES + INFRA_STATUSES
+# Outcomes of a trial, from the trial-directory contract (re-exported: records are where the rest of
+# the arena looks for them). The harness statuses are the candidate's; `cancelled` and `lost` come
+# from a launcher when the infrastructure (not the candidate) ended the trial. The harness also writes
+# `cancelled` when its worker is stopped by SIGTERM/SIGINT from outside: a scheduler's cancel can
+# reach the worker before it reaches the harness.
+from train.contract import HARNESS_STATUSES, INFRA_STATUSES, STATUSES
+
+__all__ = ["HARNESS_STATUSES", "INFRA_STATUSES", "STATUSES", "RESULT_NUMBERS", "Candidate", "Trial", "Result"]
 
 # Numbers a result may carry; every one is logged under this same name in the journal and MLflow.
 RESULT_NUMBERS = (
@@ -74,7 +74,7 @@ class Candidate:
 @dataclass
 class Trial:
     """One run of one candidate on one slot. `objective` is what the harness needs (budget kind
-    and value, hard limit, data settings) and is written verbatim into `trial.json`."""
+    and value, hard limit, data settings) and is written verbatim into the trial spec."""
 
     trial_id: str
     index: int
@@ -98,7 +98,7 @@ class Trial:
         return cls(**kw)
 
     def harness_spec(self) -> dict:
-        """What goes into `trial.json`: everything the harness on a bare node needs, nothing more."""
+        """What goes into the trial spec (TRIAL_FILE): everything the harness on a bare node needs."""
         return {
             "trial_id": self.trial_id,
             "seed": self.seed if self.candidate.seed is None else self.candidate.seed,
@@ -108,7 +108,7 @@ class Trial:
 
 @dataclass
 class Result:
-    """What a trial produced. Harness fields follow `train/harness.py`'s `result.json`; the
+    """What a trial produced. Harness fields follow the harness's RESULT_FILE; the
     launcher adds where and when (`slot`, `queue_seconds`, times since study start)."""
 
     status: str

@@ -20,17 +20,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launchers.base import PROJECT_ROOT, Launcher, LauncherError
-from searchers.base import SearchContext, Searcher
 from searchers.rungs import Rung, RungSearcher, check_rung_kinds, parse_rungs
+from study.core import PROJECT_ROOT, Launcher, LauncherError, SearchContext, Searcher
 from study.journal import JournalState
-from study.loop import StopRules, StudyLoop
 from study.announce import UnequalArms, banner, check_trial_budget, idle_seconds
 from study.leaderboard import leaderboard_text, print_leaderboard
+from study.loop import StopRules, StudyLoop
+from study.space import validate_space
+from train.contract import BUDGET_KINDS, TRAIN_FILE
+from train.knobs import KnobError, read_knobs, write_knobs
 
 log = logging.getLogger("arena")
 
-BUDGET_KINDS = ("seconds", "steps", "tokens")
 HARD_LIMIT_ALLOWANCE_S = 60.0  # start-up and the final evaluation, on top of a derived hard limit
 
 
@@ -76,7 +77,7 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
     if not getattr(launcher, "prepares_data_remotely", False):
         prepare_data(objective)  # a bad corpus is reported before anything is created
     ctx = SearchContext(
-        baseline_source=baseline, baseline_knobs=_read_knobs(baseline), space=space, seed=int(conf["seed"]),
+        baseline_source=baseline, baseline_knobs=read_knobs(baseline), space=space, seed=int(conf["seed"]),
         study_dir=str(study_dir), objective=objective)
     with _removed_if_setup_fails(study_dir, conf["mlflow"]["tracking_uri"] if conf["mlflow"].get("enabled", True)
                                  else None):
@@ -229,9 +230,7 @@ def derived_hard_limit(o: dict) -> float:
 
 
 def baseline_source(conf: dict, objective: dict) -> str:
-    from train.knobs import KnobError, write_knobs
-
-    path = Path(conf["study"].get("baseline") or PROJECT_ROOT / "train" / "train.py")
+    path = Path(conf["study"].get("baseline") or PROJECT_ROOT / "train" / TRAIN_FILE)
     if not path.is_file():
         raise ConfigError(f"study.baseline {str(path)!r} is not a file")
     source = path.read_text()
@@ -254,20 +253,12 @@ def check_rungs(study: dict) -> list[Rung] | None:
 
 
 def check_space(space: dict, baseline: str) -> dict:
-    from searchers.space import validate_space
-
     if not space:  # an agent needs no space; a classical searcher says so itself
         return {}
     try:
-        return validate_space(space, _read_knobs(baseline))
+        return validate_space(space, read_knobs(baseline))
     except ValueError as e:
         raise ConfigError(f"space: {e}") from None
-
-
-def _read_knobs(source: str) -> dict:
-    from train.knobs import read_knobs
-
-    return read_knobs(source)
 
 
 def study_header(conf: dict, objective: dict, space: dict) -> dict:

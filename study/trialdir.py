@@ -6,14 +6,15 @@ import os
 from pathlib import Path
 
 from study.records import Trial
+from train.contract import TRAIN_FILE, TRIAL_FILE
 
 
 def write_trial_dir(directory: Path, trial: Trial) -> Path:
-    """Write train.py and trial.json. trial.json carries the harness spec plus, for people, where
-    the candidate came from; the harness reads only the spec keys."""
+    """Write the candidate (TRAIN_FILE) and its spec (TRIAL_FILE). The spec carries what the harness
+    needs plus, for people, where the candidate came from; the harness reads only the spec keys."""
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "train.py").write_text(trial.candidate.source)
+    (directory / TRAIN_FILE).write_text(trial.candidate.source)
     spec = trial.harness_spec()
     spec["candidate"] = {
         "hypothesis": trial.candidate.hypothesis,
@@ -21,7 +22,7 @@ def write_trial_dir(directory: Path, trial: Trial) -> Path:
         "knobs": trial.candidate.knobs,
         "device_kind": trial.candidate.device_kind,
     }
-    tmp = directory / "trial.json.tmp"
+    tmp = directory / f"{TRIAL_FILE}.tmp"
     tmp.write_text(json.dumps(spec, indent=2, default=str))
-    os.replace(tmp, directory / "trial.json")
+    os.replace(tmp, directory / TRIAL_FILE)
     return directory

@@ -4,8 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from launchers.base import Launcher, Slot
-from searchers.base import Searcher
+from study.core import Launcher, Searcher, Slot
 from study.records import Candidate, Result
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from searchers.base import SearchContext
 from searchers.claude import ClaudeSearcher, ClaudeSearcherError
 from searchers.claude_board import Board
+from study.core import SearchContext
 from study.records import Candidate, Result, Trial
 from tests.conftest import ROOT, run_arena
 from tests.fake_anthropic import (

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from searchers.base import SearchContext
+from study.core import SearchContext
 from study.journal import Journal, JournalState
 from study.loop import StopRules, StudyLoop
 from tests.fakes import InstantLauncher, ListSearcher

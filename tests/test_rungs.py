@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from launchers.base import Launcher, Slot
 from launchers.simulated import SimulatedLauncher
-from searchers.base import SearchContext
 from searchers.rungs import Rung, RungSearcher, check_rung_kinds, parse_rungs
+from study.core import Launcher, SearchContext, Slot
 from study.journal import Journal, JournalState
 from study.loop import StopRules, StudyLoop
 from study.records import INFRA_STATUSES, Candidate, Result, Trial, scaled_objective

@@ -19,12 +19,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from searchers.base import SearchContext
 from searchers.greedy import GreedySearcher
 from searchers.grid import GridSearcher
 from searchers.optuna_search import OptunaSearcher
-from searchers.space import validate_space
+from study.core import SearchContext
 from study.records import Result, Trial
+from study.space import validate_space
 from train.knobs import read_knobs, write_knobs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from launchers.base import LauncherError
 from launchers.simulated import SimulatedLauncher
+from study.core import LauncherError
 from study.records import Candidate, Result, Trial
 from study.trialdir import write_trial_dir
 

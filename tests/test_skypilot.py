@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launchers.base import LauncherError
 from launchers.skypilot import FILE_MARK, SkyPilotLauncher, _decode_files
+from study.core import LauncherError
 from tests.conftest import ROOT, sqlite_uri
 
 SKY_VENV = Path(os.environ.get("ARENA_SKY_VENV", ROOT / ".venv-sky"))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from launchers.base import LauncherError
 from launchers.slurm import SlurmLauncher
+from study.core import LauncherError
 from study.records import Candidate, Trial
 from tests.conftest import ROOT, TINY, make_trial, sqlite_uri, tiny_source
 
@@ -238,8 +238,8 @@ def test_a_harness_that_saw_its_worker_signalled_defers_to_slurms_final_state(tm
     """scancel, the time limit and a failing node all SIGTERM every process of the job; when the
     worker gets it first, the harness writes `cancelled`, and Slurm's final state says which it was
     (the race that made CI call a study's cancel a crash, then a time limit a cancel)."""
-    from launchers.base import Slot
     from launchers.slurm import _Job
+    from study.core import Slot
 
     trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective))
     (Path(trial.directory) / "result.json").write_text(json.dumps(
