@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis import stats  # noqa: E402
+from analysis import stats
 
 # The x axes a staircase can be drawn against, and how each is labelled ({unit}: GPU-h, or CPU
 # slot-h when the slots were CPU shares; see load.compute_unit).

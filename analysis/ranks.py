@@ -10,12 +10,12 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from analysis.curves import arm_styles, axis_name, seed_matrix, staircase  # noqa: E402
-from analysis.stats import Friedman  # noqa: E402
+from analysis.curves import arm_styles, axis_name, seed_matrix, staircase
+from analysis.stats import Friedman
 
 
 def rank_over_time(trials: pd.DataFrame, x: str = "gpu_hours", points: int = 60) -> pd.DataFrame:

@@ -21,11 +21,11 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from analysis.curves import arm_styles, staircase  # noqa: E402
+from analysis.curves import arm_styles, staircase
 
 
 def time_to_target(trials: pd.DataFrame, target: float) -> float:

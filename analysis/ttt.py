@@ -12,12 +12,12 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from analysis import stats  # noqa: E402
-from analysis.curves import arm_styles, staircase, time_unit  # noqa: E402
+from analysis import stats
+from analysis.curves import arm_styles, staircase, time_unit
 
 
 def common_target(per_study: pd.DataFrame) -> float:
