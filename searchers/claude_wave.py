@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anthropic
 
 from searchers.claude_api import (
-    TRUNCATED, CallTimeLimit, deadline, describe, is_stopping, refusal_category, tail_of, with_breakpoints,
+    TRUNCATED, CallTimeLimit, deadline, describe, is_stopping, refusal_category, tail_of,
 )
 from searchers.claude_board import AGENT, BASELINE, RERUN, code_key, unified_diff
 from searchers.claude_cost import Tokens
@@ -156,7 +156,7 @@ class Wave:
             with self.agent.lock:
                 content = handlers[use.name](args)
             return {"type": "tool_result", "tool_use_id": use.id, "content": content}
-        except Exception as e:  # noqa: BLE001 - whatever a tool call does wrong, the model hears it, the study goes on
+        except Exception as e:  # whatever a tool call does wrong, the model hears it, the study goes on
             if not isinstance(e, ToolError):
                 log.exception("tool %s failed on %r", use.name, args)
                 e = ToolError(f"{use.name} failed: {type(e).__name__}: {e}; check the arguments")
