@@ -5,6 +5,7 @@ before the study starts; these helpers take a validated one.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,8 @@ from study.core import SearchContext
 from study.records import Candidate
 from study.space import plain, validate_space
 
-__all__ = ["plain", "validate_space", "levels", "key", "describe", "fmt", "candidate", "MAX_IMPLICIT_LEVELS"]
+__all__ = ["plain", "validate_space", "levels", "key", "describe", "significant", "fmt", "candidate",
+           "MAX_IMPLICIT_LEVELS"]
 
 # An int range this short is its own level list, so `DEPTH: {low: 2, high: 6}` can be gridded.
 MAX_IMPLICIT_LEVELS = 16
