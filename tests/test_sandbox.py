@@ -834,6 +834,6 @@ def test_an_unprivileged_parent_holds_processes_disk_and_counts_cpu(open_world, 
     assert results["bomb"]["mechanisms"]["processes"] == "rlimit"
     # RLIMIT_NPROC counts the whole user's tasks at confine() time plus 20: others ending lets it run a few more
     assert results["bomb"]["report"]["stopped"] is not None and results["bomb"]["report"]["children"] < 40
-    fill = results["fill"]
-    assert fill["killed_for"] == "disk" or fill["report"]["stopped"] is not None  # EFBIG at 16 MB
+    filled = results["fill"]
+    assert filled["killed_for"] == "disk" or filled["report"]["stopped"] is not None  # EFBIG at 16 MB
     assert 0.8 <= results["burn"]["cpu"] <= 10.0
