@@ -1,0 +1,263 @@
+"""searcher=hybrid: an Optuna sampler and the Claude agent (through the real `anthropic` SDK against
+the scripted Messages API of tests/fake_anthropic.py) in one study loop, on a synthetic objective
+whose score is a known function of the train.py a trial runs."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from launchers.base import Launcher, Slot
+from searchers.base import SearchContext
+from searchers.claude import ClaudeSearcher
+from searchers.hybrid import AGENT, SAMPLER, HybridSearcher
+from study.journal import Journal, JournalState
+from study.loop import StopRules, StudyLoop
+from study.records import Result, Trial
+from tests.fake_anthropic import EDITOR, FakeMessagesAPI, KnobAgent, state_text, tool_use, wave_number
+from train.knobs import read_knobs, write_knobs
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-ant-api03-arenaTEST-hybrid-0123456789abcdefghijklmnopqrstuvwxyz"
+CONF = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml"))
+HYBRID = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "hybrid.yaml"))
+TINY_KNOBS = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"))["knobs"]
+BASELINE = write_knobs((ROOT / "train" / "train.py").read_text(), TINY_KNOBS)
+SPACE = {"MATRIX_LR": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
+         "EMBEDDING_LR": {"type": "float", "low": 0.05, "high": 3.0, "log": True}}
+OBJECTIVE = {"budget_kind": "steps", "budget": 8, "hard_limit_s": 60, "warmup_steps": 1, "corpus": "austen",
+             "vocab_size": 512}
+CODE_EDIT = "_hybrid_code_edit = True  # a code change, not a knob\n"
+
+
+def synthetic_val_bpb(source: str) -> float:
+    """Best at MATRIX_LR 0.03, EMBEDDING_LR 0.5; the agent's code edit is worth 0.2 anywhere."""
+    knobs = read_knobs(source)
+    bowl = math.log10(knobs["MATRIX_LR"] / 0.03) ** 2 + math.log10(knobs["EMBEDDING_LR"] / 0.5) ** 2
+    return 2.0 + bowl - (0.2 if "_hybrid_code_edit" in source else 0.0)
+
+
+class SyntheticLauncher(Launcher):
+    name = "synthetic"
+
+    def __init__(self, n_slots: int, seconds: float = 0.002):
+        self._slots = [Slot(name=f"s{i}") for i in range(n_slots)]
+        self.seconds = seconds
+        self.running: dict[str, tuple[float, Trial]] = {}
+
+    def slots(self):
+        return self._slots
+
+    def submit(self, trial, slot):
+        self.running[trial.trial_id] = (time.time() + self.seconds * (1 + trial.index % 3), trial)
+
+    def wait(self, timeout):
+        deadline = time.time() + timeout
+        while not (done := [t for t, (end, _) in self.running.items() if end <= time.time()]):
+            if time.time() >= deadline:
+                return []
+            time.sleep(0.001)
+        return [(t, Result(status="ok", val_bpb=synthetic_val_bpb(self.running.pop(t)[1].candidate.source)))
+                for t in done]
+
+    def cancel(self, trial_id):
+        if trial_id in self.running:
+            self.running[trial_id] = (0.0, self.running[trial_id][1])
+
+
+class EditingAgent(KnobAgent):
+    """Scales MATRIX_LR in every candidate (knob proposals); in wave `edit_wave` its c1 also gets a
+    line of new code (a code edit)."""
+
+    def __init__(self, edit_wave: int | None = 2):
+        super().__init__("MATRIX_LR", [0.8, 1.2, 0.9, 1.1])
+        self.edit_wave = edit_wave
+
+    def edit(self, body):
+        status, message, headers = super().edit(body)
+        if wave_number(body) == self.edit_wave:
+            message["content"].append(tool_use(EDITOR, {"command": "insert", "path": "c1/train.py",
+                                                        "insert_line": 0, "insert_text": CODE_EDIT}))
+        return status, message, headers
+
+
+def build(api: FakeMessagesAPI, sampler: str = "cmaes", share: float = 0.7) -> HybridSearcher:
+    agent_conf = {k: v for k, v in CONF.items() if k != "_target_"}
+    agent_conf.update(name="hybrid-agent", max_retries=0, wave_backoff_s=0, background=False)
+    agent = ClaudeSearcher(**agent_conf, http_client=api.client())
+    return HybridSearcher(agent=agent, sampler=sampler, share=share, sampler_options=HYBRID["sampler_options"]
+                          if sampler == "cmaes" else {"n_startup_trials": 4})
+
+
+def make_loop(study_dir: Path, searcher, n_slots: int, max_trials: int) -> StudyLoop:
+    ctx = SearchContext(baseline_source=BASELINE, baseline_knobs=read_knobs(BASELINE), space=SPACE, seed=0,
+                        study_dir=str(study_dir), objective=OBJECTIVE, device_kinds={"cpu": {"count": n_slots}})
+    return StudyLoop(searcher=searcher, launcher=SyntheticLauncher(n_slots), ctx=ctx, objective=OBJECTIVE,
+                     study_dir=study_dir, seed=0, rules=StopRules(max_trials=max_trials))
+
+
+def run_hybrid(study_dir: str, max_trials: int, edit_wave: int | None = 2, sampler: str = "cmaes"):
+    """One hybrid study; the kill -9 test runs this in a process of its own."""
+    os.environ["ANTHROPIC_API_KEY"] = KEY
+    api = FakeMessagesAPI(policy=EditingAgent(edit_wave))
+    searcher = build(api, sampler=sampler)
+    state = make_loop(Path(study_dir), searcher, 4, max_trials).run({"study_id": "hybrid"})
+    return searcher, api, state
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+
+
+def sides(journal: Path) -> Counter:
+    return Counter(t.candidate.meta["hybrid_side"] for t in JournalState.load(journal).trials.values())
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
+def test_the_sampler_proposes_its_share_and_both_sides_hear_every_result(tmp_path, sampler):
+    searcher, api, state = run_hybrid(str(tmp_path), 20, edit_wave=None, sampler=sampler)
+    split = sides(tmp_path / "journal.jsonl")
+    assert split[SAMPLER] + split[AGENT] == 20
+    assert abs(split[SAMPLER] - 0.7 * 20) <= 1, split
+    assert searcher.summary()["hybrid_sampler_trials"] == split[SAMPLER]
+
+    history = state.history
+    assert set(searcher.agent.board.runs) == {t.trial_id for t, _ in history}, "the agent hears every result"
+    (key, only), = searcher.samplers.items()  # no code edit: one code base, one sampler
+    stored = only.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(stored) == len(history), "the sampler hears every result, the agent's too"
+    values = sorted(t.value for t in stored)
+    assert values == pytest.approx(sorted(r.val_bpb for _, r in history))
+    enqueued = [t for t, _ in history if t.candidate.meta.get("enqueued")]
+    assert enqueued, "the agent's knob proposals run as the sampler's own trials"
+    for trial in enqueued:
+        number = trial.candidate.meta["optuna_trial"]
+        assert stored[[t.number for t in stored].index(number)].params["MATRIX_LR"] == \
+            pytest.approx(read_knobs(trial.candidate.source)["MATRIX_LR"])
+
+
+def test_the_agent_sees_the_samplers_state_in_its_prompt(tmp_path):
+    searcher, api, _ = run_hybrid(str(tmp_path), 40, edit_wave=None)
+    prompts = [state_text(r) for r in api.requests if len(r["messages"]) == 1]
+    assert all("## The sampler beside you (CMA-ES; it proposes 70% of the trials" in p for p in prompts)
+    assert "It tunes MATRIX_LR, EMBEDDING_LR on top of the code of the baseline" in prompts[0]
+    assert "CMA-ES search distribution: not formed yet" in prompts[0]
+    last = prompts[-1]
+    assert "Its top configurations" in last and "- val_bpb 2.0" in last
+    assert "CMA-ES search distribution (generation" in last, last[-1500:]
+    assert "MATRIX_LR: mean " in last and "1-sigma range [" in last
+    sampler = next(iter(searcher.samplers.values()))
+    injected = [t for t in sampler.study.get_trials(deepcopy=False)
+                if "fixed_params" in t.system_attrs and "cma:generation" in t.system_attrs]
+    assert injected, "the agent's knob proposals join CMA-ES's generations"
+
+
+def test_a_code_edit_that_becomes_the_best_is_the_code_the_sampler_tunes(tmp_path):
+    searcher, api, state = run_hybrid(str(tmp_path), 30, edit_wave=2)
+    edits = [t for t, _ in state.history if CODE_EDIT in t.candidate.source and t.candidate.meta["hybrid_side"] == AGENT]
+    assert edits, "the agent's wave 2 made a code edit"
+    first_edit = min(edits, key=lambda t: t.index)
+    later = [t for t, _ in state.history if t.candidate.meta["hybrid_side"] == SAMPLER and t.index > first_edit.index + 4]
+    assert later and all(CODE_EDIT in t.candidate.source for t in later), "the sampler moved onto the edited code"
+    assert len(searcher.samplers) == 2 and searcher.active == first_edit.candidate.meta["code_base"]
+    bases = Counter(t.candidate.meta["code_base"] for t, _ in state.history)
+    assert len(bases) == 2
+    summary = searcher.summary()
+    assert summary["hybrid_agent_improvements"] >= 1 and summary["hybrid_code_bases"] == 2
+    assert state.best[1].val_bpb < 1.95 and CODE_EDIT in state.best[0].candidate.source
+
+
+def test_kill_9_mid_hybrid_then_resume_keeps_the_split_and_both_sides_state(tmp_path):
+    code = f"from tests.test_hybrid import run_hybrid; run_hybrid({str(tmp_path)!r}, 400)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+    journal = tmp_path / "journal.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        js = JournalState.load(journal)
+        if len(js.results) >= 14 and js.in_flight():
+            break
+        assert proc.poll() is None, "the study ended before it could be killed"
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the hybrid study did not get far enough within 240 s")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = JournalState.load(journal)
+
+    total = len(before.trials) + 12
+    searcher, api, state = run_hybrid(str(tmp_path), total)
+    after = JournalState.load(journal)
+    for tid, result in before.results.items():
+        assert after.results[tid].to_dict() == result.to_dict()
+    split = sides(journal)
+    assert sum(split.values()) == total and abs(split[SAMPLER] - 0.7 * total) <= 1.5, split
+    assert set(searcher.agent.board.runs) == set(after.results), "the agent's scoreboard was rebuilt"
+    for key, sampler in searcher.samplers.items():  # each code base's study holds each of its results once
+        finished = [t for t, r in after.finished() if t.candidate.meta["code_base"] == key and r.status == "ok"]
+        stored = sampler.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        assert len(stored) == len(finished), key
+    events = Journal.read(journal)
+    submitted = Counter(e["trial"]["trial_id"] for e in events if e["event"] == "submitted")
+    assert all(submitted[tid] == 1 for tid in before.results)
+
+
+def test_bad_hybrid_settings_are_refused():
+    api = FakeMessagesAPI()
+    with pytest.raises(ValueError, match="sampler must be cmaes or tpe"):
+        build(api, sampler="grid")
+    with pytest.raises(ValueError, match=r"share must be in \[0, 1\]"):
+        build(api, share=1.5)
+
+
+@pytest.mark.slow
+def test_a_hybrid_study_end_to_end_logs_each_sides_share(tmp_path, monkeypatch):
+    """`run_study` with conf/searcher/hybrid.yaml on the simulated launcher, real tiny training."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from mlflow.tracking import MlflowClient
+
+    from study.runner import run_study
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "searcher=hybrid", "objective=tiny", "progress=false", "launcher=simulated", "launcher.slots=3",
+            "study.max_trials=7", "searcher.agent.confirm_seeds=0", f"study.dir={tmp_path}/study",
+            f"mlflow.tracking_uri={uri}"])
+    api = FakeMessagesAPI(policy=EditingAgent(edit_wave=None))
+    agent = instantiate(cfg.searcher.agent, http_client=api.client(), max_retries=0, _convert_="all")
+    searcher = instantiate(cfg.searcher, agent=agent, _convert_="all")
+    state = run_study(cfg, searcher=searcher)
+
+    finished = JournalState.load(tmp_path / "study" / "journal.jsonl").finished()
+    assert len(finished) == 7 and all(r.status == "ok" for _, r in finished), [r.error for _, r in finished]
+    split = Counter(t.candidate.meta["hybrid_side"] for t, _ in finished)
+    assert split == {SAMPLER: 5, AGENT: 2}  # 0.7 of 7, rounded by the largest-deficit rule
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.study.experiment).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("arena.kind") == "study")
+    metrics = parent.data.metrics
+    assert metrics["hybrid_sampler_trials"] == 5 and metrics["hybrid_agent_trials"] == 2
+    assert metrics["hybrid_sampler_trial_share"] == pytest.approx(5 / 7)
+    wins = metrics["hybrid_sampler_improvements"] + metrics["hybrid_agent_improvements"]
+    assert wins == len(parent_staircase(client, parent)) - 1  # every step of the staircase is credited
+    assert metrics["agent_usd_total"] > 0
+    proposers = Counter(r.data.tags["proposer"] for r in runs if r.data.tags.get("arena.kind") == "trial")
+    assert proposers == {SAMPLER: 5, AGENT: 2}
+    assert state.best is not None
+
+
+def parent_staircase(client, parent) -> list:
+    return client.get_metric_history(parent.info.run_id, "best_val_bpb")
