@@ -30,7 +30,8 @@ def set_rlimits(policy, uid: int) -> None:
 
     cap(resource.RLIMIT_CORE, 0)  # a core dump would write the process's memory outside the scratch
     cap(resource.RLIMIT_FSIZE, policy.disk_mb * 2**20)
-    cap(resource.RLIMIT_NPROC, _user_tasks(uid) + policy.max_processes)
+    if uid != 0:  # the kernel never applies RLIMIT_NPROC to uid 0; counting would cost ~15 ms
+        cap(resource.RLIMIT_NPROC, _user_tasks(uid) + policy.max_processes)
     if policy.cpu_seconds:
         soft = int(policy.cpu_seconds) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 5))  # SIGXCPU, then SIGKILL 5 s later
@@ -39,11 +40,11 @@ def set_rlimits(policy, uid: int) -> None:
 def _user_tasks(uid: int) -> int:
     """Threads count against RLIMIT_NPROC too; this is every task of `uid`."""
     count = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
             try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    count += procfs.threads(name)
+                if entry.stat().st_uid == uid:
+                    count += procfs.threads(entry.name)
             except OSError:
                 pass
     return count
