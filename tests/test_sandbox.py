@@ -304,6 +304,48 @@ def _accepts(listener) -> bool:
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_a_trial_cannot_type_into_its_terminal(world, level):
+    """TIOCSTI pushes characters into a terminal's input as if its user typed them (a command for
+    the operator's shell): refused even on the trial's own controlling terminal."""
+    import dataclasses
+    import fcntl
+    import termios
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    policy = dataclasses.replace(world.policy(), keep_fds=(10,))
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            os.dup2(os.open(os.ttyname(slave), os.O_RDWR), 10)  # now its controlling terminal
+            confine(policy, level)
+            (world.scratch / REPORT).write_text(json.dumps({"typed": attempt(
+                lambda: [fcntl.ioctl(10, termios.TIOCSTI, c) for c in (b"!", b"\n")])}))
+            code = 0
+        finally:
+            os._exit(code)
+    tree = ProcessTree(pid, policy, level)
+    world.trees.append(tree)
+    assert wait(pid, 60) == 0
+    report = json.loads((world.scratch / REPORT).read_text())
+    os.set_blocking(slave, False)
+    try:
+        typed = os.read(slave, 10)
+    except BlockingIOError:
+        typed = b""
+    os.close(master)
+    os.close(slave)
+    if level == "none":
+        assert typed == b"!\n"
+    else:
+        assert report["typed"].startswith("denied") and typed == b""
+
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_a_trial_signals_nothing_outside_it(world, outsider, level):
     parent = os.getpid()
 

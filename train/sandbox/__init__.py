@@ -123,7 +123,7 @@ def gpu_devices() -> tuple[Path, ...]:
     return tuple(sorted(p for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
 
 
-BASE_DEVICES = tuple(Path("/dev") / n for n in ("null", "zero", "full", "random", "urandom", "tty"))
+BASE_DEVICES = tuple(Path("/dev") / n for n in ("null", "zero", "full", "random", "urandom"))
 
 
 # ----------------------------------------------------------------------------------------------

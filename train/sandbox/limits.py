@@ -28,7 +28,9 @@ def set_rlimits(policy, uid: int) -> None:
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(limit, (value, value))
 
-    cap(resource.RLIMIT_CORE, 0)  # a core dump would write the process's memory outside the scratch
+    # No core dump: a file one would land outside the scratch, and a core_pattern pipe ignores a
+    # limit of 0; 1 is the value the kernel reads as "never" for both.
+    cap(resource.RLIMIT_CORE, 1)
     cap(resource.RLIMIT_FSIZE, policy.disk_mb * 2**20)
     if uid != 0:  # the kernel never applies RLIMIT_NPROC to uid 0; counting would cost ~15 ms
         cap(resource.RLIMIT_NPROC, _user_tasks(uid) + policy.max_processes)

@@ -5,7 +5,9 @@ and (where no read-only mount does it) changes to files' metadata. Each is refus
 
 `socketpair` stays allowed: it connects only the two ends it creates (pipes between a trial's own
 processes, e.g. multiprocessing.Pipe). `clone3` answers ENOSYS, so the C library falls back to
-`clone`, whose flags a filter can read (clone3 passes them in memory it cannot).
+`clone`, whose flags a filter can read (clone3 passes them in memory it cannot). Of ioctl only
+TIOCSTI and TIOCLINUX are refused: they would type into, or take over, a terminal the sandbox
+inherited.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ _X86_64 = (0xC000003E, {
     "finit_module": 313, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
     "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
     "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
-    "clone": 56, "clone3": 435,
+    "clone": 56, "clone3": 435, "ioctl": 16,
     "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94, "utime": 132, "utimes": 235,
     "fchownat": 260, "futimesat": 261, "fchmodat": 268, "utimensat": 280, "setxattr": 188, "lsetxattr": 189,
     "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "fchmodat2": 452,
@@ -39,7 +41,7 @@ _AARCH64 = (0xC00000B7, {
     "finit_module": 273, "kexec_file_load": 294, "bpf": 280, "userfaultfd": 282, "io_uring_setup": 425,
     "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
     "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442,
-    "clone": 220, "clone3": 435,
+    "clone": 220, "clone3": 435, "ioctl": 29,
     "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55, "utimensat": 88, "setxattr": 5,
     "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15, "fremovexattr": 16,
     "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
@@ -56,6 +58,8 @@ DENIED = ("socket", "ptrace", "pivot_root", "chroot", "mount", "umount2", "init_
 METADATA = ("chmod", "fchmod", "chown", "fchown", "lchown", "utime", "utimes", "fchownat", "futimesat",
             "fchmodat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
             "fremovexattr", "fchmodat2", "setxattrat", "removexattrat")
+# ioctls that push input into a terminal (typed as if by its user) or take over the console.
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 X32_SYSCALL_BIT = 0x40000000
 
@@ -82,7 +86,10 @@ def program(deny_metadata: bool) -> list[tuple[int, int, int, int]]:
         if name in numbers:  # a newer machine lacks the old calls (aarch64 has no chmod, only fchmodat)
             ops += [(_JEQ, 0, 1, numbers[name]), (_RET, 0, 0, _errno(errno.EPERM))]
     ops += [(_JEQ, 0, 1, numbers["clone3"]), (_RET, 0, 0, _errno(errno.ENOSYS))]
-    ops += [(_JEQ, 0, 3, numbers["clone"]), (_LD_ABS_W, 0, 0, 16), (_JSET, 0, 1, NAMESPACE_FLAGS),
+    ops += [(_JEQ, 0, 4, numbers["clone"]), (_LD_ABS_W, 0, 0, 16), (_JSET, 0, 1, NAMESPACE_FLAGS),
+            (_RET, 0, 0, _errno(errno.EPERM)),
+            (_RET, 0, 0, _RET_ALLOW)]
+    ops += [(_JEQ, 0, 4, numbers["ioctl"]), (_LD_ABS_W, 0, 0, 24), (_JEQ, 1, 0, TIOCSTI), (_JEQ, 0, 1, TIOCLINUX),
             (_RET, 0, 0, _errno(errno.EPERM))]
     ops += [(_RET, 0, 0, _RET_ALLOW)]
     return ops
