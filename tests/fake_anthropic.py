@@ -411,3 +411,117 @@ class KnobAgent:
                 for e in edits]
         return message(thinking(), tool_use("keep_note", {"text": f"wave {wave_number(body)}: tried {self.knob}"}),
                        *uses, cache_read=4800, output_tokens=300)
+
+
+def _section(state: str, title: str) -> list[str]:
+    """The lines of a '## title' section of the wave's state prompt."""
+    match = re.search(rf"## {re.escape(title)}[^\n]*\n(.*?)(?:\n\n|\Z)", state, re.S)
+    return match.group(1).splitlines() if match else []
+
+
+class PopulationAgent:
+    """A scripted researcher that uses the whole tool set the way the program asks: each wave it
+    reflects on finished trials, combines the best two siblings that tuned different knobs (and
+    submits the merge), re-runs the incumbent on the second wave, and sweeps both knobs (values
+    never tried before) to fill the rest of the wave. `latency_s` is thinking time per call."""
+
+    KNOBS = ("MATRIX_LR", "WEIGHT_DECAY")
+
+    def __init__(self, latency_s: float = 0.0):
+        self.latency_s = latency_s
+        self.tried = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict) -> tuple:
+        time.sleep(self.latency_s)
+        if last_tool_results(body):  # the wave's tools ran: it ends here
+            return message(thinking(), text("Submitted; the notes say what is next."), output_tokens=60)
+        state, k, wave = state_text(body), wave_size(body), wave_number(body)
+        uses = [tool_use("reflect", {"trial_id": t.strip(), "text": f"seen in wave {wave}"})
+                for t in ",".join(_section(state, "Finished trials without your reflection")).split(",")[:3] if t.strip()]
+        files = [f"c{i}" for i in range(1, k + 1)]
+        pair = self._siblings(state)
+        if pair and k >= 2:
+            uses += [tool_use("combine", {"candidate": files[0], "first": pair[0], "second": pair[1]}),
+                     tool_use("submit_candidate", {"candidate": files[0], "hypothesis": f"{pair[0]} + {pair[1]}"})]
+            files = files[1:]
+        elites = re.findall(r"^- (t\d+) \((?:incumbent|elite)\)", "\n".join(_section(state, "The frontier")), re.M)
+        if wave == 2 and elites:
+            uses.append(tool_use("rerun", {"trial_id": elites[0], "seeds": 1}))
+        left = len(files)
+        for file, knob, count in zip(files[::-1], self.KNOBS, (left - left // 2, left // 2)):
+            if count:
+                with self.lock:
+                    values = [round((0.01 if knob == "MATRIX_LR" else 0.02) * (1 + 0.137 * next(self.tried)), 6)
+                              for _ in range(min(8, count))]
+                uses.append(tool_use("sweep", {"candidate": file, "knobs": {knob: values}, "hypothesis": f"tune {knob}"}))
+        uses.append(tool_use("keep_note", {"text": f"wave {wave}: swept both knobs", "mode": "replace"}))
+        return message(thinking(), *uses, output_tokens=300)
+
+    def _siblings(self, state: str) -> tuple[str, str] | None:
+        """The best two ok trials of the results table with the same parent that tuned different knobs."""
+        rows = [line.split("\t") for line in state.splitlines() if re.match(r"t\d+\tok\t", line)]
+        tuned = [(float(r[2]), r[0], r[9], re.search(r"tune (\w+)", r[11])) for r in rows if len(r) > 11]
+        tuned = sorted((v, t, parent, m.group(1)) for v, t, parent, m in tuned if m)
+        for i, (_, a, parent, knob) in enumerate(tuned):
+            for _, b, other_parent, other_knob in tuned[i + 1:]:
+                if parent == other_parent and knob != other_knob:
+                    return a, b
+        return None
+
+
+def population_score(source: str, seed: int) -> float:
+    """A smooth val_bpb landscape over two knobs plus seed noise (sigma ~0.003), deterministic."""
+    import math as _math
+
+    from train.knobs import read_knobs as _read
+
+    knobs = _read(source)
+    lr, wd = float(knobs["MATRIX_LR"]), float(knobs["WEIGHT_DECAY"])
+    noise = (int(hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF - 0.5) * 0.01
+    return 2.0 + 0.3 * _math.log(lr / 0.025) ** 2 + 2.0 * (wd - 0.1) ** 2 + noise
+
+
+def simulated_study(tmp_path, api: FakeMessagesAPI, slots: int = 8, max_trials: int = 40, trial_seconds: float = 32.0,
+                    sleep: bool = False, **overrides):
+    """`run_study` with the claude searcher on the simulated launcher: `slots` H100 slots, trials of
+    `trial_seconds` virtual seconds scored by `population_score`. With `sleep`, each trial also
+    takes that long for real (8 real workers), so the model's real thinking overlaps the trials as
+    it would on real slots. Returns the searcher, the finished (trial, result) pairs, and the slots'
+    idle share before the last submission: over the whole study, and after the first agent
+    candidate started (the first wave has nothing to overlap with)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from launchers.simulated import SimulatedLauncher
+    from study.journal import JournalState
+    from study.records import Result
+    from study.runner import run_study
+    from tests.conftest import ROOT
+
+    def runner(trial_dir, trial, slot):
+        if sleep:
+            time.sleep(trial_seconds)
+        return Result(status="ok", val_bpb=population_score(trial.candidate.source, trial.harness_spec()["seed"]),
+                      training_seconds=trial_seconds, total_seconds=trial_seconds, num_steps=8,
+                      tokens_per_second=4096.0, peak_memory_mb=900.0)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "searcher=claude", "objective=tiny", "~space", "progress=false", "launcher=simulated",
+            f"launcher.slots={slots}", f"study.max_trials={max_trials}", f"study.dir={tmp_path}/study",
+            "mlflow.enabled=false"])
+    options = {"max_retries": 2, "timeout_s": 0.3, "wave_backoff_s": 0, **overrides}
+    searcher = instantiate(cfg.searcher, http_client=api.client(), _convert_="all", **options)
+    launcher = SimulatedLauncher(slots=slots, kind="H100", runner=runner, real_workers=slots if sleep else 1,
+                                 assume_full_budget=sleep)
+    run_study(cfg, searcher=searcher, launcher=launcher)
+    finished = JournalState.load(tmp_path / "study" / "journal.jsonl").finished()
+    last_submit = max(t.submitted_at for t, _ in finished)
+    first_agent = min(t.submitted_at for t, _ in finished if t.candidate.meta.get("role") == "agent")
+
+    def idle_share(start: float) -> float:
+        busy = sum(max(0.0, min(r.finished_at, last_submit) - max(r.started_at, start)) for _, r in finished)
+        return 1.0 - busy / (slots * (last_submit - start)) if last_submit > start else 0.0
+
+    return searcher, finished, {"all": idle_share(0.0), "after_first_wave": idle_share(first_agent)}

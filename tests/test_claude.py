@@ -22,7 +22,8 @@ from study.records import Candidate, Result, Trial
 from tests.conftest import ROOT, run_arena
 from tests.fake_anthropic import (
     EDITOR, ENV_DUMP, Drop, FakeMessagesAPI, Hang, KnobAgent, PromptCache, bad_key, credit_too_low, empty_reply,
-    knob_line, message, overloaded, rate_limited, refusal, spend_limit, text, thinking, tool_use, truncated,
+    PopulationAgent, knob_line, simulated_study, message, overloaded, rate_limited, refusal, spend_limit, text,
+    thinking, tool_use, truncated,
 )
 from train.knobs import read_knobs, write_knobs
 
@@ -944,3 +945,28 @@ def test_asks_hand_out_reruns_and_queued_candidates_while_the_model_thinks(tmp_p
     searcher._thinking.result(timeout=60)
     assert len(searcher.ask(8, ctx)) >= 1
     searcher.close()
+
+
+# -- a whole study on the simulated clock ---------------------------------------------------------------
+def test_a_simulated_study_on_8_slots_uses_the_frontier_and_survives_what_the_api_returns(tmp_path):
+    api = FakeMessagesAPI([refusal("frontier_llm"), Hang(30.0), truncated(thinking(), tool_use(
+        EDITOR, {"command": "create", "path": "c1/train.py", "file_text": "DEPTH = 1\n"})), empty_reply()],
+        policy=PopulationAgent(), cache=True)
+    APIS.append(api)
+    searcher, finished, idle = simulated_study(tmp_path, api)
+    summary = searcher.summary()
+    print(f"\n8 simulated slots, 40 trials: slot idle share {idle['all']:.1%} before the last submission, "
+          f"{idle['after_first_wave']:.1%} after the first wave's candidates; asks that waited for the model "
+          f"{summary['agent_idle_waits']} ({summary['agent_idle_wait_seconds']:.2f} s); waves {summary['agent_waves']}")
+    assert len(finished) == 40 and all(r.status == "ok" for _, r in finished), "no trial lost"
+    assert summary["agent_refusals_frontier_llm"] == 1 and summary["agent_truncated_replies"] == 1
+    assert summary["agent_empty_replies"] == 1
+    assert any(h["x-stainless-retry-count"] == "1" for h in api.headers), "the hung call was retried"
+    for tool in ("combine", "sweep", "rerun", "reflect"):
+        assert summary[f"agent_tool_{tool}"] >= 1, tool
+    assert {"baseline", "agent", "confirm"} <= {t.candidate.meta.get("role") for t, _ in finished}
+    assert any(t.candidate.meta.get("reruns") for t, _ in finished), "the agent's re-run ran"
+    assert any(t.candidate.meta.get("combines") for t, _ in finished), "a merged candidate ran"
+    assert [t.seed for t, _ in finished if t.candidate.meta.get("role") == "baseline"][:3] == [0, 1, 2]
+    assert searcher.board.sigma(None) is not None and searcher.board.best_id is not None
+    assert summary["agent_cache_read_tokens"] > 0
