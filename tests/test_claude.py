@@ -25,6 +25,7 @@ from tests.fake_anthropic import (
     PopulationAgent, knob_line, simulated_study, message, overloaded, rate_limited, refusal, spend_limit, text,
     thinking, tool_use, truncated,
 )
+from train.contract import LOG_FILE
 from train.knobs import read_knobs, write_knobs
 
 KEY = "sk-ant-api03-arenaTEST-0123456789abcdefghijklmnopqrstuvwxyz-SECRETSECRET"
@@ -78,7 +79,7 @@ def started(ctx: SearchContext, searcher: ClaudeSearcher, cand: Candidate, index
 
 
 def finish(searcher, trial: Trial, val_bpb: float | None, status: str = "ok", log: str = "step 8 loss 5.1") -> None:
-    (Path(trial.directory) / "run.log").write_text(log + "\n")
+    (Path(trial.directory) / LOG_FILE).write_text(log + "\n")
     searcher.tell(trial, Result(status=status, val_bpb=val_bpb, device_kind=trial.device_kind,
                                 error=None if status == "ok" else "Traceback: boom"))
 
@@ -793,7 +794,7 @@ def test_two_waves_end_to_end_with_real_training(tmp_path, monkeypatch):
     # the key reached no trial (a candidate printed its environment into its log) and no file
     dumped = [t for t, _ in finished if ENV_DUMP in (Path(t.directory) / "train.py").read_text()]
     assert len(dumped) == 1 and os.environ["ANTHROPIC_API_KEY"] == KEY
-    log = (Path(dumped[0].directory) / "run.log").read_text()
+    log = (Path(dumped[0].directory) / LOG_FILE).read_text()
     assert "TRIAL_ENV" in log and "'PATH'" in log and "ANTHROPIC" not in log
     for p in tmp_path.rglob("*"):
         if p.is_file():
