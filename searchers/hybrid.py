@@ -34,17 +34,16 @@ import dataclasses
 import hashlib
 import logging
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 from optuna.trial import TrialState
 
 from searchers import space as sp
-from searchers.base import SearchContext, Searcher
 from searchers.claude import ClaudeSearcher
 from searchers.claude_board import code_key
 from searchers.optuna_search import LABELS, OptunaSearcher
+from study.core import KnobError, SearchContext, Searcher
 from study.records import INFRA_STATUSES, Candidate, Result, Trial
-from train.knobs import KnobError, read_knobs, write_knobs
 
 log = logging.getLogger("arena.hybrid")
 
@@ -197,7 +196,7 @@ class HybridSearcher(Searcher):
 
     def _on_active_base(self, candidate: Candidate) -> Candidate:
         """OptunaSearcher writes its values into the baseline: move them onto the code it tunes."""
-        candidate.source = write_knobs(self.base_source[self.active], candidate.knobs)
+        candidate.source = self.ctx.with_knobs(candidate.knobs, self.base_source[self.active])
         return self._mark(candidate, SAMPLER)
 
     def _mark(self, candidate: Candidate, side: str) -> Candidate:
@@ -253,7 +252,7 @@ class HybridSearcher(Searcher):
 
     def _space_values(self, source: str) -> dict[str, Any] | None:
         try:
-            knobs = read_knobs(source)
+            knobs = SearchContext.knobs_of(source)
         except (KnobError, SyntaxError, ValueError):
             return None
         if any(k not in knobs for k in self.space):
@@ -263,7 +262,7 @@ class HybridSearcher(Searcher):
     def _base_key(self, source: str) -> str:
         """Equal for two train.py that differ only in the sampler's knobs (and comments, layout)."""
         try:
-            fixed = write_knobs(source, {k: self.ctx.baseline_knobs[k] for k in self.space})
+            fixed = self.ctx.with_knobs({k: self.ctx.baseline_knobs[k] for k in self.space}, source)
         except (KnobError, SyntaxError, ValueError):
             fixed = source
         return hashlib.sha1(code_key(fixed).encode()).hexdigest()[:16]

@@ -182,7 +182,11 @@ def scaled_objective(objective: dict[str, Any], fraction: float) -> dict[str, An
     budget = objective["budget"] * fraction
     scaled["budget"] = budget if objective["budget_kind"] == "seconds" else max(1, int(round(budget)))
     limit = objective["hard_limit_s"]
-    scaled["hard_limit_s"] = max(limit * fraction, min(limit, MIN_HARD_LIMIT_S))
+    per_unit = objective.get("hard_limit_per_unit_s")
+    if per_unit:  # a limit derived from the budget (allowance + per unit) follows the shorter budget
+        scaled["hard_limit_s"] = round(limit - (objective["budget"] - scaled["budget"]) * per_unit, 1)
+    else:
+        scaled["hard_limit_s"] = max(limit * fraction, min(limit, MIN_HARD_LIMIT_S))
     scaled["budget_fraction"] = fraction
     return scaled
 

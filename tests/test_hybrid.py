@@ -16,10 +16,9 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from launchers.base import Launcher, Slot
-from searchers.base import SearchContext
 from searchers.claude import ClaudeSearcher
 from searchers.hybrid import AGENT, SAMPLER, HybridSearcher
+from study.core import Launcher, SearchContext, Slot
 from study.journal import Journal, JournalState
 from study.loop import StopRules, StudyLoop
 from study.records import Result, Trial

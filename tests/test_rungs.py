@@ -232,6 +232,9 @@ def test_shorter_rungs_are_complete_runs_on_a_fraction_of_the_budget():
     assert steps["budget"] == 150 and steps["hard_limit_s"] == 150 and steps["budget_fraction"] == 0.25
     seconds = scaled_objective({"budget_kind": "seconds", "budget": 300, "hard_limit_s": 900}, 0.1)
     assert seconds["budget"] == pytest.approx(30) and seconds["hard_limit_s"] == pytest.approx(90)
+    derived = scaled_objective({"budget_kind": "steps", "budget": 600, "hard_limit_s": 360,
+                                "hard_limit_per_unit_s": 0.5}, 0.25)
+    assert derived["budget"] == 150 and derived["hard_limit_s"] == 60 + 150 * 0.5, "the allowance stays whole"
     tiny = scaled_objective({"budget_kind": "steps", "budget": 8, "hard_limit_s": 60}, 0.25)
     assert tiny["budget"] == 2 and tiny["hard_limit_s"] == 60, "start-up and evaluation still need their minute"
 
