@@ -192,8 +192,10 @@ class ClaudeSearcher(Searcher):
             if result.status in INFRA_STATUSES:  # the infrastructure, not the candidate, failed: run it again
                 self.issued.discard(_job_key(c, self.board))
                 if c.meta.get("role") not in (BASELINE, CONFIRM):
-                    self.queue.insert(0, c)
-                    self.proposed[run.code] = c
+                    free = {"agent_usd": 0.0, **dict.fromkeys(Tokens().as_meta(), 0), "requeued": trial.trial_id}
+                    again = Candidate.from_dict({**c.to_dict(), "meta": {**c.meta, **free}})  # paid with the lost trial
+                    self.queue.insert(0, again)
+                    self.proposed[run.code] = again
             else:
                 self.queue = [q for q in self.queue if code_key(q.source) != run.code or q.meta.get("role") != "agent"]
         log.info("%s %s %s", trial.trial_id, result.status, run.decision)
@@ -458,20 +460,23 @@ class ClaudeSearcher(Searcher):
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _stored_sigma(self, ctx: SearchContext) -> dict[str, float]:
-        """The noise floor analysis/noise.py stored for this preset and kind, if any."""
+        """The noise floor `python -m analysis.noise` stored for this preset and kind (of the
+        baseline's code if it was measured, else the latest on that preset and kind), if any."""
         if not self.noise_store:
             return {}
-        try:
-            from analysis.noise import lookup
-        except ImportError:
-            log.warning("noise_store is set but analysis.noise is not available; measuring from baseline seeds")
-            return {}
-        preset = str(ctx.objective.get("preset", ""))
+        from analysis.noise import lookup
+        from study.mlflow_content import source_sha
+
+        preset, sha = str(ctx.objective.get("preset", "")), source_sha(ctx.baseline_source)
         out = {}
-        for kind in sorted(ctx.device_kinds) or ["cpu"]:
-            record = lookup(self.noise_store, preset, kind)
-            if record and isinstance(record.get("sigma"), (int, float)) and math.isfinite(record["sigma"]):
-                out[kind if self.kind_sensitive else ANY_KIND] = float(record["sigma"])
+        for kind in sorted(ctx.device_kinds):
+            record = lookup(self.noise_store, preset, kind, sha)
+            sigma = record.get("sigma") if record else None
+            if isinstance(sigma, (int, float)) and math.isfinite(sigma):
+                tier = kind if self.kind_sensitive else ANY_KIND
+                out[tier] = max(out.get(tier, 0.0), float(sigma))  # one tier for all kinds: the noisiest bounds it
+        if out:
+            log.info("noise floor from %s: %s", self.noise_store, out)
         return out
 
     def _stop(self, reason: str) -> None:

@@ -971,3 +971,36 @@ def test_a_simulated_study_on_8_slots_uses_the_frontier_and_survives_what_the_ap
     assert [t.seed for t, _ in finished if t.candidate.meta.get("role") == "baseline"][:3] == [0, 1, 2]
     assert searcher.board.sigma(None) is not None and searcher.board.best_id is not None
     assert summary["agent_cache_read_tokens"] > 0
+
+
+def test_a_stored_noise_floor_sets_the_margin_before_any_baseline_seed(tmp_path):
+    store = tmp_path / "noise_floor" / "tiny" / "cpu"
+    store.mkdir(parents=True)
+    (store / "0123abcd4567.json").write_text(json.dumps({"sigma": 0.004, "measured_at": "2026-12-01T00:00:00"}))
+    searcher, ctx = build(FakeMessagesAPI(), noise_store=str(tmp_path / "noise_floor")), make_ctx(tmp_path)
+    ctx.objective["preset"] = "tiny"
+    searcher.setup(ctx)
+    assert searcher.board.sigma("cpu") == 0.004
+    assert searcher.board.margin("cpu") == pytest.approx(2 * 0.004 * math.sqrt(2))
+    assert "sigma 0.0040 from stored noise floor" in searcher.board.noise_lines(["cpu"])[0]
+
+
+def test_propose_is_one_wave_in_line_with_extra_context_for_other_searchers(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.7]))
+    searcher, ctx = build(api, background=True), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.propose(2, ctx, extra_context="## The sampler beside you\nIt likes MATRIX_LR near 0.02.")
+    assert [c.meta["role"] for c in out] == ["agent", "agent"] and not searcher.queue
+    state = api.requests[0]["messages"][0]["content"][0]["text"]
+    assert "## The sampler beside you\nIt likes MATRIX_LR near 0.02.\n\n## This wave" in state
+
+
+def test_a_candidate_lost_to_the_infrastructure_runs_again_at_no_second_cost(tmp_path):
+    searcher, ctx = build(FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5])), run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    (cand,) = searcher.ask(1, ctx)
+    assert cand.meta["agent_usd"] > 0
+    finish(searcher, started(ctx, searcher, cand, 0), None, status="lost")
+    (again,) = searcher.ask(1, ctx)
+    assert again.source == cand.source and again.meta["agent_usd"] == 0 and again.meta["requeued"] == "t0000"
+    assert again.meta["agent_output_tokens"] == 0
