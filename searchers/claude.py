@@ -227,6 +227,7 @@ class ClaudeSearcher(Searcher):
             "agent_tool_errors": total("tool_errors"),
             "agent_truncated_replies": total("truncations"),
             "agent_empty_replies": total("empty_replies"),
+            "agent_api_retries": total("api_retries"),  # timeouts, dropped connections, 429/5xx the SDK retried
             "agent_refusals": sum(refusals.values()),
             **{f"agent_refusals_{c}": n for c, n in refusals.items()},
             **{f"agent_tool_{name}": n for name, n in tools.items()},
@@ -490,7 +491,7 @@ class ClaudeSearcher(Searcher):
             "outcome": outcome, "reason": reason, "turns": wave.turns, "nudges": wave.nudges, "usd": wave.usd,
             "tokens": asdict(wave.tokens), "broken": wave.broken, "refused": wave.refused,
             "tool_errors": wave.tool_errors, "truncations": wave.truncations, "empty_replies": wave.empty,
-            "refusals": wave.refusals, "tools": wave.tools_used, "seconds": round(time.time() - started, 3),
+            "refusals": wave.refusals, "api_retries": wave.retries, "tools": wave.tools_used, "seconds": round(time.time() - started, 3),
             "model": self.model, "prices_checked": self.prices_checked,
         }
         with self.lock:

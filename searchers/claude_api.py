@@ -36,9 +36,13 @@ class CallTimeLimit(RuntimeError):
     the SDK does not retry it."""
 
 
-def deadline(until: float, attempt_timeout: float):
-    """SDK middleware: each attempt gets at most what is left until `until` (time.monotonic())."""
+def deadline(until: float, attempt_timeout: float, on_retry=lambda: None):
+    """SDK middleware: each attempt gets at most what is left until `until` (time.monotonic());
+    `on_retry` counts the attempts the SDK makes after the first (timeouts, 429, 5xx, dropped
+    connections), which a response never shows."""
     def handle(request, call_next):
+        if request.retries_taken:
+            on_retry()
         left = until - time.monotonic()
         if left <= 0:
             raise CallTimeLimit(f"no answer within the time limit ({request.retries_taken} attempt(s) timed out "

@@ -55,7 +55,7 @@ class Wave:
         self.tokens = Tokens()
         self.usd = 0.0
         self.turns = self.nudges = self.broken = self.refused = self.tool_errors = 0
-        self.truncations = self.empty = 0
+        self.truncations = self.empty = self.retries = 0
         self.refusals: list[str] = []  # stop_details.category of each refusal
         self.tools_used: dict[str, int] = {}
         self.messages: list[dict] = []
@@ -77,7 +77,7 @@ class Wave:
                 if time.monotonic() >= wave_deadline:
                     return ("ok" if self.accepted else "timeout"), f"max_wave_s={a.max_wave_s} reached"
                 until = min(time.monotonic() + a.max_call_s, wave_deadline)
-                client = a.client.with_middleware(deadline(until, a.timeout_s))
+                client = a.client.with_middleware(deadline(until, a.timeout_s, self.count_retry))
                 response = client.messages.create(**a._request(self.messages, tail))
                 tail = tail_of(self.messages)
                 a._charge(response.usage, self, turn)
@@ -119,6 +119,9 @@ class Wave:
                 a._stop(f"API: {reason}")
             log.warning("wave %d: %s", self.number, reason)
             return ("stopped" if stopping else "error"), reason
+
+    def count_retry(self) -> None:
+        self.retries += 1
 
     def fresh_conversation(self) -> list[dict]:
         """The wave's opening turn, also after a refusal (the refused context is dropped, the
