@@ -146,6 +146,9 @@ class ClaudeSearcher(Searcher):
         self.prefix_key: str | None = None
         self.kinds: list[str] = sorted(ctx.device_kinds)
         self.waves = _read_jsonl(self.dir / "waves.jsonl")  # earlier waves, on resume
+        self.queue_path = self.dir / "queue.jsonl"  # paid-for candidates no slot took yet survive a restart
+        self.queue = [Candidate.from_dict(row) for row in _read_jsonl(self.queue_path)]
+        self.proposed.update((code_key(c.source), c) for c in self.queue)
         if self.ledger.usd >= self.max_usd:
             self._stop(f"max_usd={self.max_usd} already spent (${self.ledger.usd:.2f})")
 
@@ -196,8 +199,10 @@ class ClaudeSearcher(Searcher):
                     again = Candidate.from_dict({**c.to_dict(), "meta": {**c.meta, **free}})  # paid with the lost trial
                     self.queue.insert(0, again)
                     self.proposed[run.code] = again
-            else:
-                self.queue = [q for q in self.queue if code_key(q.source) != run.code or q.meta.get("role") != "agent"]
+            else:  # on resume, the journal may show that a queued candidate did run
+                self.queue = [q for q in self.queue if code_key(q.source) != run.code
+                              or (q.meta.get("role") != "agent" and q.seed != run.seed)]
+            self._save_queue()
         log.info("%s %s %s", trial.trial_id, result.status, run.decision)
 
     def done(self) -> bool:
@@ -269,6 +274,7 @@ class ClaudeSearcher(Searcher):
             out.append(c)
         while self.queue and len(out) < n:
             out.append(self.queue.pop(0))
+        self._save_queue()
         return out
 
     def _queue_target(self, ctx: SearchContext) -> int:
@@ -289,11 +295,18 @@ class ClaudeSearcher(Searcher):
         wave.accepted.extend(candidates)
         if wave.stream:
             self.queue.extend(candidates)
+            self._save_queue()
 
     def _queue_reruns(self, candidates: list[Candidate]) -> None:
         for c in candidates:
             c.meta["agent_usd"] = 0.0
         self.queue.extend(candidates)
+        self._save_queue()
+
+    def _save_queue(self) -> None:
+        tmp = self.queue_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in self.queue))
+        tmp.replace(self.queue_path)
 
     def _fresh_seeds(self, code: str, count: int) -> list[int]:
         used = {r.seed for r in self.board.runs.values() if r.code == code}

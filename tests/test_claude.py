@@ -1005,3 +1005,19 @@ def test_a_candidate_lost_to_the_infrastructure_runs_again_at_no_second_cost(tmp
     (again,) = searcher.ask(1, ctx)
     assert again.source == cand.source and again.meta["agent_usd"] == 0 and again.meta["requeued"] == "t0000"
     assert again.meta["agent_output_tokens"] == 0
+
+
+def test_queued_candidates_survive_a_restart_unless_the_journal_shows_they_ran(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.6, 0.7]))
+    first, ctx = build(api, run_baseline=False, background=True, queue_depth=2, idle_wait_s=60), make_ctx(tmp_path)
+    first.setup(ctx)
+    (handed,) = first.ask(1, ctx)  # nothing was ready: it waited for a wave of 1 + 2 for the queue
+    assert len(first.queue) == 2 and first._thinking is None
+    ran = started(ctx, first, first.ask(1, ctx)[0], 0)  # one queued candidate ran; the study then died
+    first.close()
+
+    again = build(FakeMessagesAPI(), run_baseline=False, background=True, queue_depth=2)
+    again.setup(ctx)
+    again.tell(ran, Result(status="ok", val_bpb=2.0, device_kind="cpu"))  # the journal's replay
+    assert [c.source for c in again.queue] == [c.source for c in first.queue]
+    assert len(again.queue) == 1 and again.queue[0].source not in (handed.source, ran.candidate.source)
