@@ -245,9 +245,14 @@ class ClaudeSearcher(Searcher):
 
     def close(self) -> None:
         """A wave still talking stops before its next call (its thread is a daemon: a call in
-        progress never holds up the process's exit)."""
+        progress never holds up the process's exit for more than a few seconds)."""
         self.closed = True
         self.client.close()
+        if self._thinking is not None:  # give its transcript a moment to land before the study uploads agent/
+            try:
+                self._thinking.exception(timeout=10)
+            except TimeoutError:
+                log.warning("a wave was still talking when the study ended; its transcript may come later")
 
     # -- handing out -------------------------------------------------------------------------------
     def _ready(self, n: int, ctx: SearchContext) -> list[Candidate]:

@@ -113,6 +113,8 @@ class Wave:
                     self.messages.append({"role": "user", "content": [{"type": "text", "text": self.nudge()}]})
             return ("ok", "") if self.accepted else ("skipped", f"no candidate within max_turns_per_wave={a.max_turns}")
         except (anthropic.APIError, CallTimeLimit) as e:
+            if a.closed:  # the study ended and closed the client under this call
+                return "stopped", "the study ended"
             reason = describe(e)
             stopping = isinstance(e, anthropic.APIStatusError) and is_stopping(e)
             if stopping:
