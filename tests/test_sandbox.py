@@ -812,13 +812,14 @@ def test_an_unprivileged_parent_still_confines(open_world, outsider, level):
 
 
 @needs_root
-def test_an_unprivileged_parent_catches_a_memory_hog_by_watching(open_world):
+@pytest.mark.parametrize("level", CONFINING)
+def test_an_unprivileged_parent_catches_a_memory_hog_by_watching(open_world, level):
     def hog(world):
         chunks = [bytearray(b"\1" * (20 * 2**20)) for _ in range(60)]
         return {"allocated_mb": 20 * len(chunks)}
 
     def run(world):
-        ran = world.run("landlock", hog, memory_mb=200)
+        ran = world.run(level, hog, memory_mb=200)
         result = {"report": ran.report, "oom": ran.tree.oom_killed(), "peak": ran.tree.peak_memory_mb(),
                   "memory": ran.tree.mechanisms()["memory"]}
         ran.tree.close()

@@ -51,7 +51,7 @@ class ProcessTree:
         self._rusage_start = _children_cpu()
         self._cgroup = Cgroup.locate(pid) if os.geteuid() == 0 else None
         self._lock = threading.RLock()
-        self._peak_rss_mb = 0.0
+        self._peak_private_mb = 0.0
         self._cpu_seen = 0.0
         self._sampled = False
         self.killed_for: str | None = None  # "memory" or "disk" when the watcher ended the tree
@@ -165,7 +165,7 @@ class ProcessTree:
             return round(peak, 1)
         with self._lock:
             self._sample()
-            return round(self._peak_rss_mb, 1) if self._sampled else None
+            return round(self._peak_private_mb, 1) if self._sampled else None
 
     def oom_killed(self) -> bool:
         """Kernel evidence that the memory limit ended something in the tree: the cgroup's OOM-kill
@@ -191,7 +191,7 @@ class ProcessTree:
         if members:
             self._sampled = True
             live = [p for p in members if p.state != "Z"]
-            self._peak_rss_mb = max(self._peak_rss_mb, sum(procfs.private_mb(p) for p in live))
+            self._peak_private_mb = max(self._peak_private_mb, sum(procfs.private_mb(p) for p in live))
             self._cpu_seen = max(self._cpu_seen, sum(p.cpu_seconds + p.children_cpu_seconds for p in members))
         return members
 
@@ -204,7 +204,7 @@ class ProcessTree:
                 if procfs.read(self.pid) is None:
                     return  # the child was reaped: nothing left to watch
                 continue
-            if self._group() is None and self.policy.memory_mb and self._peak_rss_mb > self.policy.memory_mb:
+            if self._group() is None and self.policy.memory_mb and self._peak_private_mb > self.policy.memory_mb:
                 self._end("memory")
             elif time.monotonic() >= next_disk:
                 next_disk = time.monotonic() + DISK_POLL_S
