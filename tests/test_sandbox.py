@@ -633,6 +633,13 @@ def test_where_user_namespaces_are_blocked_the_landlock_level_is_the_strongest_a
     assert result["report"]["val"].startswith("denied")
 
 
+def test_python_m_train_sandbox_says_what_this_host_gives():
+    out = subprocess.run([sys.executable, "-m", "train.sandbox"], capture_output=True, text=True, timeout=60,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].startswith(f"sandbox: strongest level here is {sandbox.available_level()!r}")
+
+
 def test_confine_refuses_a_multithreaded_process(world):
     def attack(w):
         return {}
