@@ -396,6 +396,30 @@ def _baselines_and_one_candidate(searcher, ctx, scores=(2.000, 2.001, 1.999)):
     return out[3]
 
 
+def test_a_challenger_is_judged_against_the_new_incumbent_if_one_won_meanwhile():
+    b = _board()
+    _run(b, "t0000", BASELINE, 2.00)
+    _run(b, "t0001", "A = 1\n", 1.995)  # within noise: confirming against t0000
+    _run(b, "t0002", "B = 1\n", 1.97)  # a clear win while the re-runs are out
+    assert b.best_id == "t0002"
+    for i, job in enumerate(b.confirmations_due(set())):
+        _run(b, f"t00{10 + i}", job.source, 1.994 if job.of == "t0001" else 2.0, seed=job.seed,
+             meta={"role": "confirm", "confirms": "t0001"})
+    decision = b.runs["t0001"].decision
+    assert b.best_id == "t0002" and "vs the new incumbent t0002" in decision and "+0.0240" not in decision
+    assert decision.startswith("rejected after re-runs: -0.0240")
+
+
+def test_a_challenger_whose_rerun_crashes_is_rejected():
+    b = _board()
+    _run(b, "t0000", BASELINE, 2.00)
+    _run(b, "t0001", "A = 1\n", 1.995)
+    job = next(j for j in b.confirmations_due(set()) if j.of == "t0001")
+    _run(b, "t0002", job.source, None, seed=job.seed, status="nan", meta={"role": "confirm", "confirms": "t0001"})
+    assert b.best_id == "t0000" and b.runs["t0001"].decision == "rejected: re-run t0002 nan"
+    assert not b.challenges and not b.confirmations_due(set())
+
+
 def test_the_searcher_issues_reruns_itself_without_calling_the_api(tmp_path):
     api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.9]))
     searcher, ctx = build(api, noise_seeds=3), make_ctx(tmp_path)
