@@ -375,7 +375,7 @@ def test_kill_all_ends_a_double_forked_setsid_grandchild(world, level):
             os.setsid()
             if os.fork() == 0:
                 os.write(write, str(os.getpid()).encode())
-                time.sleep(1.5)
+                time.sleep(1.0)
                 marker.write_text("I outlived the trial")
                 os._exit(0)
             os._exit(0)
@@ -384,7 +384,7 @@ def test_kill_all_ends_a_double_forked_setsid_grandchild(world, level):
     ran = world.run(level, attack)
     assert ran.code == 0
     ran.tree.kill_all()
-    time.sleep(2.0)
+    time.sleep(1.5)
     assert not marker.exists()
     assert not ran.tree.alive()
     if level != "namespaces":  # inside a PID namespace the number it saw is not its host pid

@@ -119,8 +119,10 @@ def python_readable() -> tuple[Path, ...]:
 
 
 def gpu_devices() -> tuple[Path, ...]:
-    """The NVIDIA device files CUDA opens (every GPU: CUDA_VISIBLE_DEVICES picks among them)."""
-    return tuple(sorted(p for p in Path("/dev").glob("nvidia*") if not p.is_dir()))
+    """The NVIDIA device files CUDA opens (every GPU: CUDA_VISIBLE_DEVICES picks among them), with
+    the MIG capability files under /dev/nvidia-caps."""
+    found = [*Path("/dev").glob("nvidia*"), *Path("/dev/nvidia-caps").glob("*")]
+    return tuple(sorted(p for p in found if not p.is_dir()))
 
 
 BASE_DEVICES = tuple(Path("/dev") / n for n in ("null", "zero", "full", "random", "urandom"))
