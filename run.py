@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from study.runner import ConfigError, run_study
+    from study.storage import StudyStorageError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -18,6 +19,9 @@ def main(cfg: DictConfig):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StudyStorageError as e:  # the study's own disk failed: stopped, nothing blamed on a trial
+        print(f"error: {e}; fix it and re-run the same command to resume", file=sys.stderr)
+        sys.exit(3)
     return state.best[1].val_bpb if state.best else None
 
 

@@ -4,12 +4,16 @@ Each trial is the harness in its own session (process group), so a hard kill tak
 A CPU slot keeps a warm harness (`python -m train.harness --serve`, torch imported once) that forks
 each trial, so a trial starts training in well under a second instead of ~2.5 s of imports; a GPU
 slot starts a fresh harness per trial (CUDA does not survive a fork). Trials outlive a `kill -9` of
-the orchestrator: each writes its pid next to its results, so a resumed study adopts a trial that is
-still running (or already wrote its result) instead of running it twice.
+the orchestrator, and a resumed study adopts a trial that is still running (or already wrote its
+result) instead of running it twice. Whether it runs is its `running.lock`, locked before the trial's
+first process exists (by the launcher for a cold harness, by the warm harness before its fork) and
+held by every process of the trial: a pid file, written only after the pid is known, would leave a
+window in which a kill makes a running trial look never started.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -24,7 +28,7 @@ from pathlib import Path
 from launchers.base import harness_command, harness_env, poll_until, read_result
 from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
-from train.contract import RESULT_FILE
+from train.contract import RESULT_FILE, RUNNING_LOCK
 
 KILL_GRACE_S = 30.0  # the harness enforces hard_limit_s itself; this is the backstop
 WARM_START_TIMEOUT_S = 300.0  # importing torch on a loaded machine; past this the slot goes cold
@@ -35,7 +39,7 @@ log = logging.getLogger(__name__)
 class _Proc:
     trial: Trial
     slot: Slot
-    pid: int
+    pid: int | None  # None: adopted, its processes known only by the lock they hold
     popen: subprocess.Popen | None
     started: float
     deadline: float
@@ -120,8 +124,14 @@ class LocalLauncher(Launcher):
         if pid is None:  # a GPU slot, warm=false, or a warm harness that failed (logged): start one cold
             if server:
                 del self._servers[slot.name]
-            with open(trial_dir / "stdout.log", "ab") as out:
-                popen = self._popen_harness(slot, [str(trial_dir)], cwd=trial_dir, stdout=out)
+            running = os.open(trial_dir / RUNNING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # locked here and handed to the harness, so it is held before the harness exists
+                fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with open(trial_dir / "stdout.log", "ab") as out:
+                    popen = self._popen_harness(slot, [str(trial_dir)], cwd=trial_dir, stdout=out,
+                                                pass_fds=(running,))
+            finally:
+                os.close(running)
             pid = popen.pid
         (trial_dir / "pid").write_text(str(pid))
         now = time.time()
@@ -156,7 +166,7 @@ class LocalLauncher(Launcher):
         for trial_id, p in list(self._procs.items()):
             if now > p.deadline and not p.killed_at_limit:
                 p.killed_at_limit = True
-                _kill_group(p.pid)
+                _kill_trial(p)
             if _alive(p):
                 continue
             del self._procs[trial_id]
@@ -177,7 +187,8 @@ class LocalLauncher(Launcher):
                 result.error = (result.error or "") + _tail(trial_dir / "stdout.log")
         result.slot = p.slot.name
         result.started_at = result.started_at or p.started
-        result.finished_at = now
+        # When it finished, not when we looked: an adopted trial may have ended long before.
+        result.finished_at = now if p.cancelled else _mtime(trial_dir / RESULT_FILE) or now
         result.queue_seconds = 0.0
         return result
 
@@ -185,7 +196,7 @@ class LocalLauncher(Launcher):
         p = self._procs.get(trial_id)
         if p and not p.cancelled:
             p.cancelled = True
-            _kill_group(p.pid)
+            _kill_trial(p)
 
     def adopt(self, trial: Trial, slot: Slot) -> bool:
         """A trial from before a restart: adopt it if it is still running or already wrote its
@@ -194,13 +205,13 @@ class LocalLauncher(Launcher):
         try:
             pid = int((trial_dir / "pid").read_text())
         except (OSError, ValueError):
-            return False
-        running = _is_our_harness(pid, trial_dir)
+            pid = None  # killed before the pid was written: the lock still says whether it runs
+        running = _lock_held(trial_dir) or (pid is not None and _is_our_harness(pid, trial_dir))
         if not running and not (trial_dir / RESULT_FILE).exists():
             return False
         now = time.time()
         limit = float(trial.objective.get("hard_limit_s") or 3600)
-        started = (trial_dir / "pid").stat().st_mtime
+        started = _mtime(trial_dir / RUNNING_LOCK) or _mtime(trial_dir / "pid") or now
         self._procs[trial.trial_id] = _Proc(trial, slot, pid, None, started, started + limit + KILL_GRACE_S)
         if not running:
             self._procs[trial.trial_id].deadline = now + limit
@@ -209,7 +220,7 @@ class LocalLauncher(Launcher):
     def close(self, cancel_running: bool = True) -> None:
         if cancel_running:
             for p in self._procs.values():
-                _kill_group(p.pid)
+                _kill_trial(p)
         for server in self._servers.values():
             server.close()
         self._servers.clear()
@@ -272,7 +283,47 @@ def device_kind(gpu_name: str) -> str:
 def _alive(p: _Proc) -> bool:
     if p.popen is not None:
         return p.popen.poll() is None
+    if p.pid is None:
+        return _lock_held(Path(p.trial.directory))
     return _is_our_harness(p.pid, Path(p.trial.directory))
+
+
+def _lock_held(trial_dir: Path) -> bool:
+    """Whether any process of the trial lives: they all hold its running.lock."""
+    try:
+        fd = os.open(trial_dir / RUNNING_LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock if we just took it
+
+
+def _lock_holders(trial_dir: Path) -> list[int]:
+    """The pids holding the trial's running.lock open (a trial adopted without a pid file)."""
+    target = str((trial_dir / RUNNING_LOCK).resolve())
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                pids.append(int(fd_dir.parent.name))
+    return sorted(pids)
+
+
+def _kill_trial(p: _Proc) -> None:
+    for pid in [p.pid] if p.pid is not None else _lock_holders(Path(p.trial.directory)):
+        _kill_group(pid)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _is_our_harness(pid: int, trial_dir: Path) -> bool:

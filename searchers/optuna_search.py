@@ -11,6 +11,11 @@ trial id. Optuna trials left RUNNING by a killed orchestrator that the loop is n
 (not in `ctx.in_flight` at the first ask) are *reused*: handed out again, with the parameters
 already sampled for them, before anything new is sampled, so the sampler is never left waiting
 on trials that will not finish and no sample is wasted.
+
+A sampler is rebuilt on every start, and rebuilt with the study's seed its random stream would
+start over: a resumed random or TPE study would propose its first candidates again. So the sampler's
+random streams are saved after every ask (`SamplerCheckpoint`) and restored on start: a resumed
+study draws exactly what the uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import json
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -77,6 +84,9 @@ class OptunaSearcher(Searcher):
         storage.engine.dispose()  # reconnect with the setting
         self.study = optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
                                          direction="minimize", load_if_exists=True)
+        stem = os.path.splitext(self.storage_file)[0]
+        self.checkpoint = SamplerCheckpoint(os.path.join(ctx.study_dir, f"{stem}.{self.name}.sampler.json"))
+        self.checkpoint.restore(sampler, len(self.study.get_trials(deepcopy=False)), ctx.seed)
         self._orphans: list[FrozenTrial] | None = None  # found at the first ask, after the replay
 
     def ask(self, n: int, ctx: SearchContext) -> list[Candidate]:
@@ -100,6 +110,7 @@ class OptunaSearcher(Searcher):
             else:
                 trial = self.study.ask(fixed_distributions=self.distributions)
                 number, params = trial.number, trial.params
+                self.checkpoint.save(self.study.sampler, number + 1)
             meta["optuna_trial"] = number
             values = {k: sp.significant(_external(self.space[k], params[k])) for k in self.space}
             hypothesis = f"{LABELS[self.sampler_name]} #{number}: {sp.describe(values, ctx.baseline_knobs)}"
@@ -153,6 +164,61 @@ class OptunaSearcher(Searcher):
         if not all(_inside(d, params[k]) for k, d in self.distributions.items()):
             return None
         return params
+
+
+class SamplerCheckpoint:
+    """An Optuna sampler's random streams, saved in the study folder after each ask so that a
+    sampler rebuilt on resume continues them instead of replaying them from the seed.
+
+    Any sampler works (TPE, random, CMA-ES, GP, or one inside a hybrid searcher): its streams are
+    found by walking its attributes. The state is JSON, not a pickled sampler, because the study
+    folder is also where untrusted candidates run. The checkpoint records how many Optuna trials
+    existed when it was taken; if that is not the storage's count on resume (a study from before
+    checkpoints, a lost file, a kill between an ask and its save), the streams are reseeded from
+    (seed, trial count): a fresh stream, never a replay of the first one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def restore(self, sampler: optuna.samplers.BaseSampler, n_trials: int, seed: int | None) -> str:
+        """Put `sampler` where the study left it; returns how: 'fresh', 'restored' or 'reseeded'."""
+        streams = random_streams(sampler)
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved and saved.get("n_trials") == n_trials and set(saved.get("streams", {})) == set(streams):
+            for name, rng in streams.items():
+                kind, keys, pos, has_gauss, gauss = saved["streams"][name]
+                rng.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+            return "restored"
+        if n_trials == 0:
+            return "fresh"
+        for i, name in enumerate(sorted(streams)):
+            streams[name].seed([0 if seed is None else seed, n_trials, i])
+        return "reseeded"
+
+    def save(self, sampler: optuna.samplers.BaseSampler, n_trials: int) -> None:
+        state = {name: [kind, keys.tolist(), pos, has_gauss, gauss]
+                 for name, (kind, keys, pos, has_gauss, gauss) in
+                 ((name, rng.get_state()) for name, rng in random_streams(sampler).items())}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"n_trials": n_trials, "streams": state}))
+        os.replace(tmp, self.path)
+
+
+def random_streams(sampler: Any, prefix: str = "", depth: int = 3) -> dict[str, np.random.RandomState]:
+    """Every numpy RandomState a sampler draws from, by attribute path (TPE: `_rng` and its
+    `_random_sampler._rng`)."""
+    found = {}
+    for name, value in sorted(vars(sampler).items()):
+        if isinstance(value, optuna.samplers._lazy_random_state.LazyRandomState):
+            found[prefix + name] = value.rng
+        elif isinstance(value, np.random.RandomState):
+            found[prefix + name] = value
+        elif isinstance(value, optuna.samplers.BaseSampler) and depth > 1:
+            found.update(random_streams(value, f"{prefix}{name}.", depth - 1))
+    return found
 
 
 def _no_fsync(dbapi_connection, _record) -> None:

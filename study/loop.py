@@ -10,6 +10,7 @@ searcher as soon as it returns, so a searcher never needs to be thread-safe.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import signal
 import threading
@@ -19,12 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from study.core import HistoryView, Launcher, SearchContext, Searcher, Slot
+from study import storage
 from study.journal import Journal, JournalState
-from study.records import Candidate, Result, Trial, scaled_objective
+from study.records import INFRA_STATUSES, Candidate, Result, Trial, scaled_objective
 from study.trialdir import write_trial_dir
 from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE
 
 log = logging.getLogger("arena.loop")
+
+# A trial the infrastructure keeps ending (cancelled, lost) is re-run this many times in one session
+# before it is recorded as it ended; a resumed study tries it again.
+MAX_ATTEMPTS_PER_SESSION = 3
 
 
 @dataclass
@@ -78,6 +84,8 @@ class StudyLoop:
         self.state = StudyState()
         self._history_view = HistoryView(self.state.history)
         self.pending: list[Candidate] = []
+        self.reruns: list[Trial] = []  # measured by nobody yet (cancelled, lost, orphaned): run again first
+        self._session_attempts: dict[str, int] = {}
         self.untold: list[tuple[Trial, Result]] = []
         self.next_index = 0
         self.clock_origin = 0.0
@@ -109,12 +117,24 @@ class StudyLoop:
         previous = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
         try:
             self._loop()
+        except OSError as e:  # the journal, a trial folder or the best link could not be written
+            why = storage.describe(e, self.study_dir) or storage.problem(self.study_dir)
+            if why is None:
+                raise
+            self.state.stop_reason = why
+            raise storage.StudyStorageError(why) from e
+        except storage.StudyStorageError as e:
+            self.state.stop_reason = str(e)
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             self._pool.shutdown(wait=False, cancel_futures=True)
-            self.journal.append("stopped", reason=self.state.stop_reason, at=self.now())
-            self.journal.close()
+            try:
+                self.journal.append("stopped", reason=self.state.stop_reason, at=self.now())
+                self.journal.close()
+            except OSError:
+                pass  # the storage fault being reported already says why
         return self.state
 
     def now(self) -> float:
@@ -125,36 +145,38 @@ class StudyLoop:
     def _replay(self, js: JournalState) -> None:
         """Tell the searcher everything the journal says finished, then adopt or re-run the
         trials that were in flight when the previous orchestrator died."""
-        self.next_index = 1 + max((t.index for t in js.trials.values()), default=-1)
+        # Ids are never reused, even when the journal lost a line: the trials/ folder counts too.
+        self.next_index = 1 + max([t.index for t in js.trials.values()] + _folder_indices(self.study_dir),
+                                  default=-1)
         for trial, result in js.finished():
             self._record(trial, result, mirror=False)
         if self.mirror:
             self.mirror.catch_up([(t, r, self._times(t, r)) for t, r in self.state.history], self.staircase)
-        free = {s.name: s for s in self.state.slots}
+        slots = {s.name: s for s in self.state.slots}
         for trial in js.in_flight():
-            slot = free.pop(trial.slot, None) or (free.pop(next(iter(free))) if free else None)
-            if slot is None:  # fewer slots than before the restart
-                result = Result(status="lost", reason="in flight at restart; no slot to resume it on")
-                self.journal.append("finished", trial_id=trial.trial_id, result=result.to_dict())
-                self._record(trial, result, mirror=True)
-                continue
-            if slot.name == trial.slot and self.launcher.adopt(trial, slot):
+            slot = slots.get(trial.slot)
+            if slot is not None and self.launcher.adopt(trial, slot):
+                del slots[trial.slot]
                 self.state.running[trial.trial_id] = Running(trial, slot)
                 self.journal.append("adopted", trial_id=trial.trial_id, slot=slot.name)
                 log.info("adopted %s still running on %s", trial.trial_id, slot.name)
             else:
-                self._rerun(trial, slot)
+                self.reruns.append(trial)
+        self.reruns += js.to_rerun()  # cancelled or lost: never measured, so never told
 
     def _rerun(self, trial: Trial, slot: Slot) -> None:
-        for name in (RESULT_FILE, LOG_FILE):
-            (Path(trial.directory) / name).unlink(missing_ok=True)
+        """Run a trial again in a folder of its own (`tNNNN-aK`): whatever the last attempt left
+        behind, even a process still writing there, never mixes with this one."""
+        trial.attempt += 1
         trial.slot, trial.device_kind = slot.name, slot.device_kind
+        base = self.study_dir / "trials" / trial.trial_id
+        trial.directory = str(write_trial_dir(base.with_name(f"{trial.trial_id}-a{trial.attempt}"), trial))
         trial.submitted_at = self.now()
         self.journal.append("resubmitted", trial=trial.to_dict())
         self.journal.append("submitted", trial=trial.to_dict())
-        self.launcher.submit(trial, slot)
         self.state.running[trial.trial_id] = Running(trial, slot)
-        log.info("re-running %s (was in flight, not adoptable)", trial.trial_id)
+        self.launcher.submit(trial, slot)
+        log.info("re-running %s (attempt %d; the last one was not measured)", trial.trial_id, trial.attempt)
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -190,6 +212,9 @@ class StudyLoop:
         if self._stop_submitting:
             return
         for slot in self._free_slots():
+            if self.reruns:  # already counted against max_trials
+                self._rerun(self.reruns.pop(0), slot)
+                continue
             if not self.pending or self._budget_left() <= 0:
                 return
             candidate = self._take_candidate(slot)
@@ -244,13 +269,13 @@ class StudyLoop:
             return
         # Ask for what can start now; candidates waiting for a busy kind never outnumber the slots.
         free = self._free_slots()
-        wanted = min(len(free) - self._placeable(free), self._budget_left() - len(self.pending),
+        wanted = min(len(free) - self._placeable(free) - len(self.reruns), self._budget_left() - len(self.pending),
                      len(self.state.slots) - len(self.pending))
         if wanted <= 0:
             return
         self._tell_untold()
         self.ctx.history = self._history_view  # live, read-only, no copy per ask
-        self.ctx.in_flight = [r.trial for r in self.state.running.values()]
+        self.ctx.in_flight = [r.trial for r in self.state.running.values()] + list(self.reruns)
         self._ask_started = time.time()
         if self.launcher.simulated_time:
             # Under a virtual clock, thinking time is charged explicitly, so ask in line.
@@ -274,6 +299,7 @@ class StudyLoop:
         try:
             candidates = fut.result()
         except Exception as e:  # noqa: BLE001 - a searcher bug ends the searcher, not the study
+            self._raise_if_storage(e)
             log.error("searcher.ask failed: %s: %s; no more candidates", type(e).__name__, e)
             self.journal.append("searcher_error", error=f"{type(e).__name__}: {e}")
             self._stop_submitting = True
@@ -291,6 +317,7 @@ class StudyLoop:
             try:
                 self.searcher.tell(trial, result)
             except Exception as e:  # noqa: BLE001
+                self._raise_if_storage(e)
                 log.error("searcher.tell(%s) failed: %s: %s", trial.trial_id, type(e).__name__, e)
 
     def _on_result(self, trial_id: str, result: Result) -> None:
@@ -307,8 +334,34 @@ class StudyLoop:
             result.queue_seconds = max(0.0, result.started_at - self.clock_origin - trial.submitted_at)
         result.slot = result.slot or running.slot.name
         result.device_kind = result.device_kind or running.slot.device_kind
-        self.journal.append("finished", trial_id=trial_id, result=result.to_dict())
+        if not result.ok and result.status not in INFRA_STATUSES:
+            why = storage.problem(self.study_dir)  # the study's disk, not the candidate, may have failed
+            if why:
+                self.state.running[trial_id] = running  # still unmeasured: a resume runs it again
+                raise storage.StudyStorageError(f"{why}; {trial_id} was not recorded and runs again on resume")
+        if result.status in INFRA_STATUSES:
+            attempts = self._session_attempts[trial_id] = self._session_attempts.get(trial_id, 0) + 1
+            if self._stop_submitting or attempts < MAX_ATTEMPTS_PER_SESSION:
+                # Not a measurement: the searcher never hears of it and it does not count; it runs
+                # again now, or on resume if the study is stopping.
+                self.journal.append("finished", trial_id=trial_id, result=result.to_dict())
+                if not self._stop_submitting:
+                    self.reruns.append(trial)
+                log.info("%s ended %s (%s): not a measurement; it runs again", trial_id, result.status,
+                         result.reason or "")
+                return
+            log.warning("%s ended %s %d times; recorded as it ended", trial_id, result.status, attempts)
+            self.journal.append("finished", trial_id=trial_id, result=result.to_dict(), final=True)
+        else:
+            self.journal.append("finished", trial_id=trial_id, result=result.to_dict())
         self._record(trial, result, mirror=True)
+
+    def _raise_if_storage(self, e: Exception) -> None:
+        """A searcher that failed writing its own state (Optuna's database) in the study folder is a
+        storage fault: stop the study, do not blame the searcher or carry on without it."""
+        why = storage.describe(e, self.study_dir) or storage.problem(self.study_dir)
+        if why:
+            raise storage.StudyStorageError(why) from e
 
     def _record(self, trial: Trial, result: Result, *, mirror: bool) -> None:
         self.state.history.append((trial, result))
@@ -366,7 +419,7 @@ class StudyLoop:
                 self.launcher.cancel(trial_id)
 
     def _finished(self) -> bool:
-        if self.state.running:
+        if self.state.running or (self.reruns and not self._stop_submitting and self.state.slots):
             return False
         if self._stop_submitting:
             return True
@@ -387,6 +440,12 @@ class StudyLoop:
             self._stop("interrupted (Ctrl-C)", cancel=self.rules.on_stop == "cancel")
         else:
             self._stop("interrupted twice (Ctrl-C): cancelling", cancel=True)
+
+
+def _folder_indices(study_dir: Path) -> list[int]:
+    """Indices of the trial folders on disk (`t0007`, `t0007-a2`)."""
+    found = (re.match(r"t(\d+)", p.name) for p in (study_dir / "trials").glob("t*"))
+    return [int(m.group(1)) for m in found if m]
 
 
 def _main_thread() -> bool:

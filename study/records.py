@@ -85,6 +85,7 @@ class Trial:
     slot: str | None = None
     device_kind: str | None = None
     submitted_at: float | None = None  # seconds since study start (virtual under the simulator)
+    attempt: int = 1  # a re-run (the last attempt was cancelled or lost) gets a folder of its own
 
     def to_dict(self) -> dict:
         d = _shallow(self)

@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from searchers.rungs import Rung, RungSearcher, check_rung_kinds, parse_rungs
 from study.core import PROJECT_ROOT, Launcher, LauncherError, SearchContext, Searcher
-from study.journal import JournalState
+from study import storage
+from study.journal import JournalDamaged, JournalState
+from study.lock import StudyLock, StudyLocked
 from study.announce import UnequalArms, banner, check_trial_budget, idle_seconds
 from study.leaderboard import leaderboard_text, print_leaderboard
 from study.loop import StopRules, StudyLoop
@@ -41,7 +43,13 @@ class ConfigError(ValueError):
 
 def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: Launcher | None = None):
     """Run (or resume) the study `cfg` describes. `searcher`/`launcher` may be passed in already
-    built (tests use this to inject a fake Anthropic transport); otherwise Hydra instantiates them."""
+    built (tests use this to inject a fake Anthropic transport); otherwise Hydra instantiates them.
+    The study folder is locked to this call from where it is made to the end (`_own`)."""
+    with StudyLock(Path(cfg.study.dir).resolve()) as lock:
+        return _run_study(cfg, lock, searcher, launcher)
+
+
+def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, launcher: Launcher | None):
     from hydra.utils import instantiate
 
     conf = OmegaConf.to_container(cfg, resolve=True)
@@ -60,7 +68,10 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
     if rungs:
         header["searcher"] += "+rungs"
         header["rungs"] = {"rungs": conf["study"]["rungs"], "eta": conf["study"].get("eta", 3)}
-    journal = JournalState.load(study_dir / "journal.jsonl")
+    try:
+        journal = JournalState.load(study_dir / "journal.jsonl")
+    except JournalDamaged as e:
+        raise ConfigError(str(e)) from None
     existing = journal.header
     if existing:
         check_same_study(existing, header, study_dir)
@@ -81,7 +92,7 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
         study_dir=str(study_dir), objective=objective)
     with _removed_if_setup_fails(study_dir, conf["mlflow"]["tracking_uri"] if conf["mlflow"].get("enabled", True)
                                  else None):
-        mirror = _set_up(conf, header, baseline, searcher, launcher, ctx, study_dir, rungs)
+        mirror = _set_up(conf, header, baseline, searcher, launcher, ctx, study_dir, rungs, lock)
     slots = launcher.slots()
     if mirror:
         mirror.tags = parent_tags(conf, header, launcher, slots)
@@ -100,10 +111,12 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
     loop = StudyLoop(searcher=searcher, launcher=launcher, ctx=ctx, objective=objective, study_dir=study_dir,
                      seed=int(conf["seed"]), rules=rules, mirror=mirror, display=display)
     started = time.time()
+    failed = True  # until the loop returns: a study that died of an exception is FAILED in MLflow
     try:
         if display:
             display.start()
         state = loop.run(header, setup_searcher=False)
+        failed = False
     finally:
         if display:
             display.stop()
@@ -116,8 +129,8 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
             mirror.finish(end_metrics(loop, searcher_summary, started), [study_dir / "agent"],
                           tags={"stop_reason": loop.state.stop_reason or "",
                                 **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
-                          status="KILLED" if loop.state.stop_reason and "interrupt" in loop.state.stop_reason
-                          else "FINISHED", files=[study_dir / "best_train.py", board],
+                          status="FAILED" if failed else "KILLED" if loop.state.stop_reason
+                          and "interrupt" in loop.state.stop_reason else "FINISHED", files=[study_dir / "best_train.py", board],
                           description=f"```\n{board.read_text()}```")
             if not mirror.flush(float(conf["mlflow"].get("flush_timeout_s", 60))):
                 print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
@@ -130,10 +143,10 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
 
 
 def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launcher: Launcher, ctx: SearchContext,
-            study_dir: Path, rungs: list[Rung] | None):
+            study_dir: Path, rungs: list[Rung] | None, lock: StudyLock):
     """Everything that creates something (the study folder, the searcher's storage, the MLflow
     store, the launcher's backend); returns the mirror, or None without MLflow."""
-    study_dir.mkdir(parents=True, exist_ok=True)
+    _own(study_dir, lock)
     try:
         searcher.setup(ctx)
     except (ValueError, RuntimeError, KeyError) as e:
@@ -162,6 +175,21 @@ def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launche
         launcher.close()
         raise ConfigError(str(e)) from None
     return mirror
+
+
+def _own(study_dir: Path, lock: StudyLock) -> None:
+    """Make the study folder, prove it writable and lock it, before anything is written to it."""
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(storage.describe(e, study_dir) or f"cannot make the study folder {study_dir}: {e}") from None
+    why = storage.problem(study_dir)
+    if why:
+        raise ConfigError(why)
+    try:
+        lock.acquire()
+    except StudyLocked as e:
+        raise ConfigError(str(e)) from None
 
 
 @contextlib.contextmanager

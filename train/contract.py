@@ -8,6 +8,7 @@ A trial folder, written by the study before the trial starts and by the trusted 
     trial.json    the harness spec: objective, seed, trial id (written by the study)
     run.log       the candidate's output and the harness's own lines
     result.json   the outcome, written last and atomically by the trusted side only
+    running.lock  locked while any process of the trial lives (see RUNNING_LOCK)
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ TRAIN_FILE = "train.py"
 TRIAL_FILE = "trial.json"
 RESULT_FILE = "result.json"
 LOG_FILE = "run.log"
+# Held (flock) by the trial's process tree from before it starts until its last process ends: a
+# restarted study tells a live trial from a dead one by it, with no pid file to race against.
+RUNNING_LOCK = "running.lock"
 
 # What a budget counts. `seconds` is wall-clock training time after the warm-up steps.
 BUDGET_KINDS = ("seconds", "steps", "tokens")

@@ -430,6 +430,7 @@ def serve() -> None:
         if not trial_dir:
             continue
         os.chdir(trial_dir)  # before the fork: the launcher knows the trial's process by its cwd
+        running = hold_running_lock(trial_dir)
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
@@ -444,7 +445,23 @@ def serve() -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        os.close(running)  # the fork holds it now, for as long as any process of the trial lives
         print(pid, flush=True)
+
+
+def hold_running_lock(trial_dir: str | os.PathLike) -> int:
+    """Lock the trial's running.lock before forking it, so that the trial is marked live from its
+    first instant: a launcher killed between this fork and hearing the pid must not conclude on
+    restart that the trial never started. The descriptor (and with it the flock) passes to every
+    process the trial forks."""
+    import fcntl
+
+    from train.contract import RUNNING_LOCK
+
+    fd = os.open(Path(trial_dir) / RUNNING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    with contextlib.suppress(OSError):  # already held: a launcher bug, but the trial still runs
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
 
 
 def _evaluate(trial_dir: Path, spec: dict, report: dict) -> dict:
