@@ -76,9 +76,11 @@ class Journal:
             self._synced = time.monotonic()
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()  # closed even when the disk refused the last flush
 
     @staticmethod
     def read(path: str | os.PathLike) -> list[dict]:

@@ -9,6 +9,7 @@ searcher as soon as it returns, so a searcher never needs to be thread-safe.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -130,11 +131,10 @@ class StudyLoop:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             self._pool.shutdown(wait=False, cancel_futures=True)
-            try:
+            with contextlib.suppress(OSError):  # a storage fault being reported already says why
                 self.journal.append("stopped", reason=self.state.stop_reason, at=self.now())
+            with contextlib.suppress(OSError):
                 self.journal.close()
-            except OSError:
-                pass  # the storage fault being reported already says why
         return self.state
 
     def now(self) -> float:
