@@ -119,10 +119,12 @@ class LocalLauncher(Launcher):
     def submit(self, trial: Trial, slot: Slot) -> None:
         trial_dir = Path(trial.directory)
         server = self._servers.get(slot.name)
-        pid = server.run(trial_dir) if server else None
+        # Never wait for a warm harness still importing torch (40 s on a loaded machine): the study
+        # would stall, adopted trials uncollected; this trial starts cold instead.
+        pid = server.run(trial_dir) if server and server.poll_ready() else None
         popen = None
-        if pid is None:  # a GPU slot, warm=false, or a warm harness that failed (logged): start one cold
-            if server:
+        if pid is None:  # a GPU slot, warm=false, a warm harness not ready or failed (logged): start cold
+            if server and server.failed:
                 del self._servers[slot.name]
             running = os.open(trial_dir / RUNNING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             try:  # locked here and handed to the harness, so it is held before the harness exists
@@ -234,23 +236,37 @@ class _WarmHarness:
     def __init__(self, slot: Slot, popen, args: list[str]):
         self.slot = slot
         self.ready = False
+        self.failed = False
         self.process = popen(slot, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
 
-    def run(self, trial_dir: Path) -> int | None:
+    def poll_ready(self) -> bool:
+        """Whether it has said `ready`, without waiting for it (unless it is mid-line)."""
+        if self.ready or self.failed:
+            return self.ready
         try:
-            if not self.ready:
+            if select.select([self.process.stdout.fileno()], [], [], 0)[0]:
                 line = self._line(WARM_START_TIMEOUT_S)
                 if line != "ready":
                     raise OSError(f"it said {line!r} instead of ready")
                 self.ready = True
+        except (OSError, ValueError) as e:
+            self._fail(e)
+        return self.ready
+
+    def run(self, trial_dir: Path) -> int | None:
+        try:
             self.process.stdin.write(f"{trial_dir.resolve()}\n".encode())
             self.process.stdin.flush()
             return int(self._line(30.0))
         except (OSError, ValueError) as e:
-            log.warning("slot %s: the warm harness failed (%s); its trials start cold from now on", self.slot.name, e)
-            self.close()
+            self._fail(e)
             return None
+
+    def _fail(self, e: Exception) -> None:
+        log.warning("slot %s: the warm harness failed (%s); its trials start cold from now on", self.slot.name, e)
+        self.failed = True
+        self.close()
 
     def _line(self, timeout: float) -> str:
         fd, data, deadline = self.process.stdout.fileno(), b"", time.time() + timeout
