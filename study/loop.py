@@ -25,7 +25,7 @@ from study import storage
 from study.journal import Journal, JournalState
 from study.records import INFRA_STATUSES, Candidate, Result, Trial, scaled_objective
 from study.trialdir import write_trial_dir
-from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE
+from train.contract import TRAIN_FILE
 
 log = logging.getLogger("arena.loop")
 
