@@ -124,14 +124,17 @@ def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, laun
         searcher_summary = _safe_summary(searcher)
         searcher.close()
         board = study_dir / "leaderboard.txt"
-        board.write_text(leaderboard_text(loop.state, conf, ctx.baseline_knobs) + "\n")
+        board_text = leaderboard_text(loop.state, conf, ctx.baseline_knobs) + "\n"
+        with contextlib.suppress(OSError):  # a study stopped by a full or read-only folder cannot write it
+            board.write_text(board_text)
         if mirror:
             mirror.finish(end_metrics(loop, searcher_summary, started), [study_dir / "agent"],
                           tags={"stop_reason": loop.state.stop_reason or "",
                                 **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
                           status="FAILED" if failed else "KILLED" if loop.state.stop_reason
-                          and "interrupt" in loop.state.stop_reason else "FINISHED", files=[study_dir / "best_train.py", board],
-                          description=f"```\n{board.read_text()}```")
+                          and "interrupt" in loop.state.stop_reason else "FINISHED",
+                          files=[study_dir / "best_train.py", board],
+                          description=f"```\n{board_text}```")
             if not mirror.flush(float(conf["mlflow"].get("flush_timeout_s", 60))):
                 print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
                       file=sys.stderr)
