@@ -119,9 +119,9 @@ class LocalLauncher(Launcher):
     def submit(self, trial: Trial, slot: Slot) -> None:
         trial_dir = Path(trial.directory)
         server = self._servers.get(slot.name)
-        # Never wait for a warm harness still importing torch (40 s on a loaded machine): the study
-        # would stall, adopted trials uncollected; this trial starts cold instead.
-        pid = server.run(trial_dir) if server and server.poll_ready() else None
+        # Wait for a warm harness still importing torch (40 s on a loaded machine) only when no other
+        # trial needs watching: with trials in flight (adopted ones after a restart) it starts cold.
+        pid = server.run(trial_dir) if server and server.poll_ready(wait=not self._procs) else None
         popen = None
         if pid is None:  # a GPU slot, warm=false, a warm harness not ready or failed (logged): start cold
             if server and server.failed:
@@ -240,12 +240,12 @@ class _WarmHarness:
         self.process = popen(slot, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
 
-    def poll_ready(self) -> bool:
-        """Whether it has said `ready`, without waiting for it (unless it is mid-line)."""
+    def poll_ready(self, wait: bool) -> bool:
+        """Whether it has said `ready`; without `wait`, only if it already has (or is saying it)."""
         if self.ready or self.failed:
             return self.ready
         try:
-            if select.select([self.process.stdout.fileno()], [], [], 0)[0]:
+            if wait or select.select([self.process.stdout.fileno()], [], [], 0)[0]:
                 line = self._line(WARM_START_TIMEOUT_S)
                 if line != "ready":
                     raise OSError(f"it said {line!r} instead of ready")

@@ -336,11 +336,8 @@ def run_then_die(self, trial_dir):
         os.kill(os.getpid(), signal.SIGKILL)
     return pid
 local._WarmHarness.run = run_then_die
-def wait_ready(self):  # every trial goes through the warm harness's fork, never cold
-    if not self.ready:
-        self.ready = self._line(600) == "ready"
-    return self.ready
-local._WarmHarness.poll_ready = wait_ready
+ready = local._WarmHarness.poll_ready
+local._WarmHarness.poll_ready = lambda self, wait: ready(self, wait=True)  # every trial forked, never cold
 sys.argv[0] = {run!r}
 import runpy
 runpy.run_path({run!r}, run_name="__main__")
