@@ -23,17 +23,23 @@ an LLM, shown CMA-ES's mean, sigma and top configurations, proposed about 30%. H
 Resume: the journal's replayed tells rebuild the sides' counts, the best and the active code base;
 each code base's Optuna study persists under its own name in `optuna.db`. The agent is reached
 through its entry point for other searchers, `ClaudeSearcher.propose(k, ctx, extra_context)` (one
-wave, in line, the sampler's state added to its opening prompt), after what it hands out without a
-model call (baseline noise seeds, the keep rule's re-runs). Its wave runs inside the hybrid's ask,
-so its thinking is charged to the slots (and to the virtual clock under the simulator), as the
-Centaur setup did.
+wave, the sampler's state added to its opening prompt), after what it hands out without a model
+call (baseline noise seeds, the keep rule's re-runs). With `background` (the default) the wave runs
+on a thread while the sampler fills every free slot, and its candidates are handed out on the
+agent's next turns; the deficit rule gives the agent its share back as they arrive. Under the
+simulated launcher that thinking costs no virtual time, so `background: false` runs the wave
+inside the ask, where the loop charges it to the virtual clock (and where no slot starts while the
+agent thinks, as in the Centaur setup).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import logging
+import math
+import threading
 import warnings
+from concurrent.futures import Future
 from typing import Any
 
 from optuna.trial import TrialState
@@ -53,7 +59,7 @@ TOP_CONFIGS = 5
 
 class HybridSearcher(Searcher):
     def __init__(self, agent: ClaudeSearcher, sampler: str = "cmaes", sampler_options: dict | None = None,
-                 share: float = 0.7, name: str = "hybrid", storage_file: str = "optuna.db"):
+                 share: float = 0.7, background: bool = True, name: str = "hybrid", storage_file: str = "optuna.db"):
         if sampler not in ("cmaes", "tpe"):
             raise ValueError(f"hybrid sampler must be cmaes or tpe, not {sampler!r}")
         if not 0.0 <= share <= 1.0:
@@ -63,7 +69,10 @@ class HybridSearcher(Searcher):
         self.sampler_name = sampler
         self.sampler_options = sp.plain(sampler_options or {})
         self.share = float(share)
+        self.background = bool(background)
         self.storage_file = storage_file
+        self._wave: Future | None = None  # the agent's wave thinking beside the trials
+        self._waiting: list[Candidate] = []  # what that wave proposed, handed out on the agent's turns
         self.samplers: dict[str, OptunaSearcher] = {}  # code base key -> its sampler
         self.on_base: dict[str, list[tuple[Trial, Result]]] = {}  # code base key -> results on it
         self.proposed = {SAMPLER: 0, AGENT: 0}
@@ -88,13 +97,19 @@ class HybridSearcher(Searcher):
                 if trial.trial_id not in self.counted:
                     self.counted.add(trial.trial_id)
                     self.proposed[self._side(trial)] += 1
+        self._collect_wave()
         plan = self._plan(n)
         out: list[Candidate] = []
         if plan[AGENT] and not self.agent.done():
             with self.agent.lock:  # what the agent hands out without a model call comes first
                 ready = self.agent._ready(plan[AGENT], ctx)
-            if plan[AGENT] > len(ready):
-                ready += self.agent.propose(plan[AGENT] - len(ready), ctx, self.sampler_state())
+            while self._waiting and len(ready) < plan[AGENT]:
+                ready.append(self._waiting.pop(0))
+            missing = plan[AGENT] - len(ready)
+            if missing > 0 and not self.background:
+                ready += self.agent.propose(missing, ctx, self.sampler_state())
+            elif missing > 0 and self._wave is None:  # the sampler fills the slots while the agent thinks
+                self._start_wave(max(missing, self._agent_deficit(n)), ctx)
             out += [self._from_agent(candidate, ctx) for candidate in ready]
         if n > len(out):
             for candidate in self._sampler_for(self.active).ask(n - len(out), ctx):
@@ -125,6 +140,30 @@ class HybridSearcher(Searcher):
     def done(self) -> bool:
         return False  # the sampler always has another point to propose
 
+    def _start_wave(self, k: int, ctx: SearchContext) -> None:
+        """The agent's wave on a thread of its own; the sampler's state is read here, on the
+        loop's ask thread, so only the agent (which locks its own state) runs beside the loop."""
+        state = self.sampler_state()
+        self._wave = Future()
+
+        def think(future: Future = self._wave) -> None:
+            try:
+                future.set_result(self.agent.propose(k, ctx, state))
+            except BaseException as e:  # noqa: BLE001 - handed to the loop's thread by _collect_wave
+                future.set_exception(e)
+
+        threading.Thread(target=think, name="hybrid-agent-wave", daemon=True).start()
+
+    def _collect_wave(self) -> None:
+        if self._wave is None or not self._wave.done():
+            return
+        wave, self._wave = self._wave, None
+        if wave.exception() is not None:  # the agent's bug stops the agent, not the sampler
+            log.error("agent wave failed: %s: %s", type(wave.exception()).__name__, wave.exception())
+            self.agent._stop(f"wave failed: {type(wave.exception()).__name__}: {wave.exception()}")
+        else:
+            self._waiting.extend(wave.result())
+
     def summary(self) -> dict[str, Any]:
         total = sum(self.proposed.values()) or 1
         wins = sum(self.improvements.values())
@@ -141,7 +180,7 @@ class HybridSearcher(Searcher):
         return out
 
     def close(self) -> None:
-        self.agent.close()
+        self.agent.close()  # a wave still talking stops before its next call
 
     # -- what the agent sees --------------------------------------------------------------------
     def sampler_state(self) -> str:
@@ -174,6 +213,12 @@ class HybridSearcher(Searcher):
             behind = self.share * total - (self.proposed[SAMPLER] + plan[SAMPLER])
             plan[SAMPLER if behind >= 0.5 or self.agent.done() else AGENT] += 1
         return plan
+
+    def _agent_deficit(self, n: int) -> int:
+        """How many proposals the agent is behind its share, counting this ask: the size of a
+        background wave, so an agent that fell behind while thinking catches up in one wave."""
+        total = sum(self.proposed.values()) + n
+        return math.ceil((1.0 - self.share) * total - self.proposed[AGENT] - len(self._waiting))
 
     def _from_agent(self, candidate: Candidate, ctx: SearchContext) -> Candidate:
         """A knob-only proposal on the active code becomes an enqueued sampler trial; anything

@@ -89,12 +89,12 @@ class EditingAgent(KnobAgent):
         return status, message, headers
 
 
-def build(api: FakeMessagesAPI, sampler: str = "cmaes", share: float = 0.7) -> HybridSearcher:
+def build(api: FakeMessagesAPI, sampler: str = "cmaes", share: float = 0.7, background: bool = False) -> HybridSearcher:
     agent_conf = {k: v for k, v in CONF.items() if k != "_target_"}
     agent_conf.update(name="hybrid-agent", max_retries=0, wave_backoff_s=0, background=False)
     agent = ClaudeSearcher(**agent_conf, http_client=api.client())
-    return HybridSearcher(agent=agent, sampler=sampler, share=share, sampler_options=HYBRID["sampler_options"]
-                          if sampler == "cmaes" else {"n_startup_trials": 4})
+    return HybridSearcher(agent=agent, sampler=sampler, share=share, background=background,
+                          sampler_options=HYBRID["sampler_options"] if sampler == "cmaes" else {"n_startup_trials": 4})
 
 
 def make_loop(study_dir: Path, searcher, n_slots: int, max_trials: int) -> StudyLoop:
@@ -211,6 +211,28 @@ def test_kill_9_mid_hybrid_then_resume_keeps_the_split_and_both_sides_state(tmp_
     assert all(submitted[tid] == 1 for tid in before.results)
 
 
+def test_in_the_background_the_sampler_fills_the_slots_while_the_agent_thinks(tmp_path):
+    journal = tmp_path / "journal.jsonl"
+
+    def slow_first_wave(body):  # the model takes until 10 trials have finished to answer wave 1
+        if wave_number(body) == 1 and len(body["messages"]) == 1:
+            deadline = time.time() + 60
+            while len(JournalState.load(journal).results) < 10 and time.time() < deadline:
+                time.sleep(0.01)
+        return agent(body)
+
+    agent = EditingAgent(edit_wave=None)
+    searcher = build(FakeMessagesAPI(policy=slow_first_wave), background=True)
+    state = make_loop(tmp_path, searcher, 4, 40).run({"study_id": "background"})
+    order = sorted(JournalState.load(journal).trials.values(), key=lambda t: t.index)
+    first_wave = next(i for i, t in enumerate(order) if t.candidate.meta.get("agent_wave") == 1)
+    assert first_wave >= 10 and all(t.candidate.meta["hybrid_side"] == SAMPLER or t.candidate.meta.get("role") ==
+                                    "baseline" for t in order[:first_wave]), "no slot waited for the model"
+    split = Counter(t.candidate.meta["hybrid_side"] for t in order)
+    assert split[AGENT] >= 0.3 * 40 - 4, f"the agent caught up on its share once it answered: {split}"
+    assert set(searcher.agent.board.runs) == {t.trial_id for t, _ in state.history}
+
+
 def test_bad_hybrid_settings_are_refused():
     api = FakeMessagesAPI()
     with pytest.raises(ValueError, match="sampler must be cmaes or tpe"):
@@ -233,7 +255,8 @@ def test_a_hybrid_study_end_to_end_logs_each_sides_share(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             "searcher=hybrid", "objective=tiny", "progress=false", "launcher=simulated", "launcher.slots=3",
-            "study.max_trials=7", "searcher.agent.confirm_seeds=0", f"study.dir={tmp_path}/study",
+            "study.max_trials=7", "searcher.background=false", "searcher.agent.confirm_seeds=0",
+            f"study.dir={tmp_path}/study",
             f"mlflow.tracking_uri={uri}"])
     api = FakeMessagesAPI(policy=EditingAgent(edit_wave=None))
     agent = instantiate(cfg.searcher.agent, http_client=api.client(), max_retries=0, _convert_="all")
