@@ -34,6 +34,8 @@ def measure(trials: pd.DataFrame) -> pd.DataFrame:
     """Per (source_sha, device kind): n ok runs, n failed, mean, σ (sample std) with a bootstrap
     95% CI, and the offset of the mean from the reference kind (the kind with the most ok runs)."""
     done = trials[trials["t_finished"].notna() & trials["status"].ne("cancelled")]
+    # the same seed twice on one kind is the same run twice, not two draws of the noise
+    done = done.sort_values("trial_index").drop_duplicates(["source_sha", "device_kind", "seed"])
     rows = []
     for (sha, kind), g in done.groupby(["source_sha", "device_kind"]):
         ok = g["val_bpb"].dropna().to_numpy(dtype=float)

@@ -31,13 +31,20 @@ class RepeatSearcher(Searcher):
         return [(kind, ctx.seed + i) for i in range(self.seeds) for kind in kinds]
 
     def ask(self, n: int, ctx: SearchContext) -> list[Candidate]:
+        """At most as many runs per kind as that kind has free slots: the loop puts a candidate
+        that asked for a busy kind on any free slot, which would measure the wrong kind."""
         self.asked |= {(t.candidate.device_kind, t.candidate.seed) for t in ctx.in_flight}
+        free = {kind: spec.get("count", 1) for kind, spec in ctx.device_kinds.items()}
+        for t in ctx.in_flight:
+            free[t.device_kind] = free.get(t.device_kind, 0) - 1
         out = []
         for kind, seed in self.jobs(ctx):
             if len(out) == n:
                 break
-            if (kind, seed) in self.ran or (kind, seed) in self.asked:
+            if (kind, seed) in self.ran or (kind, seed) in self.asked or (free and free.get(kind, 0) <= 0):
                 continue
+            if free:
+                free[kind] -= 1
             self.asked.add((kind, seed))
             where = f" on {kind}" if kind else ""
             out.append(Candidate(source=ctx.baseline_source, knobs={}, device_kind=kind, seed=seed,
