@@ -1,0 +1,97 @@
+"""Reproduce a searcher comparison on this CPU, from nothing to the claims table.
+
+    python scripts/reproduce_comparison.py            # the searchers protocol, cpu preset, n = 8 seeds
+    python scripts/reproduce_comparison.py --quick    # tiny preset, random/grid/greedy, 3 trials each
+
+Runs `python run.py +experiment=searchers` (one Hydra multirun: every searcher x seed is a study of
+its own, resumable: the same command with the same --workdir picks up where it stopped), then
+`python -m analysis.report` on its MLflow experiment, and prints the claims and the wall time.
+Searchers: tpe random cmaes grid greedy, plus claude when ANTHROPIC_API_KEY is set and hybrid when
+conf/searcher/hybrid.yaml exists (full mode only).
+
+Trials run on one warm local CPU slot by default (a slot's hours are then wall hours, so the two
+equal budgets coincide); --launcher simulated gives a virtual clock at a fixed cost per step, at the
+price of a fresh interpreter per trial.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = {"preset": "cpu", "searchers": ["tpe", "random", "cmaes", "grid", "greedy"], "trials": 24, "seeds": 8}
+# tiny preset, depth at most 2 so no trial costs 4x another on a shared CPU, a hard limit that a
+# loaded machine does not trip
+# loaded machine does not trip. No TPE: for its first 8 trials it samples exactly what random does.
+QUICK = {"preset": "tiny", "searchers": ["random", "grid", "greedy"], "trials": 3, "seeds": 8,
+         "extra": ["space.DEPTH.high=2", "space.DEPTH.levels=[1,2]", "objective.hard_limit_s=300"]}
+
+
+def searchers_for(mode: dict, quick: bool, requested: list[str] | None) -> list[str]:
+    if requested:
+        return requested
+    names = list(mode["searchers"])
+    if not quick and os.environ.get("ANTHROPIC_API_KEY"):
+        names.append("claude")
+    if not quick and (ROOT / "conf" / "searcher" / "hybrid.yaml").is_file():
+        names.append("hybrid")
+    return names
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=cwd)
+    if proc.returncode != 0:
+        sys.exit(f"error: {cmd[1]} exited {proc.returncode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny preset, random/grid/greedy x 8 seeds x 3 trials")
+    p.add_argument("--workdir", type=Path, help="studies, MLflow store and report (default reports/reproduce-quick or -full)")
+    p.add_argument("--searchers", nargs="*", help="override the searchers compared")
+    p.add_argument("--seeds", type=int, help="seeds per searcher (default 8)")
+    p.add_argument("--trials", type=int, help="trials per study")
+    p.add_argument("--launcher", choices=("local", "simulated"), default="local")
+    args = p.parse_args(argv)
+    mode = QUICK if args.quick else FULL
+    seeds, trials = args.seeds or mode["seeds"], args.trials or mode["trials"]
+    names = searchers_for(mode, args.quick, args.searchers)
+    workdir = (args.workdir or ROOT / "reports" / f"reproduce-{'quick' if args.quick else 'full'}").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    experiment = f"arena-searchers-{mode['preset']}"
+    launcher = (["launcher=local", "launcher.slots=1"] if args.launcher == "local"
+                else ["launcher=simulated", "launcher.slots=1", "launcher.seconds_per_budget_unit=1.0"])
+    extra = list(mode.get("extra", []))
+    started = time.time()
+    run([sys.executable, str(ROOT / "run.py"), "+experiment=searchers", f"objective={mode['preset']}", *launcher,
+         f"hydra.sweeper.params.searcher={','.join(names)}", f"hydra.sweeper.params.seed=range({seeds})",
+         f"study.max_trials={trials}", f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={workdir / 'multirun'}",
+         *extra], cwd=workdir)
+    studies_done = time.time()
+    run([sys.executable, "-m", "analysis.report", "--tracking-uri", uri, "--experiment", experiment,
+         "--out", str(workdir / "report")], cwd=ROOT)
+    wall = time.time() - started
+    claims = pd.read_csv(workdir / "report" / "claims.csv")
+    arms = pd.read_csv(workdir / "report" / "arms_best_at_equal_gpu_h.csv", index_col=0)
+    print(f"\n{len(names)} searchers x {seeds} seeds x {trials} trials, objective preset {mode['preset']}, "
+          f"launcher {args.launcher}")
+    print("\nBest val_bpb at equal compute (bootstrap 95% CIs over seeds):")
+    print(arms[["n", "n_missing", "mean", "mean_lo", "mean_hi", "median", "iqm"]].round(4).to_string())
+    print("\nClaims:")
+    for line in claims["claim"]:
+        print(f"- {line}")
+    print(f"\nwall time: {wall / 60:.1f} min (studies {(studies_done - started) / 60:.1f} min); "
+          f"report: {workdir / 'report' / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
