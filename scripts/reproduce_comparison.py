@@ -6,8 +6,8 @@
 Runs `python run.py +experiment=searchers` (one Hydra multirun: every searcher x seed is a study of
 its own, resumable: the same command with the same --workdir picks up where it stopped), then
 `python -m analysis.report` on its MLflow experiment, and prints the claims and the wall time.
-Searchers: tpe random cmaes grid greedy, plus claude when ANTHROPIC_API_KEY is set and hybrid when
-conf/searcher/hybrid.yaml exists (full mode only).
+Searchers: tpe random cmaes grid greedy, plus claude and hybrid (which asks Claude for part of its
+trials) when ANTHROPIC_API_KEY is set (full mode only).
 
 Trials run on one warm local CPU slot by default (a slot's hours are then wall hours, so the two
 equal budgets coincide); --launcher simulated gives a virtual clock at a fixed cost per step, at the
@@ -26,11 +26,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"preset": "cpu", "searchers": ["tpe", "random", "cmaes", "grid", "greedy"], "trials": 24, "seeds": 8}
-# tiny preset, depth at most 2 so no trial costs 4x another on a shared CPU, a hard limit that a
-# loaded machine does not trip
-# loaded machine does not trip. No TPE: for its first 8 trials it samples exactly what random does.
+# tiny preset (it explores the cpu space: cost-neutral knobs), with a hard limit a loaded machine
+# does not trip. No TPE: for its first 8 trials it samples exactly what random does.
 QUICK = {"preset": "tiny", "searchers": ["random", "grid", "greedy"], "trials": 3, "seeds": 8,
-         "extra": ["space.DEPTH.high=2", "space.DEPTH.levels=[1,2]", "objective.hard_limit_s=300"]}
+         "extra": ["objective.hard_limit_s=300"]}
 
 
 def searchers_for(mode: dict, quick: bool, requested: list[str] | None) -> list[str]:
@@ -38,9 +37,7 @@ def searchers_for(mode: dict, quick: bool, requested: list[str] | None) -> list[
         return requested
     names = list(mode["searchers"])
     if not quick and os.environ.get("ANTHROPIC_API_KEY"):
-        names.append("claude")
-    if not quick and (ROOT / "conf" / "searcher" / "hybrid.yaml").is_file():
-        names.append("hybrid")
+        names += [n for n in ("claude", "hybrid") if (ROOT / "conf" / "searcher" / f"{n}.yaml").is_file()]
     return names
 
 
@@ -71,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 else ["launcher=simulated", "launcher.slots=1", "launcher.seconds_per_budget_unit=1.0"])
     extra = list(mode.get("extra", []))
     started = time.time()
-    run([sys.executable, str(ROOT / "run.py"), "+experiment=searchers", f"objective={mode['preset']}", *launcher,
-         f"hydra.sweeper.params.searcher={','.join(names)}", f"hydra.sweeper.params.seed=range({seeds})",
+    run([sys.executable, str(ROOT / "run.py"), "-m", "+experiment=searchers", f"objective={mode['preset']}", *launcher,
+         f"searcher={','.join(names)}", f"seed=range({seeds})",
          f"study.max_trials={trials}", f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={workdir / 'multirun'}",
          *extra], cwd=workdir)
     studies_done = time.time()

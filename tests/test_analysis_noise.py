@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from analysis import noise
-from searchers.base import SearchContext
+from study.core import SearchContext
 from searchers.repeat import RepeatSearcher
 from study.records import Result, Trial
 from tests.conftest import ROOT
