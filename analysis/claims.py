@@ -54,7 +54,7 @@ def judge(r: pd.Series, noise_floor: float | None, alpha: float) -> tuple[bool, 
 
 
 def sentence(r: pd.Series, budget: str, supported: bool, reason: str) -> str:
-    missing = f", {r['n_missing']} seed(s) without a result in one arm" if r["n_missing"] else ""
+    missing = f", {r['n_missing']} seed(s) missing from one arm (no study or no ok result)" if r["n_missing"] else ""
     numbers = (f"Δ = {signed(r['delta'])} [{signed(r['delta_lo'])}, {signed(r['delta_hi'])}], "
                f"{p_text(r['p_holm'])} (Holm), n = {r['n']}{missing}")
     if supported:

@@ -146,7 +146,8 @@ def plot_progress(trials: pd.DataFrame, x: str = "wall", simulated: bool = False
     for arm, b in band.groupby("arm"):
         st = styles[arm]
         n, without = b["n_seeds"].iloc[0], b["n_without_result"].iloc[0]
-        label = f"{arm}: mean of {n} seeds, 95% CI" + (f" ({without} more seed(s) without an ok trial)" if without else "")
+        label = (f"{arm}: mean of {n} seeds, 95% CI" if n > 1 else f"{arm}: one seed, no CI") + (
+            f" ({without} more seed(s) without an ok trial)" if without else "")
         ax.step(b["x"] / scale, b["mean"], where="post", color=st["color"], lw=st["lw"], ls=st["ls"], label=label)
         ax.fill_between(b["x"] / scale, b["ci_lo"], b["ci_hi"], step="post", color=st["color"], alpha=0.15)
     on_clock = simulated and x != "trials"

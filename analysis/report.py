@@ -334,8 +334,8 @@ def _speedup_section(doc: Document, studies: pd.DataFrame, trials: pd.DataFrame,
 
 def _ci_text(v: np.ndarray) -> str:
     finite = v[np.isfinite(v)]
-    if len(finite) == 0:
-        return f"- (n=0 of {len(v)})"
+    if len(finite) < 2:
+        return f"- (n={len(finite)} of {len(v)})"
     lo, hi = stats.bootstrap_ci(finite)
     return f"[{lo:.2f}, {hi:.2f}] (n={len(finite)} of {len(v)})"
 

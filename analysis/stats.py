@@ -36,12 +36,12 @@ AGGREGATES = {"mean": np.mean, "median": np.median, "iqm": iqm}
 def bootstrap_ci(values, statistic=np.mean, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
                  seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of `statistic` over seeds (NaNs left out by the caller, who counts
-    them). Degenerate samples (one value, or all equal) give the point itself: there is nothing to
-    resample, and scipy's interval would be NaN."""
+    them). One seed has no interval (NaN: a table then says so); seeds that all agree give the
+    point itself, since there is nothing to resample and scipy's interval would be NaN."""
     x = np.asarray(values, dtype=float)
-    if len(x) == 0:
+    if len(x) < 2:
         return math.nan, math.nan
-    if len(x) == 1 or np.all(x == x[0]):
+    if np.all(x == x[0]):
         v = float(statistic(x))
         return v, v
     res = stats.bootstrap((x,), statistic, confidence_level=confidence, n_resamples=n_resamples,
@@ -227,8 +227,8 @@ def bootstrap_band(matrix: np.ndarray, statistic=np.mean, confidence: float = CO
     """Pointwise percentile-bootstrap band of `statistic` across seeds (columns) at every row of
     `matrix` (rows: points of an anytime curve). Seeds are resampled as whole curves."""
     m = np.asarray(matrix, dtype=float)
-    if m.shape[1] == 1:
-        return m[:, 0], m[:, 0]
+    if m.shape[1] < 2:  # one seed: no band (NaN draws nothing), rather than a band of width zero
+        return np.full(m.shape[0], np.nan), np.full(m.shape[0], np.nan)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, m.shape[1], size=(n_resamples, m.shape[1]))
     boot = statistic(m[:, picks], axis=-1)  # rows x resamples

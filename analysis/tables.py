@@ -122,6 +122,7 @@ def ci_table(summary: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     display["missing"] = summary["n_missing"].astype(int)
     for agg in ("mean", "median", "iqm"):
         display[f"{agg.upper() if agg == 'iqm' else agg} [95% CI]"] = [
-            "-" if np.isnan(v) else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+            "-" if np.isnan(v) else f"{v:.{digits}f} (one seed: no CI)" if np.isnan(lo)
+            else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
             for v, lo, hi in zip(summary[agg], summary[f"{agg}_lo"], summary[f"{agg}_hi"])]
     return display

@@ -76,7 +76,7 @@ def test_claims_call_the_clear_gain_and_refuse_the_identical_pair(written):
     gpu = table[table["budget"] == "equal CPU slot-h"].set_index(["a", "b"])
     grid_vs_random = gpu.loc[("grid x1 (cpu preset, cpu)", "random x1 (cpu preset, cpu)")]
     assert grid_vs_random["supported"] and grid_vs_random["n"] == 7 and grid_vs_random["n_missing"] == 1
-    assert "1 seed(s) without a result in one arm" in grid_vs_random["claim"]
+    assert "1 seed(s) missing from one arm" in grid_vs_random["claim"]
     same = table[(table["a"].str.startswith(("random", "tpe"))) & (table["b"].str.startswith(("random", "tpe")))]
     assert not same["supported"].any()
     assert all(c.startswith("no difference detected") and "identical on every seed" in c for c in same["claim"])

@@ -53,6 +53,7 @@ def test_bootstrap_ci_contains_the_true_mean_at_the_stated_rate():
     # a percentile bootstrap at n = 20 covers ~93%; 300 draws put the rate within about +-0.04
     assert 0.88 <= hits / draws <= 0.99
     assert stats.bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    assert all(math.isnan(v) for v in stats.bootstrap_ci([2.0]))  # one seed has no interval
     assert all(math.isnan(v) for v in stats.bootstrap_ci([]))
 
 
@@ -133,5 +134,5 @@ def test_three_seeds_cannot_make_a_claim_and_the_table_says_why_and_names_missin
     table = claims.claims(per_study({"tpe": np.array([1.0, 1.1, 1.2, np.nan]), "random": np.array([2.0, 2.1, 2.2, 2.3])}))
     row = table.iloc[0]
     assert row["n"] == 3 and row["n_missing"] == 1 and not row["supported"]
-    assert "1 seed(s) without a result in one arm" in row["claim"]
+    assert "1 seed(s) missing from one arm" in row["claim"]
     assert "smallest possible p = 0.125" in row["claim"]
