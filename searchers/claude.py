@@ -6,9 +6,9 @@ returns at once what needs no model call (the baseline's noise seeds, the keep r
 confirmation re-runs, the agent's re-runs) and the candidates the model already queued; a wave
 (a fresh tool-use conversation, claude_wave.py) runs in the background and puts each candidate in
 the queue the moment it is submitted, asking for more than the free slots so the queue stays
-`queue_depth` deep. Only when there is nothing at all to hand out does `ask` wait for the model
-(at most `idle_wait_s` per call), which under a simulated clock is charged as the slots' idle
-time. `background: false` runs each wave in line instead (deterministic, one ask = one wave).
+`queue_depth` deep (one candidate per slot by default). Only when there is nothing at all to hand
+out does `ask` wait for the model (at most `idle_wait_s` per call), which under a simulated clock
+is charged as the slots' idle time. `background: false` runs each wave in line instead (deterministic, one ask = one wave).
 
 `propose(k, ctx, extra_context)` is the entry point for other searchers (a hybrid that wants "N
 candidates from the agent given this context"): one wave, in line, its candidates returned, not
@@ -283,10 +283,11 @@ class ClaudeSearcher(Searcher):
         return out
 
     def _queue_target(self, ctx: SearchContext) -> int:
+        """One candidate ready per slot by default: a slot that frees while the model thinks takes
+        one at once, and a queued candidate is no staler than the trials now running."""
         if self.queue_depth is not None:
             return int(self.queue_depth)
-        slots = sum(int(spec.get("count", 1)) for spec in ctx.device_kinds.values()) or 1
-        return max(1, math.ceil(slots / 2))
+        return sum(int(spec.get("count", 1)) for spec in ctx.device_kinds.values()) or 1
 
     def _accept(self, wave: Wave, candidates: list[Candidate]) -> None:
         """Called by the wave's tools (under the lock): price, record and (in background) queue."""

@@ -513,8 +513,10 @@ def simulated_study(tmp_path, api: FakeMessagesAPI, slots: int = 8, max_trials: 
             "mlflow.enabled=false"])
     options = {"max_retries": 2, "timeout_s": 0.3, "wave_backoff_s": 0, **overrides}
     searcher = instantiate(cfg.searcher, http_client=api.client(), _convert_="all", **options)
+    # with real sleeps, every slot runs for real and the clock may run ahead to each trial's known end
     launcher = SimulatedLauncher(slots=slots, kind="H100", runner=runner, real_workers=slots if sleep else 1,
-                                 assume_full_budget=sleep)
+                                 assume_full_budget=sleep,
+                                 seconds_per_budget_unit=trial_seconds / cfg.objective.budget if sleep else None)
     run_study(cfg, searcher=searcher, launcher=launcher)
     finished = JournalState.load(tmp_path / "study" / "journal.jsonl").finished()
     last_submit = max(t.submitted_at for t, _ in finished)

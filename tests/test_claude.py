@@ -774,7 +774,7 @@ def test_two_waves_end_to_end_with_real_training(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             "searcher=claude", "objective=tiny", "~space", "progress=false", "launcher.slots=2", "study.max_trials=4",
-            "searcher.confirm_seeds=0", "searcher.noise_seeds=1", f"study.dir={tmp_path}/study", f"mlflow.tracking_uri={uri}"])
+            "searcher.confirm_seeds=0", "searcher.noise_seeds=1", "searcher.queue_depth=0", f"study.dir={tmp_path}/study", f"mlflow.tracking_uri={uri}"])
     api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 2.0, 0.8, 1.25], dump_env_in_wave=2))
     searcher = instantiate(cfg.searcher, http_client=api.client(), max_retries=2, _convert_="all")
     state = run_study(cfg, searcher=searcher)
@@ -979,7 +979,7 @@ def test_a_simulated_study_on_8_slots_uses_the_frontier_and_survives_what_the_ap
         EDITOR, {"command": "create", "path": "c1/train.py", "file_text": "DEPTH = 1\n"})), empty_reply()],
         policy=PopulationAgent(), cache=True)
     APIS.append(api)
-    searcher, finished, idle = simulated_study(tmp_path, api)
+    searcher, finished, idle = simulated_study(tmp_path, api, trial_seconds=3.0, sleep=True)  # trials overlap thinking
     summary = searcher.summary()
     print(f"\n8 simulated slots, 40 trials: slot idle share {idle['all']:.1%} before the last submission, "
           f"{idle['after_first_wave']:.1%} after the first wave's candidates; asks that waited for the model "
