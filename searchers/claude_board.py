@@ -260,6 +260,9 @@ class Board:
         margin = self.margin(ch.device_kind)
         summary = f"paired gain {mean_gain:+.4f} over {len(pairs)} fresh seeds"
         best = self.best_elite()
+        if not fresh:
+            challenger.decision = "rejected: no paired re-run finished ok"
+            return
         if best is not None and best.trial_id != ch.incumbent:  # the incumbent changed meanwhile: judge afresh
             mean_gain = self.elite_score(best) - statistics.fmean(self.relative(c) for c in fresh)
             summary = f"{mean_gain:+.4f} over {len(fresh)} fresh runs vs the new incumbent {best.trial_id}"
