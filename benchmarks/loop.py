@@ -1,7 +1,11 @@
 """How much of the hardware the loop wastes.
 
-1. Scheduler overhead per trial: 1,000 slots of instant fake trials, so only the loop's own work
-   (journal, bookkeeping, trial directories, ask/tell) is timed. Goal < 1 ms.
+1. Scheduler overhead per trial: N slots of instant fake trials, so only the loop's own work
+   (journal, bookkeeping, trial directories, ask/tell) is timed. Goal < 1 ms at 10,000 slots.
+   Each size runs --repeats times and prints the median and the range of both wall time and the
+   process's CPU time, with the load average: on a shared machine the wall figure mostly measures
+   the neighbours (it spread 0.66-2.9 ms over five runs at load 0-1), while CPU time measures the
+   loop itself.
 2. Idle gap of a slot between a trial ending and the next starting, and the share of slot-time
    spent in counted training, from a real study run with `python run.py` on this CPU. Goals:
    median gap <= 0.5 s; >= 90 % of slot-time in training at a 30 s budget (run with --minutes 10).
@@ -12,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -29,18 +34,35 @@ from study.loop import StopRules, StudyLoop  # noqa: E402
 from tests.fakes import InstantLauncher, ListSearcher  # noqa: E402
 
 
-def scheduler_overhead(slots: int = 1000, trials: int = 10000) -> float:
+def scheduler_overhead(slots: int = 1000, trials: int = 10000) -> tuple[float, float]:
+    """(wall, CPU) seconds per trial of one study of `trials` instant trials on `slots` slots."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = SearchContext(baseline_source="X = 0\n", baseline_knobs={"X": 0}, space={}, seed=0,
                             study_dir=tmp, objective={"hard_limit_s": 10})
         loop = StudyLoop(searcher=ListSearcher(limit=trials), launcher=InstantLauncher(slots), ctx=ctx,
                          objective={"hard_limit_s": 10}, study_dir=Path(tmp), seed=0,
                          rules=StopRules(max_trials=trials))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         state = loop.run({"study_id": "bench"})
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert len(state.history) == trials
-    return elapsed / trials
+    return elapsed / trials, cpu / trials
+
+
+def spread(values: list[float]) -> str:
+    """`median [min-max]` in ms."""
+    ms = [v * 1e3 for v in values]
+    return f"{statistics.median(ms):.3f} ms [{min(ms):.3f}-{max(ms):.3f}]"
+
+
+def report_overhead(sizes: list[int], repeats: int) -> None:
+    for slots in sizes:
+        trials = max(10000, 2 * slots)
+        load = os.getloadavg()[0]
+        runs = [scheduler_overhead(slots, trials) for _ in range(repeats)]
+        print(f"scheduler overhead at {slots:,} slots ({trials:,} instant trials, {repeats} runs, load "
+              f"{load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): wall {spread([w for w, _ in runs])}, "
+              f"CPU {spread([c for _, c in runs])} per trial")
 
 
 def real_study(preset: str, minutes: float, slots: int, warm: bool) -> None:
@@ -86,10 +108,11 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="launcher.warm=false: a fresh interpreter per trial")
     ap.add_argument("--skip-overhead", action="store_true", help="only the real study")
+    ap.add_argument("--overhead-slots", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per size, for the spread")
     args = ap.parse_args()
     if not args.skip_overhead:
-        per_trial = scheduler_overhead()
-        print(f"scheduler overhead: {per_trial * 1e3:.3f} ms per trial (1,000 slots, 10,000 instant trials)")
+        report_overhead(args.overhead_slots, args.repeats)
     if args.real != "none":
         real_study(args.real, args.minutes, args.slots, warm=not args.cold)
 

@@ -55,11 +55,10 @@ def idle_seconds(journal_path) -> float:
     return idle
 
 
-def banner(conf: dict, objective: dict, existing: JournalState, stream: TextIO) -> None:
+def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stream: TextIO) -> None:
     """Two or three lines: what this study is, and whether it starts, resumes or has nothing to do."""
     name, max_trials = conf["study"]["name"], conf["study"].get("max_trials")
     searcher = conf["searcher"]
-    slots = conf["launcher"].get("slots")
     budget = f"{objective['budget']:g} {objective['budget_kind']}"
     limits = [f"max {max_trials} trials" if max_trials else "", f"max {conf['study']['max_hours']:g} h"
               if conf["study"].get("max_hours") else ""]

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any, Mapping
 
-SIGNIFICANT_DIGITS = 3
+SIGNIFICANT_DIGITS = 4  # as many as searchers/space.py keeps of a sampled value
 
 
 def short(value: Any) -> str:

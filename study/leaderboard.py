@@ -54,7 +54,7 @@ def leaderboard_text(state, conf: dict, baseline_knobs: Mapping[str, Any], top: 
 
 def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simulated: bool, top: int = 10,
                       baseline_knobs: Mapping[str, Any] | None = None, stream: TextIO | None = None,
-                      idle_s: float = 0.0) -> None:
+                      idle_s: float = 0.0, experiment_id: str | None = None) -> None:
     """`idle_s`: time between runs of a resumed study, left out of its elapsed time."""
     stream = stream or sys.stdout
     baseline_knobs = baseline_knobs or {}
@@ -74,9 +74,12 @@ def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simula
                      f"{study_dir / 'best_train.py'}")
     if mirrored:
         uri = conf["mlflow"]["tracking_uri"]
-        hint = (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000" if not uri.startswith("http")
-                else f"open {uri}")
-        lines.append(f"MLflow: {hint}  -> experiment '{conf['study']['experiment']}', run '{conf['study']['name']}'")
+        # The UI opens in its GenAI view unless the link asks for model training (a browser setting,
+        # not one an experiment can carry).
+        page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else ""
+        hint = (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000, then open http://127.0.0.1:5000/{page}"
+                if not uri.startswith("http") else f"open {uri.rstrip('/')}/{page}")
+        lines.append(f"MLflow: {hint}  (experiment '{conf['study']['experiment']}', run '{conf['study']['name']}')")
     stream.write("\n".join(lines) + "\n")
     stream.flush()
 

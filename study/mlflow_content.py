@@ -171,10 +171,12 @@ def unified_diff(baseline: str, source: str) -> str:
 
 
 def side_by_side_diff(baseline: str, source: str) -> str:
-    """The changed lines with 3 lines of context, the baseline left, the candidate right."""
-    return difflib.HtmlDiff(wrapcolumn=100).make_file(
+    """The changed lines with 3 lines of context, the baseline left, the candidate right, wrapped
+    and sized so that both sides fit MLflow's artifact preview (about 600 pixels wide)."""
+    page = difflib.HtmlDiff(wrapcolumn=42).make_file(
         baseline.splitlines(), source.splitlines(), "baseline train.py", "candidate train.py",
         context=True, numlines=3)
+    return page.replace("</head>", "<style>table.diff {font-size: 11px}</style>\n</head>", 1)
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -11,6 +11,7 @@ Both read the loop's `StudyState` on `update(state, rules)`; they never change i
 """
 from __future__ import annotations
 
+import heapq
 import os
 import statistics
 import sys
@@ -79,19 +80,21 @@ def seconds_left(progress: Mapping[str, float]) -> float | None:
 
 
 def study_eta(state, rules) -> float | None:
-    """Seconds until the study ends: the trials still to start, at the median slot time of those
-    finished so far, spread over the slots after the running ones end. None before anything
-    finished (no pace to go by) or when only a time limit ends the study."""
+    """Seconds until the study ends: each trial still to start goes to the slot that frees first,
+    at the median slot time of the trials finished so far. None before anything finished (no pace
+    to go by) or when only a time limit ends the study."""
     by_time = None if rules.max_hours is None else max(0.0, rules.max_hours * 3600 - state.elapsed)
     durations = [r.finished_at - r.started_at for _, r in state.history
                  if r.finished_at is not None and r.started_at is not None]
     if rules.max_trials is None or not durations:
         return by_time
     pace = statistics.median(durations)
-    running_left = [max(0.0, pace - running_for(state, r)) for r in state.running.values()]
-    to_start = max(0, rules.max_trials - len(state.history) - len(state.running))
-    slots = max(1, len(state.slots))
-    eta = max([*running_left, (sum(running_left) + to_start * pace) / slots], default=0.0)
+    free_at = [max(0.0, pace - running_for(state, r)) for r in state.running.values()]
+    free_at += [0.0] * max(0, max(1, len(state.slots)) - len(free_at))
+    heapq.heapify(free_at)
+    for _ in range(max(0, rules.max_trials - len(state.history) - len(state.running))):
+        heapq.heappush(free_at, heapq.heappop(free_at) + pace)
+    eta = max(free_at, default=0.0)
     return eta if by_time is None else min(eta, by_time)
 
 
@@ -156,14 +159,18 @@ class LiveDisplay:
         self.refresh_s = refresh_s
         self._live = Live(Text(""), refresh_per_second=4, transient=False)
         self._last = 0.0
+        self._seen = None  # the last (state, rules), for a final frame that shows how it ended
 
     def start(self) -> None:
         self._live.start()
 
     def stop(self) -> None:
+        if self._seen:
+            self._live.update(self.render(*self._seen))
         self._live.stop()
 
     def update(self, state, rules) -> None:
+        self._seen = (state, rules)
         if time.time() - self._last < self.refresh_s:
             return
         self._last = time.time()

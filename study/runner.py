@@ -99,7 +99,7 @@ def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, laun
 
     (study_dir / "baseline_train.py").write_text(baseline)
     (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    banner(conf, objective, journal, sys.stdout)
+    banner(conf, objective, journal, len(slots), sys.stdout)
 
     display = None
     if conf.get("progress", True):
@@ -141,7 +141,8 @@ def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, laun
             mirror.close()
     idle = 0.0 if launcher.simulated_time else idle_seconds(study_dir / "journal.jsonl")
     print_leaderboard(state, conf, study_dir, mirror is not None, launcher.simulated_time,
-                      baseline_knobs=ctx.baseline_knobs, idle_s=idle)
+                      baseline_knobs=ctx.baseline_knobs, idle_s=idle,
+                      experiment_id=mirror.experiment_id if mirror else None)
     return state
 
 

@@ -160,7 +160,7 @@ def test_a_missing_slurm_leaves_no_study_folder_and_no_mlflow_database(tmp_path)
 def test_knob_changes_show_old_and_new_values_shortest_first():
     assert knob_changes({"MATRIX_LR": 0.07363929961016057, "DEPTH": 3, "WARMDOWN_RATIO": 0.5},
                         {"MATRIX_LR": 0.025, "DEPTH": 2, "WARMDOWN_RATIO": 0.5}) == [
-        "DEPTH 2→3", "MATRIX_LR 0.025→0.0736"]
+        "DEPTH 2→3", "MATRIX_LR 0.025→0.07364"]
 
 
 def test_the_study_eta_spreads_the_remaining_trials_over_the_slots():
@@ -172,8 +172,9 @@ def test_the_study_eta_spreads_the_remaining_trials_over_the_slots():
     state.history = [(trial(i, 0.0), Result(status="ok", val_bpb=1.0, started_at=0.0, finished_at=40.0))
                      for i in range(2)]
     state.running = {"t0002": Running(trial(2, 90.0), slot=None)}
-    # 8 to start at 40 s each over 2 slots = 160 s, plus the running one's 30 s left, over 2 slots
-    assert study_eta(state, StopRules(max_trials=11)) == pytest.approx((30 + 8 * 40) / 2)
+    # slots free at 0 s and 30 s (the running trial's 40 s pace less its 10 s so far); 8 trials of
+    # 40 s each go to whichever frees first: 4 after the free slot (160 s), 4 after the other (190 s)
+    assert study_eta(state, StopRules(max_trials=11)) == pytest.approx(30 + 4 * 40)
     assert study_eta(state, StopRules(max_trials=11, max_hours=100 / 3600 + 60 / 3600)) == pytest.approx(60)
     assert study_eta(StudyState(elapsed=5.0), StopRules(max_trials=3)) is None
 
