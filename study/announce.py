@@ -69,7 +69,7 @@ def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stre
     if startup:
         lines.append(f"sampler start-up: the first {startup} trials are drawn at random before "
                      f"{searcher.get('sampler')} models anything (searcher.options.n_startup_trials)")
-    done, in_flight = len(existing.results), len(existing.in_flight())
+    done, in_flight = len(existing.results), len(existing.in_flight()) + len(existing.to_rerun())
     of = f" of {max_trials}" if max_trials else ""
     if existing.header is None:
         lines.append(f"starting {name}")
@@ -77,7 +77,7 @@ def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stre
         lines.append(f"already complete: {name} has {done}{of} trials done; nothing to run "
                      "(raise study.max_trials to continue it)")
     else:
-        flight = f", {in_flight} in flight at the last stop (adopted or re-run)" if in_flight else ""
+        flight = f", {in_flight} unfinished at the last stop (adopted or re-run)" if in_flight else ""
         lines.append(f"resuming {name}: {done}{of} done{flight}")
     stream.write("\n".join(lines) + "\n")
     stream.flush()
