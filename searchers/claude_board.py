@@ -383,9 +383,10 @@ class Board:
                 if r.code == self.baseline_code and r.status not in INFRA_STATUSES}
         return [(t, s) for t in tiers for s in seeds if (t, s) not in have and (t, s) not in issued]
 
-    def owner_of(self, source: str) -> str | None:
-        """The trial that already ran this code, comments and layout aside (not counting re-runs)."""
-        key = code_key(source)
+    def owner_of(self, source: str, key: str | None = None) -> str | None:
+        """The trial that already ran this code, comments and layout aside (not counting re-runs);
+        `key` is its code_key if the caller has it (computing one parses the file)."""
+        key = key or code_key(source)
         for r in self.runs.values():
             if r.code == key and r.role not in (CONFIRM, RERUN) and r.status not in INFRA_STATUSES:
                 return r.trial_id

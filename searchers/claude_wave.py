@@ -140,26 +140,30 @@ class Wave:
 
     # -- tools -------------------------------------------------------------------------------------
     def tool_result(self, use: Any) -> dict[str, Any]:
-        handlers = {
-            EDITOR_NAME: self.files.editor,
+        """Run one tool call. The editor touches only this wave's files and runs unlocked; submit
+        and sweep check their code unlocked and take the lock to accept; the rest read or change
+        the board under the lock, so an ask from the loop never waits long for a tool."""
+        locked = {
             "read_results": lambda a: self.agent.board.table(top=a.get("top", 10), last=a.get("last", 20),
                                                              ids=a.get("trial_ids")),
             "read_trial": self.read_trial,
             "start_from": self.start_from,
             "combine": self.combine,
-            "submit_candidate": self.submit,
-            "sweep": self.sweep,
             "rerun": self.rerun,
             "reflect": self.reflect,
             "keep_note": self.agent._keep_note,
         }
+        unlocked = {EDITOR_NAME: self.files.editor, "submit_candidate": self.submit, "sweep": self.sweep}
         args = use.input if isinstance(use.input, dict) else {}
         self.tools_used[use.name] = self.tools_used.get(use.name, 0) + 1
         try:
-            if use.name not in handlers:
+            if use.name in unlocked:
+                content = unlocked[use.name](args)
+            elif use.name in locked:
+                with self.agent.lock:
+                    content = locked[use.name](args)
+            else:
                 raise ToolError(f"unknown tool {use.name!r}")
-            with self.agent.lock:
-                content = handlers[use.name](args)
             return {"type": "tool_result", "tool_use_id": use.id, "content": content}
         except Exception as e:  # whatever a tool call does wrong, the model hears it, the study goes on
             if not isinstance(e, ToolError):
@@ -174,17 +178,21 @@ class Wave:
         name = str(args.get("candidate", ""))
         source = self._final_source(name)
         start, parent = self.files.starts[name]
-        if code_key(source) == code_key(start):
+        key = code_key(source)
+        if key == code_key(start):
             raise ToolError(f"{name} runs the same code as its starting point ({parent or 'baseline'}): "
                             "comments and layout aside, nothing changed, so it would only re-run a seed")
-        self._check_new(name, source)
         hypothesis = _hypothesis(args)
         kind = args.get("device_kind") or None
         if kind is not None and kind not in self.agent.kinds:
             raise ToolError(f"device_kind {kind!r} is not in this study's kinds {self.agent.kinds}")
         candidate = self._candidate(name, source, hypothesis, kind)
-        self.files.submitted.add(name)
-        self.agent._accept(self, [candidate])
+        with self.agent.lock:
+            owner = self._owner(key)
+            if owner:
+                raise ToolError(f"{name} runs the same code as {owner}; make it test a different idea")
+            self.files.submitted.add(name)
+            self.agent._accept(self, [candidate])
         return (f"accepted {name} ({len(self.accepted)} of {self.k}); knobs changed: "
                 f"{candidate.knobs or 'none (code edit)'}")
 
@@ -201,7 +209,8 @@ class Wave:
         if len(combos) > self.agent.max_sweep:
             raise ToolError(f"{len(combos)} combinations, over the limit of {self.agent.max_sweep}")
         hypothesis = _hypothesis(args)
-        out, skipped = [], []
+        start_key = code_key(self.files.starts[name][0])
+        variants: dict[str, tuple[str, Candidate]] = {}  # code key -> (label, candidate), in order
         for combo in combos:
             try:
                 variant = write_knobs(source, combo)
@@ -209,15 +218,19 @@ class Wave:
                 raise ToolError(f"{combo}: {e}") from None
             check_candidate(variant)
             label = ", ".join(f"{k}={v!r}" for k, v in combo.items())
-            if code_key(variant) == code_key(self.files.starts[name][0]) or self._owner(variant) or \
-                    any(code_key(c.source) == code_key(variant) for c in out):
-                skipped.append(label)
-                continue
-            out.append(self._candidate(name, variant, f"{hypothesis} [sweep {label}]", None))
-        if not out:
-            raise ToolError(f"every combination already ran or is queued: {'; '.join(skipped)}")
-        self.files.submitted.add(name)
-        self.agent._accept(self, out)
+            candidate = self._candidate(name, variant, f"{hypothesis} [sweep {label}]", None)
+            variants.setdefault(code_key(variant), (label, candidate))
+        out, skipped = [], []
+        with self.agent.lock:
+            for key, (label, candidate) in variants.items():
+                if key == start_key or self._owner(key):
+                    skipped.append(label)
+                else:
+                    out.append(candidate)
+            if not out:
+                raise ToolError(f"every combination already ran or is queued: {'; '.join(skipped)}")
+            self.files.submitted.add(name)
+            self.agent._accept(self, out)
         return (f"accepted {len(out)} sweep candidate(s) from {name}" +
                 (f"; skipped (already run or queued): {'; '.join(skipped)}" if skipped else ""))
 
@@ -322,17 +335,12 @@ class Wave:
         check_candidate(source)
         return source
 
-    def _owner(self, source: str) -> str | None:
-        """Who already runs this code: a finished trial, one in flight, or a queued candidate."""
-        key = code_key(source)
+    def _owner(self, key: str) -> str | None:
+        """Who already runs this code (by code_key): a finished trial, one in flight, or a queued
+        candidate. Call under the lock."""
         queued = self.agent.proposed.get(key)
-        return self.agent.board.owner_of(source) or self.in_flight_codes.get(key) or (
+        return self.agent.board.owner_of("", key=key) or self.in_flight_codes.get(key) or (
             queued and f"candidate {queued.meta.get('agent_candidate')} of wave {queued.meta.get('agent_wave')}")
-
-    def _check_new(self, name: str, source: str) -> None:
-        owner = self._owner(source)
-        if owner:
-            raise ToolError(f"{name} runs the same code as {owner}; make it test a different idea")
 
     def _candidate(self, name: str, source: str, hypothesis: str, kind: str | None) -> Candidate:
         start, parent = self.files.starts[name]
