@@ -31,8 +31,10 @@ import httpx2
 EDITOR = "str_replace_based_edit_tool"
 LOOKBACK_BLOCKS = 20  # the API checks this many blocks before a breakpoint for an earlier cache entry
 MAX_BREAKPOINTS = 4
-REQUEST_FIELDS = {"model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "output_config",
-                  "metadata", "stop_sequences", "temperature", "top_p", "top_k", "stream", "service_tier"}
+# The fields of MessageCreateParams in anthropic 2.15 (types/message_create_params.py)
+REQUEST_FIELDS = {"max_tokens", "messages", "model", "cache_control", "container", "diagnostics", "inference_geo",
+                  "metadata", "output_config", "service_tier", "speed", "stop_sequences", "system", "thinking",
+                  "tool_choice", "tools", "user_profile_id", "workspace_id", "stream"}
 BLOCK_FIELDS = {
     "user": {"text": {"type", "text", "cache_control", "citations"},
              "tool_result": {"type", "tool_use_id", "content", "is_error", "cache_control"},
