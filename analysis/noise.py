@@ -85,6 +85,16 @@ def floor_for(store: str | Path, preset: str, device_kinds: list[str]) -> tuple[
     return float(rec["sigma"]), note
 
 
+def display_note(store: str | Path, preset: str, device_kinds: list[str]) -> str:
+    """' [noise floor σ 0.0060 on cpu]' for a study's live display, so a person watching a "new
+    best" knows how big a gain must be to mean anything; '' when none is stored."""
+    sigma, note = floor_for(store, preset, device_kinds)
+    if sigma is None:
+        return ""
+    kinds = ", ".join(f"{k} {r['sigma']:.4f}" for k in device_kinds if (r := lookup(store, preset, k)))
+    return f" [noise floor σ: {kinds}]"
+
+
 def log_to_mlflow(tracking_uri: str, run_id: str, table: pd.DataFrame, files: list[Path]) -> None:
     from mlflow import MlflowClient
 

@@ -103,9 +103,11 @@ def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, laun
 
     display = None
     if conf.get("progress", True):
+        from analysis.noise import DEFAULT_STORE, display_note
         from study.progress import make_display
 
-        display = make_display(conf["study"]["name"], launcher.simulated_time, ctx.baseline_knobs)
+        noise = display_note(DEFAULT_STORE, str(conf["objective"].get("preset")), sorted(ctx.device_kinds))
+        display = make_display(conf["study"]["name"] + noise, launcher.simulated_time, ctx.baseline_knobs)
     if mirror:
         mirror.start()
     loop = StudyLoop(searcher=searcher, launcher=launcher, ctx=ctx, objective=objective, study_dir=study_dir,

@@ -92,6 +92,9 @@ def test_the_store_is_keyed_by_preset_kind_and_code_and_a_comparison_takes_its_n
     sigma, note = noise.floor_for(tmp_path, "cpu", ["A", "B", "C"])
     assert sigma == pytest.approx(math.sqrt(0.02)) and "cpu/B" in note and "no floor measured for ['C']" in note
     assert noise.floor_for(tmp_path, "tiny", ["A"]) == (None, "")
+    # what the live display appends to the study's name
+    assert noise.display_note(tmp_path, "cpu", ["A", "B"]) == " [noise floor σ: A 0.1000, B 0.1414]"
+    assert noise.display_note(tmp_path, "tiny", ["A"]) == ""
 
 
 @pytest.mark.slow
