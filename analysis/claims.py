@@ -55,7 +55,9 @@ def judge(r: pd.Series, noise_floor: float | None, alpha: float) -> tuple[bool, 
 
 def sentence(r: pd.Series, budget: str, supported: bool, reason: str) -> str:
     missing = f", {r['n_missing']} seed(s) missing from one arm (no study or no ok result)" if r["n_missing"] else ""
-    numbers = (f"Δ = {signed(r['delta'])} [{signed(r['delta_lo'])}, {signed(r['delta_hi'])}], "
+    interval = (f"[{signed(r['delta_lo'])}, {signed(r['delta_hi'])}]" if not math.isnan(r["delta_lo"])
+                else "(no CI from one pair)")
+    numbers = (f"Δ = {signed(r['delta'])} {interval}, "
                f"{p_text(r['p_holm'])} (Holm), n = {r['n']}{missing}")
     if supported:
         return f"{r['a']} < {r['b']} at {budget}: {numbers}"

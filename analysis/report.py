@@ -228,7 +228,8 @@ def _pairwise_display(pairs: pd.DataFrame) -> pd.DataFrame:
         "pair": pairs["a"] + " < " + pairs["b"] + "?",
         "n": pairs["n"],
         "missing": pairs["n_missing"],
-        "Δ [95% CI]": [f"{claims.signed(d)} [{claims.signed(lo)}, {claims.signed(hi)}]"
+        "Δ [95% CI]": [f"{claims.signed(d)} [{claims.signed(lo)}, {claims.signed(hi)}]" if not math.isnan(lo)
+                       else f"{claims.signed(d)} (n < 2: no CI)"
                        for d, lo, hi in zip(pairs["delta"], pairs["delta_lo"], pairs["delta_hi"])],
         "p": pairs["p"].map(lambda p: f"{p:.3g}"),
         "p (Holm)": pairs["p_holm"].map(lambda p: f"{p:.3g}"),

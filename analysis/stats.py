@@ -96,10 +96,11 @@ TESTS = {"wilcoxon": wilcoxon_less, "permutation": permutation_less}
 
 def rank_biserial(a, b) -> float:
     """Matched-pairs rank-biserial correlation of a - b: -1 when a is lower on every seed, +1 when
-    higher, 0 when the signed ranks balance (Kerby 2014). The effect size that goes with Wilcoxon."""
+    higher, 0 when the signed ranks balance (Kerby 2014). The effect size that goes with Wilcoxon.
+    Tied seeds keep their (lowest) ranks in the denominator, as Pratt's test does, so five ties and
+    one win read as a small effect, not as -1."""
     d = np.asarray(a, float) - np.asarray(b, float)
-    d = d[d != 0]
-    if len(d) == 0:
+    if len(d) == 0 or np.all(d == 0):
         return 0.0
     ranks = stats.rankdata(np.abs(d))
     return float((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())

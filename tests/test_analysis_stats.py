@@ -38,6 +38,8 @@ def test_effect_sizes():
     a, b = np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0])
     assert stats.rank_biserial(a, b) == -1.0
     assert stats.rank_biserial(b, a) == 1.0
+    # five tied seeds (ranks 1-5 share 3) and one win (rank 6): (0 - 6) / 21
+    assert stats.rank_biserial([1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 2]) == pytest.approx(-6 / 21)
     # 1<2,1<3,1<4, 2=2 (half), 2<3,2<4, 3<4 + 3=3 (half): 6 + 2*0.5 = 7 of 9
     assert stats.probability_of_improvement(a, b) == pytest.approx(7 / 9)
 
