@@ -2,17 +2,20 @@
 
     python benchmarks/chaos.py [--kills 3] [--trials 6] [--searchers tpe,random,grid,greedy,claude]
 
-For each searcher, the study is started, killed with SIGKILL after a random 2-12 s (start-up, the
-first asks and trials in flight are all fair game), started again, and so on `--kills` times; then it
-runs to the end. The Claude searcher talks to the scripted Messages API of tests/fake_anthropic.py,
-never the network. The audit reads the journal, the trial folders, /proc and MLflow:
+For each searcher, the study is started, killed with SIGKILL at a random moment, started again, and
+so on `--kills` times; then it runs to the end. One kill in three lands during start-up (1-8 s in),
+the others 0-8 s after the run's first submission or adoption, when trials are in flight. The
+Claude searcher talks to the scripted Messages API of tests/fake_anthropic.py, never the network. The audit reads the journal, the trial folders, /proc and MLflow:
 
+  resumes     starts that found a journal; adopted: trials picked up still running or finished;
+              reruns: trials run again (in flight and dead, or cancelled)
   finished    measured trials (the study asked for --trials)
   dup         trial ids measured more than once
   lost        trial ids submitted but never measured
   orphans     trial processes still alive after the study ended
   attempts    trial folders (a re-run of an unmeasured trial gets its own)
-  distinct    distinct candidates (train.py texts) among the measured trials
+  distinct    distinct (train.py, seed) pairs among the measured trials (an agent's baseline runs
+              under several seeds on purpose)
   mlflow      child runs / parent runs, and whether the children are exactly the measured ids
 """
 from __future__ import annotations
@@ -69,14 +72,22 @@ def chaos(workdir: Path, searcher: str, trials: int, kills: int, rng: random.Ran
     workdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, __file__, "--child", str(workdir), searcher, str(trials)]
     delivered = 0
-    for _ in range(kills):
+    journal = workdir / "study" / "journal.jsonl"
+    for k in range(kills):
+        seen = _events(journal)
         proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(2, 12))
-        except subprocess.TimeoutExpired:
+        if k % 3 == 0:
+            time.sleep(rng.uniform(1, 8))
+        else:  # wait for this run to put a trial on a slot
+            deadline = time.time() + 300
+            while proc.poll() is None and time.time() < deadline and not any(
+                    e in ("submitted", "adopted") for e in _events(journal)[len(seen):]):
+                time.sleep(0.2)
+            time.sleep(rng.uniform(0, 8))
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
             delivered += 1
+        proc.wait()
     started = time.time()
     final = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
     audit_row = audit(workdir)
@@ -87,23 +98,36 @@ def chaos(workdir: Path, searcher: str, trials: int, kills: int, rng: random.Ran
     return audit_row
 
 
+def _events(journal: Path) -> list[str]:
+    from study.journal import Journal, JournalDamaged
+
+    try:
+        return [e.get("event") for e in Journal.read(journal)]
+    except JournalDamaged:
+        return []
+
+
 def audit(workdir: Path) -> dict:
     from study.journal import Journal, JournalState
 
     study = workdir / "study"
     path = study / "journal.jsonl"
     js = JournalState.load(path)
-    measured_events = Counter(e["trial_id"] for e in Journal.read(path) if e["event"] == "finished"
+    events = Journal.read(path)
+    measured_events = Counter(e["trial_id"] for e in events if e["event"] == "finished"
                               and (e["result"]["status"] not in ("cancelled", "lost") or e.get("final")))
     submitted = {t for t in js.trials}
     time.sleep(1.0)
     return {
         "finished": len(js.results),
+        "resumes": sum(e["event"] == "resumed" for e in events),
+        "adopted": sum(e["event"] == "adopted" for e in events),
+        "reruns": sum(e["event"] == "resubmitted" for e in events),
         "dup": sum(n > 1 for n in measured_events.values()),
         "lost": len(submitted - set(js.results)),
         "orphans": len(orphans(study)),
         "attempts": len([p for p in (study / "trials").iterdir() if p.is_dir()]),
-        "distinct": len({t.candidate.source for t, _ in js.finished()}),
+        "distinct": len({(t.candidate.source, t.seed) for t, _ in js.finished()}),
         "mlflow": mlflow_audit(workdir, set(js.results)),
     }
 
@@ -146,8 +170,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     base = Path(args.keep or tempfile.mkdtemp(prefix="arena-chaos-"))
     rows = [chaos(base / s, s, args.trials, args.kills, rng) for s in args.searchers.split(",")]
-    columns = ("searcher", "kills", "exit", "finished", "dup", "lost", "orphans", "attempts", "distinct", "mlflow",
-               "last_run_s")
+    columns = ("searcher", "kills", "resumes", "adopted", "reruns", "exit", "finished", "dup", "lost", "orphans",
+               "attempts", "distinct", "mlflow", "last_run_s")
     widths = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-|-".join("-" * widths[c] for c in columns))

@@ -153,11 +153,13 @@ def test_a_second_copy_refuses_naming_the_owner_and_a_dead_owner_never_blocks(tm
         assert f"host {socket.gethostname()}, pid {owner.pid}" in err and "in use by another run" in err, err
         wait_for(lambda: len(safe_state(path).results) >= 2 and safe_state(path).in_flight(), 600,
                  "two results and a trial in flight")
-        # A third copy, started mid-study, refuses too and changes nothing.
-        size = path.stat().st_size
+        # A third copy, started mid-study (the owner paused, so it cannot finish meanwhile), refuses
+        # too and changes nothing.
+        os.kill(owner.pid, signal.SIGSTOP)
+        before = path.read_bytes()
         late = run_arena(tmp_path, *args, check=False, timeout=600)
-        assert late.returncode == 2 and f"pid {owner.pid}" in late.stderr
-        assert path.read_bytes()[:size] == path.read_bytes()[:size]
+        assert late.returncode == 2 and f"pid {owner.pid}" in late.stderr, late.stderr[-2000:]
+        assert path.read_bytes() == before
         os.kill(owner.pid, signal.SIGKILL)  # the owner dies: its lock goes with it
         owner.wait()
     finally:
