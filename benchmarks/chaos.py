@@ -4,7 +4,7 @@
 
 For each searcher, the study is started, killed with SIGKILL at a random moment, started again, and
 so on `--kills` times; then it runs to the end. One kill in three lands during start-up (1-8 s in),
-the others 0-8 s after the run's first submission or adoption, when trials are in flight. The
+the others 0-8 s after a trial of this run started training, when trials are in flight. The
 Claude searcher talks to the scripted Messages API of tests/fake_anthropic.py, never the network. The audit reads the journal, the trial folders, /proc and MLflow:
 
   resumes     starts that found a journal; adopted: trials picked up still running or finished;
@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from train.contract import LOG_FILE  # noqa: E402 - after the path that makes it importable from anywhere
 
 
 def child(workdir: Path, searcher_name: str, trials: int) -> None:
@@ -72,16 +74,14 @@ def chaos(workdir: Path, searcher: str, trials: int, kills: int, rng: random.Ran
     workdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, __file__, "--child", str(workdir), searcher, str(trials)]
     delivered = 0
-    journal = workdir / "study" / "journal.jsonl"
     for k in range(kills):
-        seen = _events(journal)
+        logs = _trial_logs(workdir)
         proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if k % 3 == 0:
             time.sleep(rng.uniform(1, 8))
-        else:  # wait for this run to put a trial on a slot
+        else:  # wait for a trial of this run to start (a new run.log)
             deadline = time.time() + 300
-            while proc.poll() is None and time.time() < deadline and not any(
-                    e in ("submitted", "adopted") for e in _events(journal)[len(seen):]):
+            while proc.poll() is None and time.time() < deadline and _trial_logs(workdir) <= logs:
                 time.sleep(0.2)
             time.sleep(rng.uniform(0, 8))
         if proc.poll() is None:
@@ -98,13 +98,8 @@ def chaos(workdir: Path, searcher: str, trials: int, kills: int, rng: random.Ran
     return audit_row
 
 
-def _events(journal: Path) -> list[str]:
-    from study.journal import Journal, JournalDamaged
-
-    try:
-        return [e.get("event") for e in Journal.read(journal)]
-    except JournalDamaged:
-        return []
+def _trial_logs(workdir: Path) -> set[Path]:
+    return set((workdir / "study" / "trials").glob(f"*/{LOG_FILE}"))
 
 
 def audit(workdir: Path) -> dict:
