@@ -1,6 +1,6 @@
 """Chaos: kill -9 a tiny study's orchestrator at random moments, resume it, and audit what is left.
 
-    python benchmarks/chaos.py [--kills 3] [--trials 6] [--searchers tpe,random,grid,greedy,claude]
+    python benchmarks/chaos.py [--kills 4] [--trials 6] [--steps 40] [--searchers tpe,random,grid,greedy,claude]
 
 For each searcher, the study is started, killed with SIGKILL at a random moment, started again, and
 so on `--kills` times; then it runs to the end. One kill in three lands during start-up (1-8 s in),
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from train.contract import LOG_FILE  # noqa: E402 - after the path that makes it importable from anywhere
 
 
-def child(workdir: Path, searcher_name: str, trials: int) -> None:
+def child(workdir: Path, searcher_name: str, trials: int, steps: int) -> None:
     """One orchestrator run, as `python run.py` would do it (with the fake API for claude)."""
     import logging
 
@@ -47,7 +47,8 @@ def child(workdir: Path, searcher_name: str, trials: int) -> None:
     from study.runner import ConfigError, run_study
 
     logging.basicConfig(level=logging.WARNING)
-    overrides = [f"searcher={searcher_name}", "objective=tiny", "progress=false", "launcher.slots=2",
+    overrides = [f"searcher={searcher_name}", "objective=tiny", f"objective.budget={steps}",
+                 "objective.hard_limit_s=900", "progress=false", "launcher.slots=2",
                  f"study.max_trials={trials}", f"study.dir={workdir}/study",
                  f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db"]
     searcher = None
@@ -70,9 +71,9 @@ def child(workdir: Path, searcher_name: str, trials: int) -> None:
         sys.exit(2)
 
 
-def chaos(workdir: Path, searcher: str, trials: int, kills: int, rng: random.Random) -> dict:
+def chaos(workdir: Path, searcher: str, trials: int, steps: int, kills: int, rng: random.Random) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, __file__, "--child", str(workdir), searcher, str(trials)]
+    command = [sys.executable, __file__, "--child", str(workdir), searcher, str(trials), str(steps)]
     delivered = 0
     for k in range(kills):
         logs = _trial_logs(workdir)
@@ -153,18 +154,19 @@ def mlflow_audit(workdir: Path, measured: set[str]) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+        child(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--kills", type=int, default=4)
     parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=40, help="tiny preset's budget: long enough to be killed mid-trial")
     parser.add_argument("--searchers", default="tpe,random,grid,greedy,claude")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", help="folder to keep the studies in (default: a temporary one)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     base = Path(args.keep or tempfile.mkdtemp(prefix="arena-chaos-"))
-    rows = [chaos(base / s, s, args.trials, args.kills, rng) for s in args.searchers.split(",")]
+    rows = [chaos(base / s, s, args.trials, args.steps, args.kills, rng) for s in args.searchers.split(",")]
     columns = ("searcher", "kills", "resumes", "adopted", "reruns", "exit", "finished", "dup", "lost", "orphans",
                "attempts", "distinct", "mlflow", "last_run_s")
     widths = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in columns}

@@ -134,6 +134,7 @@ def test_a_damaged_journal_stops_the_resume_in_one_line_and_reuses_no_id(finishe
 
 
 # -- 2. one owner per study ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_copy_refuses_naming_the_owner_and_a_dead_owner_never_blocks(tmp_path):
     uri = sqlite_uri(tmp_path)
     args = [*TINY, "objective.budget=30", "objective.hard_limit_s=900", "launcher.slots=2",
@@ -176,6 +177,7 @@ def test_a_second_copy_refuses_naming_the_owner_and_a_dead_owner_never_blocks(tm
 
 
 # -- 3. Ctrl-C: a cancelled trial is run again and is not a measurement -------------------------------
+@pytest.mark.slow
 def test_a_trial_cancelled_by_ctrl_c_runs_again_on_resume(tmp_path):
     uri = sqlite_uri(tmp_path)
     args = [*TINY, "searcher=grid", "objective.budget=30", "objective.hard_limit_s=900", "launcher.slots=1", "study.max_trials=3",
@@ -245,6 +247,7 @@ def test_a_resumed_sampler_proposes_what_the_uninterrupted_one_would(tmp_path, s
     assert len(set(keys)) == len(keys), "a resumed study proposed a finished candidate again"
 
 
+@pytest.mark.slow
 def test_a_random_study_extended_later_continues_instead_of_replaying(tmp_path):
     uri = sqlite_uri(tmp_path)
     args = [*TINY, "searcher=random", "launcher.slots=1", f"mlflow.tracking_uri={uri}"]
@@ -281,6 +284,7 @@ def test_a_read_only_study_folder_is_refused_before_any_compute(tmp_path, small_
     assert proc.returncode == 2 and "error: study folder not writable" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["read-only", "full"])
 def test_a_storage_fault_mid_study_stops_it_loudly_and_the_trial_runs_again(tmp_path, small_fs, fault):
     uri = sqlite_uri(tmp_path)
@@ -346,6 +350,7 @@ runpy.run_path({run!r}, run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_fork_window_adopts_the_trial_instead_of_running_it_twice(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_IN_FORK_WINDOW.format(root=str(ROOT), run=str(ROOT / "run.py")))
