@@ -256,3 +256,46 @@ def test_a_rung_on_a_kind_the_launcher_lacks_is_refused():
     with pytest.raises(ValueError, match="names device kind 'A100'; the launcher's slots are H100"):
         check_rung_kinds(parse_rungs([{"fraction": 0.5, "kind": "A100"}, 1.0], 3), {"H100": {}})
     assert parse_rungs([0.25, {"fraction": 1.0, "kind": "H100"}], 2) == [Rung(0.25), Rung(1.0, "H100")]
+
+
+def test_only_whole_budget_runs_count_in_mlflow_and_analysis(tmp_path, monkeypatch):
+    """A real study (run_study, MLflow, analysis) whose trials a synthetic runner scores: the
+    shorter runs log rung_val_bpb, never val_bpb, so no best, staircase or analysis counts them."""
+    from hydra import compose, initialize_config_dir
+    from mlflow.tracking import MlflowClient
+
+    from analysis.curves import staircase
+    from analysis.load import load
+    from study.runner import run_study
+
+    def runner(trial_dir, trial, slot):  # shorter runs score *better* here: they must still not count
+        steps = trial.objective["budget"]
+        return Result(status="ok", val_bpb=quality(trial.index) + steps / 100, num_steps=steps,
+                      training_seconds=0.0, total_seconds=0.1)
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "searcher=random", "objective=tiny", "objective.budget=40", "progress=false", "launcher=simulated",
+            "launcher.slots=4", "study.max_trials=30", "study.rungs=[0.25,0.5,1.0]", "study.eta=2",
+            f"study.dir={tmp_path}/study", f"mlflow.tracking_uri={uri}"])
+    launcher = SimulatedLauncher(slots=4, seconds_per_budget_unit=1.0, runner=runner)
+    state = run_study(cfg, launcher=launcher)
+
+    full = {t.trial_id: r.val_bpb for t, r in state.history if t.candidate.full_budget}
+    assert full and len(full) < len(state.history)
+    assert state.best[0].trial_id == min(full, key=full.get)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.study.experiment).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("arena.kind") == "study")
+    assert parent.data.tags["searcher"] == "random+rungs"
+    assert min(m.value for m in client.get_metric_history(parent.info.run_id, "best_val_bpb")) == \
+        pytest.approx(min(full.values()))
+    for child in (r for r in runs if r.data.tags.get("arena.kind") == "trial"):
+        m = child.data.metrics
+        counted = "val_bpb" in m
+        assert counted == (m["budget_fraction"] == 1.0) and counted != ("rung_val_bpb" in m), m
+    studies, trials = load(uri, cfg.study.experiment)
+    assert staircase(trials)["best"].min() == pytest.approx(min(full.values()))
+    assert trials["val_bpb"].notna().sum() == len(full)
