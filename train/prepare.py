@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", default="austen", help="austen | shakespeare | climbmix | a folder of .txt files")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--cache-dir", default=None, help=f"default $ARENA_CACHE or {DEFAULT_CACHE}")
+    parser.add_argument("--digests", action="store_true", help="end with a JSON line of the token caches' digests")
     args = parser.parse_args(argv)
     started = time.time()
     try:
@@ -434,6 +435,16 @@ def main(argv: list[str] | None = None) -> None:
         f"unigram val_bpb {unigram_bpb(spec):.3f} (token) {unigram_bpb(spec, 'byte'):.3f} (byte), "
         f"{seconds:.2f} s -> {spec.dir}"
     )
+    if args.digests:
+        print(json.dumps(cache_digests(spec)))
+
+
+def cache_digests(spec: DataSpec) -> dict[str, str]:
+    """What the trusted harness checks the caches against before it uses them."""
+    from train.integrity import file_digest
+
+    return {"train": file_digest(spec.train_path), "val": file_digest(spec.val_path),
+            "token_bytes": file_digest(spec.token_bytes_path)}
 
 
 if __name__ == "__main__":
