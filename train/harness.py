@@ -56,7 +56,6 @@ def run_trial(trial_dir) -> dict:
     """Run the trial in `trial_dir` and return what was written to its result.json."""
     started = time.time()
     trial_dir = Path(trial_dir).resolve()
-    sandbox.harden_orchestrator()
     _clear(trial_dir)
     result = {**dict.fromkeys(RESULT_FIELDS), "status": "crash", "host": platform.node()}
     previous = _cancel_on_signals()
@@ -148,8 +147,7 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
     import torch
 
     from train import prepare, scorer
-    from train.processes import Confined, fork_safe, readable_paths
-    from train.trainer import Ledger, WorkerFailed, WorkerGone, serve_training
+    from train.processes import fork_safe
 
     objective, seed = spec["objective"], spec["seed"]
     try:
@@ -165,21 +163,56 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
     result.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch_version=torch.__version__)
     fork = fork_safe()
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    config = {"seed": seed, "vocab_size": data.vocab_size, "device": device, "threads": threads}
     log = lambda line: _log(trial_dir, line)  # noqa: E731
 
-    scratch = Path(tempfile.mkdtemp(prefix="arena-worker-"))
+    code_dir = Path(tempfile.mkdtemp(prefix="arena-code-"))  # read-only to the sandbox: train.py, then the weights
     try:
-        shutil.copyfile(trial_dir / TRAIN_FILE, scratch / TRAIN_FILE)
-        policy = sandbox.Policy(scratch=str(scratch), readable=readable_paths(), env=sandbox.allowed_env(env),
-                                memory_mb=objective.get("memory_mb"))
-        worker = Confined("worker", policy, level, trial_dir / LOG_FILE, config, fork)
-        ledger = Ledger(objective["budget_kind"], objective["budget"], objective["warmup_steps"], data.vocab_size,
+        os.chmod(code_dir, 0o755)
+        shutil.copyfile(trial_dir / TRAIN_FILE, code_dir / TRAIN_FILE)
+        os.chmod(code_dir / TRAIN_FILE, 0o644)
+        config = {"seed": seed, "vocab_size": data.vocab_size, "device": device, "threads": threads,
+                  "code_dir": str(code_dir)}
+        weights, ledger = _train(trial_dir, objective, level, config, env, fork, result, started, data, log)
+        result["num_params"], matmul_params = scorer.count_params(weights, data.vocab_size)
+        # Every model server exists before this process reads a validation token.
+        pool = scorer.ServerPool(
+            scorer.eval_calls(objective, ledger.seq_len), code_dir=code_dir, weights=weights, level=level,
+            base_env=env, config={**config, "max_input_bytes": 8 * objective["eval_batch_size"] * ledger.seq_len},
+            log_path=trial_dir / LOG_FILE, fork=fork, timeout_s=max(60.0, float(objective["hard_limit_s"])))
+        try:
+            _verify_cache(data, objective, ("val",))
+            scores = scorer.evaluate(pool, data, objective, ledger.seq_len, device, log)
+        finally:
+            pool.close()
+    finally:
+        shutil.rmtree(code_dir, ignore_errors=True)
+    if not math.isfinite(scores["val_bpb"]):
+        raise TrialFailed("nan", f"val_bpb is {scores['val_bpb']}")
+    result.update(val_bpb=scores["val_bpb"], eval_seq_len=ledger.seq_len, eval_seconds=scores["eval_seconds"],
+                  mfu=_mfu(result, matmul_params, device))
+
+
+def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict, fork: bool, result: dict,
+           started: float, data, log):
+    """The sandboxed worker trains on what this process serves; returns its checked weights and
+    this side's ledger of the training."""
+    from train import scorer
+    from train.processes import Confined, readable_paths
+    from train.trainer import Ledger, WorkerFailed, WorkerGone, serve_training
+
+    scratch = Path(tempfile.mkdtemp(prefix="arena-worker-"))  # empty: the sandbox mounts a tmpfs of disk_mb on it
+    devices = sandbox.gpu_devices() if config["device"] == "cuda" else ()
+    policy = sandbox.Policy(scratch=scratch, readable=readable_paths(config["code_dir"]),
+                            env=sandbox.allowed_env(scratch, env), memory_mb=objective.get("memory_mb"),
+                            devices=devices)
+    worker = Confined("worker", policy, level, trial_dir / LOG_FILE, config, fork)
+    try:
+        ledger = Ledger(objective["budget_kind"], objective["budget"], objective["warmup_steps"], config["vocab_size"],
                         cpu_seconds=worker.tree.cpu_seconds)
         log(f"harness: sandbox {level}, budget {objective['budget']} {objective['budget_kind']}, "
             f"worker ready to start {time.time() - started:.2f} s after the harness started")
         try:
-            serve_training(worker, ledger, data.train_tokens(), seed, started + objective["hard_limit_s"], log)
+            serve_training(worker, ledger, data.train_tokens(), config["seed"], started + objective["hard_limit_s"], log)
         except WorkerGone:
             raise _why_the_worker_ended(worker) from None
         except WorkerFailed as e:
@@ -187,25 +220,10 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
         finally:
             worker.end()
             result.update(ledger.stats(), peak_memory_mb=_peak_memory_mb(worker))
-        weights = scorer.load_weights(scratch / WEIGHTS_FILE)
+        return scorer.load_weights(scratch / WEIGHTS_FILE), ledger
     finally:
+        worker.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    result["num_params"], matmul_params = scorer.count_params(weights, data.vocab_size)
-
-    # Every model server exists before this process reads a validation token.
-    pool = scorer.ServerPool(
-        scorer.eval_calls(objective, ledger.seq_len), trial_dir=trial_dir, weights=weights, level=level, base_env=env,
-        config={**config, "max_input_bytes": 8 * objective["eval_batch_size"] * ledger.seq_len},
-        log_path=trial_dir / LOG_FILE, fork=fork, timeout_s=max(60.0, float(objective["hard_limit_s"])))
-    try:
-        _verify_cache(data, objective, ("val",))
-        scores = scorer.evaluate(pool, data, objective, ledger.seq_len, device, log)
-    finally:
-        pool.close()
-    if not math.isfinite(scores["val_bpb"]):
-        raise TrialFailed("nan", f"val_bpb is {scores['val_bpb']}")
-    result.update(val_bpb=scores["val_bpb"], eval_seq_len=ledger.seq_len, eval_seconds=scores["eval_seconds"],
-                  mfu=_mfu(result, matmul_params, device))
 
 
 def _verify_cache(data, objective: dict, which: tuple[str, ...]) -> None:
@@ -275,7 +293,6 @@ def serve() -> None:
     if not fork_safe():
         sys.exit("error: --serve forks trials, which a GPU runtime does not survive: "
                  "run `python -m train.harness TRIAL_DIR` per trial instead")
-    sandbox.harden_orchestrator()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the launcher watches the trials; nobody reaps them here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("ready", flush=True)

@@ -58,9 +58,9 @@ def server_main(sock, go: dict) -> None:
 def _model(go: dict, device):
     import torch
 
-    module = load_train_module(Path(go["policy"]["scratch"]) / TRAIN_FILE)
+    module = load_train_module(Path(go["code_dir"]) / TRAIN_FILE)
     model = build(module, go["vocab_size"], go["seed"], go["device"])
-    model.load_state_dict(torch.load(Path(go["weights_dir"]) / WEIGHTS_FILE, map_location=device, weights_only=True))
+    model.load_state_dict(torch.load(Path(go["code_dir"]) / WEIGHTS_FILE, map_location=device, weights_only=True))
     return model.eval()
 
 

@@ -10,12 +10,12 @@ child holds either in its memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -36,23 +36,21 @@ def fork_safe() -> bool:
     return not gpu_build or os.environ.get("CUDA_VISIBLE_DEVICES") == ""
 
 
-def readable_paths(*extra) -> list[str]:
-    """What a sandboxed child may read: the interpreter, its standard library and packages, and the
-    small part of this project it runs (train/); never the study, the trial folder or the caches."""
-    import site
-    import sysconfig
-
-    paths = {sys.base_prefix, sys.prefix, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-             str(PROJECT_ROOT / "train"), *site.getsitepackages(), *map(str, extra)}
-    return sorted(p for p in paths if p and os.path.exists(p))
+def readable_paths(*extra) -> tuple[Path, ...]:
+    """What a sandboxed child may read: the interpreter, its standard library and packages, the
+    small part of this project it runs (train/), and `extra` (the trial's code folder); never the
+    study, the trial folder or the token caches."""
+    return tuple(sorted({*sandbox.python_readable(), PROJECT_ROOT / "train", *map(Path, extra)}))
 
 
 class Confined:
-    """One sandboxed child running `role` ("worker" or "server"): `sock` talks to it."""
+    """One sandboxed child running `role` ("worker" or "server"): `sock` talks to it. Its scratch
+    (policy.scratch) stays readable here after end() and is unmounted by close()."""
 
     def __init__(self, role: str, policy: sandbox.Policy, level: str, log_path: Path, config: dict, fork: bool):
-        self.role, self.policy, self.level = role, policy, level
         ours, theirs = socket.socketpair()
+        policy = dataclasses.replace(policy, keep_fds=(theirs.fileno(),))
+        self.role, self.policy, self.level = role, policy, level
         self.sock, self.code, self.popen = ours, None, None
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -65,7 +63,7 @@ class Confined:
                     _child(theirs.fileno(), log_fd)
             else:
                 command = [sys.executable, "-P", "-m", "train.processes", str(theirs.fileno())]
-                env = {**sandbox.allowed_env(), "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1"}
+                env = sandbox.allowed_env(policy.scratch, {"PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1"})
                 self.popen = subprocess.Popen(command, cwd=policy.scratch, env=env, stdout=log_fd, stderr=log_fd,
                                               stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                                               start_new_session=True)
@@ -74,7 +72,7 @@ class Confined:
             os.close(log_fd)
             theirs.close()
         self.tree = sandbox.ProcessTree(self.pid, policy, level)
-        wire.send(self.sock, {"role": role, "level": level, "policy": _policy_dict(policy), **config})
+        wire.send(self.sock, {"role": role, "level": level, "policy": policy.to_json(), **config})
 
     def exited(self) -> bool:
         if self.code is None:
@@ -97,10 +95,10 @@ class Confined:
         self.sock.close()
         return self.code
 
-
-def _policy_dict(policy: sandbox.Policy) -> dict:
-    return {k: getattr(policy, k) for k in ("scratch", "readable", "env", "memory_mb", "max_processes",
-                                            "disk_mb", "cpu_seconds")}
+    def close(self) -> None:
+        """end(), then let go of the tree: its cgroup, its watcher, its scratch tmpfs."""
+        self.end()
+        self.tree.close()
 
 
 def _child(fd: int, log_fd: int | None) -> None:
@@ -124,9 +122,7 @@ def _child(fd: int, log_fd: int | None) -> None:
         _die_with_parent()
         sock = socket.socket(fileno=fd)
         go, _, _ = wire.recv(sock)
-        policy = sandbox.Policy(**go["policy"])
-        os.chdir(policy.scratch)
-        sandbox.confine(policy, go["level"])
+        sandbox.confine(sandbox.Policy.from_json(go["policy"]), go["level"])
         _fresh_randomness()
         if go["role"] == "worker":
             from train.worker import worker_main
@@ -162,11 +158,6 @@ def _fresh_randomness() -> None:
     random.seed()
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
-
-
-def wait_for(children: list[Confined], deadline: float) -> None:
-    while time.time() < deadline and not all(c.exited() for c in children):
-        time.sleep(0.01)
 
 
 if __name__ == "__main__":  # a spawned child: python -P -m train.processes FD

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from train import prepare, sandbox, wire
-from train.contract import TRAIN_FILE, WEIGHTS_FILE, TrialFailed
+from train.contract import WEIGHTS_FILE, TrialFailed
 from train.processes import Confined, readable_paths
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,28 +67,22 @@ def count_params(weights: dict, vocab_size: int) -> tuple[int, int]:
 class ServerPool:
     """One fresh sandboxed model server per evaluation call, all started up front."""
 
-    def __init__(self, count: int, *, trial_dir: Path, weights: dict, level: str, base_env: dict, config: dict,
+    def __init__(self, count: int, *, code_dir: Path, weights: dict, level: str, base_env: dict, config: dict,
                  log_path: Path, fork: bool, timeout_s: float):
         import torch
 
-        self.timeout_s, self.device = timeout_s, config["device"]
-        self.vocab_size = config["vocab_size"]
-        self.weights_dir = Path(tempfile.mkdtemp(prefix="arena-weights-"))
-        torch.save(weights, self.weights_dir / WEIGHTS_FILE)
-        os.chmod(self.weights_dir, 0o755)
-        os.chmod(self.weights_dir / WEIGHTS_FILE, 0o644)
-        self.scratches, self.servers = [], []
-        self.calls = 0
+        self.timeout_s, self.vocab_size = timeout_s, config["vocab_size"]
+        torch.save(weights, code_dir / WEIGHTS_FILE)  # written here: whatever the worker's file held is gone
+        os.chmod(code_dir / WEIGHTS_FILE, 0o644)
+        devices = sandbox.gpu_devices() if config["device"] == "cuda" else ()
+        self.servers, self.calls = [], 0
         try:
             for _ in range(count):
                 scratch = Path(tempfile.mkdtemp(prefix="arena-server-"))
-                self.scratches.append(scratch)
-                shutil.copyfile(trial_dir / TRAIN_FILE, scratch / TRAIN_FILE)
-                policy = sandbox.Policy(scratch=str(scratch), readable=readable_paths(self.weights_dir),
-                                        env=sandbox.allowed_env(base_env))
-                self.servers.append(Confined("server", policy, level, log_path, {
-                    **config, "weights_dir": str(self.weights_dir), "build_early": not fork},
-                    fork=fork))
+                policy = sandbox.Policy(scratch=scratch, readable=readable_paths(code_dir),
+                                        env=sandbox.allowed_env(scratch, base_env), devices=devices)
+                self.servers.append(Confined("server", policy, level, log_path,
+                                             {**config, "code_dir": str(code_dir), "build_early": not fork}, fork))
         except BaseException:
             self.close()
             raise
@@ -130,9 +124,8 @@ class ServerPool:
 
     def close(self) -> None:
         for server in self.servers:
-            server.end()
-        for folder in (*self.scratches, self.weights_dir):
-            shutil.rmtree(folder, ignore_errors=True)
+            server.close()
+            shutil.rmtree(server.policy.scratch, ignore_errors=True)
 
 
 def _from_memfd(fds: list[int], shape: list[int], dtype):

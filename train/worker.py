@@ -27,7 +27,7 @@ def worker_main(sock, go: dict) -> None:
     report = {"op": "finished"}
     try:
         set_threads(torch, go.get("threads"))
-        module = load_train_module(Path(go["policy"]["scratch"]) / TRAIN_FILE)
+        module = load_train_module(Path(go["code_dir"]) / TRAIN_FILE)
         model = build(module, go["vocab_size"], go["seed"], go["device"])
         run = Run(sock, go["device"], go["vocab_size"], go["seed"])
         module.train(model, run)  # its return value is ignored
