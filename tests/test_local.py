@@ -60,7 +60,8 @@ def test_a_warm_trial_is_cancelled_with_everything_it_started(tmp_path, objectiv
     hook = ("import subprocess, time\n"
             f"open({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '600']).pid))\n"
             "time.sleep(600)")
-    trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook))
+    # sandbox none: the hook reports its child's pid through a file outside the scratch
+    trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook), sandbox="none")
     launcher.submit(trial, launcher.slots()[0])
     wait_for(lambda: pid_file.exists() and pid_file.read_text(), "train() to start its child")
     launcher.cancel(trial.trial_id)

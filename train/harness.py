@@ -165,11 +165,12 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = lambda line: _log(trial_dir, line)  # noqa: E731
 
-    code_dir = Path(tempfile.mkdtemp(prefix="arena-code-"))  # read-only to the sandbox: train.py, then the weights
+    code_dir = Path(tempfile.mkdtemp(prefix="arena-code-"))  # read-only to the sandbox; later the weights too
     try:
         os.chmod(code_dir, 0o755)
-        shutil.copyfile(trial_dir / TRAIN_FILE, code_dir / TRAIN_FILE)
-        os.chmod(code_dir / TRAIN_FILE, 0o644)
+        for name in (TRAIN_FILE, TRIAL_FILE):  # the candidate may read its own spec: seed, budget, trial id
+            shutil.copyfile(trial_dir / name, code_dir / name)
+            os.chmod(code_dir / name, 0o644)
         config = {"seed": seed, "vocab_size": data.vocab_size, "device": device, "threads": threads,
                   "code_dir": str(code_dir)}
         weights, ledger = _train(trial_dir, objective, level, config, env, fork, result, started, data, log)
@@ -239,11 +240,19 @@ def _verify_cache(data, objective: dict, which: tuple[str, ...]) -> None:
 
 def _why_the_worker_ended(worker) -> TrialFailed:
     """The worker's socket closed without its weights: say why from evidence this side holds."""
+    deadline = time.time() + SIGNAL_GRACE_S
+    while not worker.exited() and time.time() < deadline:  # a closed socket: the worker is on its way out
+        time.sleep(0.01)
+    if not worker.exited():
+        worker.end()
+        return TrialFailed("crash", "the worker closed its connection to the harness without handing its weights over")
     code = worker.end()
     if worker.tree.oom_killed():
         return TrialFailed("oom", "the kernel killed the worker for memory (out of its sandbox's memory limit)")
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name
+    # A PID namespace's init cannot die of a signal it got from inside: it exits 128+n instead.
+    killed_by = -code if code < 0 else code - 128 if 128 < code < 128 + signal.NSIG else 0
+    if killed_by:
+        name = signal.Signals(killed_by).name
         time.sleep(SIGNAL_GRACE_S)  # if the arena stopped the trial, its signal to us arrives now and raises
         return TrialFailed("crash", f"the worker was killed by {name}, which the arena did not send "
                                     "(train.py or something it started)")

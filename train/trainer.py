@@ -20,6 +20,7 @@ from train.contract import TrialFailed
 EXPLODING_STEPS = 10  # consecutive steps with a loss above 3x a uniform guess's end the trial as nan
 HANDOVER_S = 30.0  # from the budget being spent to train() returning and the weights being saved
 DRAW_AHEAD = 8  # tokens drawn since the last step, in units of the largest step so far, before refusal
+FIRST_STEP_BATCHES = 64  # batches before the first step (gradient accumulation), before refusal
 MAX_BATCH_TOKENS = 1 << 24
 LOG_EVERY_S = 5.0
 
@@ -39,6 +40,7 @@ class Ledger:
         self._t_counted = self._cpu_counted = self._t_end = self._cpu_end = None
         self._high_loss_steps = 0
         self.done_at = self._spent_seen = None
+        self.refused = None  # why a batch was refused, if one was: such a trial is never `ok`
 
     def start(self) -> None:
         """The first batch is asked for: with no warm-up steps, the clock starts here."""
@@ -49,10 +51,12 @@ class Ledger:
         """Account for a batch about to be served; the reason it is refused, if it is."""
         if self.done_at is not None:
             return "run.step() already said the budget is spent: no more batches"
-        since_step = self.drawn - self.stepped_tokens
-        if self.num_steps and since_step > DRAW_AHEAD * max(self.largest_step, batch_size * seq_len):
-            return (f"{since_step} tokens drawn since the last run.step(), {DRAW_AHEAD}x the largest step: "
-                    "call run.step() once per optimizer step")
+        since_step, batch = self.drawn - self.stepped_tokens, batch_size * seq_len
+        cap = DRAW_AHEAD * max(self.largest_step, batch) if self.num_steps else FIRST_STEP_BATCHES * batch
+        if since_step + batch > cap:
+            self.refused = (f"{since_step} tokens drawn since the last run.step() (at most {cap} allowed): "
+                            "call run.step() once per optimizer step")
+            return self.refused
         self.seq_len = max(self.seq_len or 0, seq_len)
         self.drawn += batch_size * seq_len
         return None
@@ -149,8 +153,10 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             continue
         try:
             request, _, _ = wire.recv(worker.sock)
-        except (wire.WireError, OSError):
+        except (wire.HungUp, ConnectionError):
             raise WorkerGone() from None
+        except wire.WireError as e:
+            raise TrialFailed("crash", f"the worker sent the harness something that is not a request ({e})") from None
         op = request.get("op")
         if op == "batches":
             batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
@@ -162,6 +168,8 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
                 raise TrialFailed("invalid", f"seq_len {seq_len} is longer than the train split "
                                              f"({len(train_tokens)} tokens)")
             streams.append((batch_stream(train_tokens, seed, len(streams), batch_size, seq_len), batch_size, seq_len))
+            if len(streams) == 1:
+                log(f"harness: worker: train() asked for batches of {batch_size} x {seq_len} tokens")
             ledger.start()
             wire.send(worker.sock, {"stream": len(streams) - 1})
         elif op == "next":
@@ -187,6 +195,8 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
         elif op == "finished":
             if ledger.num_steps == 0 or ledger.seq_len is None:
                 raise TrialFailed("invalid", "train() returned without drawing a batch and calling run.step()")
+            if ledger.refused:
+                raise TrialFailed("invalid", f"train() went on training without counting its steps: {ledger.refused}")
             return
         elif op == "failed":
             raise WorkerFailed(request.get("status"), str(request.get("error") or "")[-4000:])

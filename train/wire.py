@@ -13,7 +13,11 @@ _LENGTHS = struct.Struct("!IQ")  # header bytes, payload bytes
 
 
 class WireError(RuntimeError):
-    """The other side sent something that is not a message, or hung up."""
+    """The other side sent something that is not a message."""
+
+
+class HungUp(WireError):
+    """The other side closed its end (it exited, or was killed)."""
 
 
 def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", fds: list[int] = ()) -> None:
@@ -54,6 +58,6 @@ def _exactly(sock: socket.socket, n: int) -> bytearray:
     while got < n:
         k = sock.recv_into(view[got:])
         if not k:
-            raise WireError("the other side hung up")
+            raise HungUp("the other side hung up")
         got += k
     return buf
