@@ -172,7 +172,7 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
             shutil.copyfile(trial_dir / name, code_dir / name)
             os.chmod(code_dir / name, 0o644)
         config = {"seed": seed, "vocab_size": data.vocab_size, "device": device, "threads": threads,
-                  "code_dir": str(code_dir)}
+                  "code_dir": str(code_dir), "cuda_ipc": os.environ.get("ARENA_CUDA_IPC") == "1"}
         weights, ledger = _train(trial_dir, objective, level, config, env, fork, result, started, data, log)
         result["num_params"], matmul_params = scorer.count_params(weights, data.vocab_size)
         # Every model server exists before this process reads a validation token.

@@ -4,8 +4,10 @@ The trusted harness starts one of these per evaluation call (the real batches an
 probes alike, all the same shape), so a model cannot tell a probe from the evaluation by order or
 count, and cannot remember anything from one call to the next. It loads the weights the harness
 re-saved (weights_only), runs train.py's forward on the token batch it is sent, and hands the
-logits back without pickle: a memfd on a CPU, a CUDA IPC handle on a GPU. The harness copies them
-into its own memory before it reads them, and computes everything else itself.
+logits back without pickle, in a memfd (on a GPU too, by default: torch's CUDA IPC keeps reference
+counts in /dev/shm, which is private to each sandbox at the `namespaces` level; ARENA_CUDA_IPC=1
+hands over a CUDA IPC handle instead, see scripts/gpu_check.py). The harness copies them into its
+own memory before it reads them, and computes everything else itself.
 """
 from __future__ import annotations
 
@@ -42,11 +44,12 @@ def server_main(sock, go: dict) -> None:
         wire.send(sock, {"failed": f"{type(e).__name__}: {e}"[:2000]})
         raise
     shape, dtype = list(logits.shape), str(logits.dtype).removeprefix("torch.")
-    if device.type == "cuda":
+    if device.type == "cuda" and go.get("cuda_ipc"):
         torch.cuda.synchronize()
         wire.send(sock, {"shape": shape, "dtype": dtype, "cuda": _cuda_handle(logits)})
         wire.recv(sock)  # the harness has copied them: only now may they be freed
         return
+    logits = logits.to("cpu")
     fd = os.memfd_create("logits")
     os.ftruncate(fd, max(logits.numel() * logits.element_size(), 1))
     with mmap.mmap(fd, 0) as shared:

@@ -26,12 +26,14 @@ import numpy as np
 import torch
 
 from train import corpora
+from train import tokenizer as bpe
+from train.tokenizer import token_bytes_of  # noqa: F401 - part of this module's interface
 
 DEFAULT_CACHE = Path(os.environ.get("ARENA_CACHE", "~/.cache/autoresearch-arena")).expanduser()
 
 # Bump when the split, the documents or the tokenizer recipe change: old caches then stop matching.
 RECIPE_VERSION = 1
-EOT = "<|endoftext|>"  # id 0; precedes every document in the token streams
+EOT = bpe.EOT
 VAL_FRACTION = 0.25  # of the corpus bytes, whole documents chosen by a hash of their names; ~300k tokens for austen
 NAMED_CORPORA = corpora.NAMED_CORPORA
 
@@ -248,14 +250,14 @@ def _build(spec: DataSpec, downloads: Path) -> None:
     tmp = spec.dir.with_name(f"{spec.dir.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        tokenizer = _train_tokenizer([text for _, text in train_docs], spec.vocab_size)
+        tokenizer = bpe.train_tokenizer([text for _, text in train_docs], spec.vocab_size)
         tokenizer.save(str(tmp / spec.tokenizer_path.name))
         dtype = np.uint16 if spec.vocab_size <= 1 << 16 else np.uint32
-        train = _token_stream(tokenizer, train_docs, dtype)
-        val = _token_stream(tokenizer, val_docs, dtype)
+        train = bpe.token_stream(tokenizer, train_docs, dtype)
+        val = bpe.token_stream(tokenizer, val_docs, dtype)
         np.save(tmp / spec.train_path.name, train)
         np.save(tmp / spec.val_path.name, val)
-        token_bytes = _token_byte_lengths(tokenizer, spec.vocab_size)
+        token_bytes = bpe.token_byte_lengths(tokenizer, spec.vocab_size)
         np.save(tmp / spec.token_bytes_path.name, token_bytes)
         meta = {
             "corpus": spec.corpus,
@@ -277,76 +279,6 @@ def _build(spec: DataSpec, downloads: Path) -> None:
         os.replace(tmp, spec.dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and token streams
-
-
-def _train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    if tokenizer.token_to_id(EOT) != 0:
-        raise RuntimeError(f"{EOT} did not get id 0")
-    return tokenizer
-
-
-def _token_stream(tokenizer, docs: list[tuple[str, str]], dtype, chunk: int = 1024) -> np.ndarray:
-    """EOT (id 0) then the document's tokens, for each document; encoded in chunks to bound memory."""
-    pieces = []
-    for start in range(0, len(docs), chunk):
-        texts = [text for _, text in docs[start : start + chunk]]
-        for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
-            pieces.append(np.zeros(1, dtype=dtype))
-            pieces.append(np.asarray(encoding.ids, dtype=dtype))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: each byte is one printable character, so len(token) = its bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-def _token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 byte length of each id (0 for the special token and for ids the corpus never filled)."""
-    alphabet = _byte_decoder()
-    lengths = np.zeros(vocab_size, dtype=np.int32)
-    specials = {EOT}
-    for token, idx in tokenizer.get_vocab().items():
-        if token in specials:
-            continue
-        if any(ch not in alphabet for ch in token):
-            raise RuntimeError(f"token {token!r} is outside the byte-level alphabet")
-        lengths[idx] = len(token)
-    return lengths
-
-
-def token_bytes_of(spec: DataSpec, ids) -> list[bytes]:
-    """The raw bytes of token ids: for tests and for reading what a model predicts."""
-    from tokenizers import Tokenizer
-
-    alphabet = _byte_decoder()
-    tokenizer = Tokenizer.from_file(str(spec.tokenizer_path))
-    tokens = [tokenizer.id_to_token(int(i)) for i in ids]
-    return [b"" if token in (None, EOT) else bytes(alphabet[ch] for ch in token) for token in tokens]
 
 
 # ----------------------------------------------------------------------------------------------
