@@ -233,7 +233,7 @@ def test_past_the_hard_limit_the_whole_process_group_is_killed(tmp_path):
         "    time.sleep(600)\n"
     )
     # sandbox none: the stalled train() reports its pids through a file outside its scratch
-    result = run_trial(tmp_path / "trial", _in_train(TINY, stall), hard_limit_s=5, sandbox="none")
+    result = run_trial(tmp_path / "trial", _in_train(TINY, stall), hard_limit_s=20, sandbox="none")
     assert result["status"] == "timeout" and result["val_bpb"] is None
     for pid in map(int, pids.read_text().split()):
         assert not _alive(pid)

@@ -212,12 +212,14 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
                         cpu_seconds=worker.tree.cpu_seconds)
         log(f"harness: sandbox {level}, budget {objective['budget']} {objective['budget_kind']}, "
             f"worker ready to start {time.time() - started:.2f} s after the harness started")
+        device_memory = _DeviceMemory(config["device"])
         try:
-            serve_training(worker, ledger, data.train_tokens(), config["seed"], started + objective["hard_limit_s"], log)
+            serve_training(worker, ledger, data.train_tokens(), config["seed"], started + objective["hard_limit_s"], log,
+                           watch=device_memory)
         except WorkerGone:
             raise _why_the_worker_ended(worker) from None
         except WorkerFailed as e:
-            raise _claimed_failure(e, worker) from None
+            raise _claimed_failure(e, worker, device_memory) from None
         finally:
             worker.end()
             result.update(ledger.stats(), peak_memory_mb=_peak_memory_mb(worker))
@@ -259,9 +261,9 @@ def _why_the_worker_ended(worker) -> TrialFailed:
     return TrialFailed("crash", f"the worker exited with code {code} without handing its weights over; see {LOG_FILE}")
 
 
-def _claimed_failure(e, worker) -> TrialFailed:
+def _claimed_failure(e, worker, device_memory) -> TrialFailed:
     """What the worker says went wrong. Only failures are taken from it, never `oom` (which needs the
-    kernel's word) or `cancelled` (which needs ours)."""
+    kernel's word, or this side seeing the GPU full) or `cancelled` (which needs our own signal)."""
     worker.end()
     if worker.tree.oom_killed():
         return TrialFailed("oom", "the kernel killed a process of the worker for memory")
@@ -269,9 +271,35 @@ def _claimed_failure(e, worker) -> TrialFailed:
         return TrialFailed("invalid", str(e))
     if e.claimed == "budget":
         return TrialFailed("crash", f"train() went on after the budget was spent: {str(e).splitlines()[-1]}")
+    if e.claimed == "oom" and device_memory.full():
+        return TrialFailed("oom", f"the GPU was full ({device_memory.least_free:.1%} free) when train() failed "
+                                  f"to allocate: {str(e).splitlines()[-1]}")
     if e.claimed == "oom":
-        return TrialFailed("crash", f"train() failed to allocate memory (not confirmed by the kernel): {e}")
+        return TrialFailed("crash", f"train() failed to allocate memory (neither the kernel nor the GPU was "
+                                    f"seen out of memory): {str(e).splitlines()[-1]}")
     return TrialFailed("crash", str(e))
+
+
+class _DeviceMemory:
+    """The GPU's free memory as this process sees it while the worker trains: the trusted side's own
+    sight of a CUDA out-of-memory (the worker saying so is not evidence)."""
+
+    FULL = 0.05  # free fraction under which an allocation failure counts as out of memory
+
+    def __init__(self, device: str):
+        self.cuda, self.least_free, self._last = device == "cuda", None, 0.0
+
+    def __call__(self, force: bool = False) -> None:
+        if not self.cuda or (not force and time.time() - self._last < 0.5):
+            return
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        self._last = time.time()
+        self.least_free = min(self.least_free if self.least_free is not None else 1.0, free / total)
+
+    def full(self) -> bool:
+        return self.least_free is not None and self.least_free < self.FULL
 
 
 def _peak_memory_mb(worker) -> float | None:

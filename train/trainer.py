@@ -139,12 +139,15 @@ def batch_stream(train_tokens: np.ndarray, seed: int, stream: int, batch_size: i
         yield train_tokens[starts[:, None] + window].astype(np.int64)
 
 
-def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline: float, log) -> None:
+def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline: float, log,
+                   watch=lambda force=False: None) -> None:
     """Answer the worker until it hands its weights over; raise TrialFailed for every other end.
-    `deadline` is the hard limit on the wall clock (time.time())."""
+    `deadline` is the hard limit on the wall clock (time.time()); `watch` samples whatever this side
+    watches while the worker trains (forced when the worker reports a failure)."""
     streams: list = []
     last_log = time.perf_counter()
     while True:
+        watch()
         if time.time() >= deadline:
             raise TrialFailed("timeout", "killed at the hard limit")
         if why := ledger.overdue():
@@ -199,6 +202,7 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
                 raise TrialFailed("invalid", f"train() went on training without counting its steps: {ledger.refused}")
             return
         elif op == "failed":
+            watch(force=True)
             raise WorkerFailed(request.get("status"), str(request.get("error") or "")[-4000:])
         else:
             raise TrialFailed("crash", f"the worker sent an unknown request {op!r}")
