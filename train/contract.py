@@ -25,6 +25,7 @@ LOG_FILE = "run.log"
 # Held (flock) by the trial's process tree from before it starts until its last process ends: a
 # restarted study tells a live trial from a dead one by it, with no pid file to race against.
 RUNNING_LOCK = "running.lock"
+STDOUT_FILE = "stdout.log"  # a warm-forked harness's own output (its summary line, or its traceback)
 WEIGHTS_FILE = "weights.pt"  # in the worker's scratch, then a clean copy the model servers read
 RESULT_KEY_FILE = ".result-key"  # in the study folder: the HMAC key results are signed with
 SIGNATURE_FIELD = "signature"

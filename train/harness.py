@@ -38,8 +38,8 @@ import traceback
 from pathlib import Path
 
 from train import integrity, sandbox
-from train.contract import (BUDGET_KINDS, DEFAULT_SANDBOX, LOG_FILE, RESULT_FILE, RUNNING_LOCK, TRAIN_FILE, TRIAL_FILE,
-                            WEIGHTS_FILE, TrialFailed)
+from train.contract import (BUDGET_KINDS, DEFAULT_SANDBOX, LOG_FILE, RESULT_FILE, RUNNING_LOCK, STDOUT_FILE, TRAIN_FILE,
+                            TRIAL_FILE, WEIGHTS_FILE, TrialFailed)
 
 OBJECTIVE_KEYS = ("corpus", "vocab_size", "budget_kind", "budget", "hard_limit_s", "warmup_steps",
                   "eval_tokens", "eval_batch_size")
@@ -344,7 +344,7 @@ def serve() -> None:
         if pid == 0:
             code = 1
             try:
-                _become_own_process("stdout.log")
+                _become_own_process(STDOUT_FILE)
                 _print_summary(run_trial(trial_dir))
                 code = 0
             except BaseException:  # noqa: BLE001 - a harness bug is in stdout.log; the launcher sees no result
