@@ -69,7 +69,7 @@ def run_trial(trial_dir) -> dict:
         result["status"] = "ok"
     except TrialFailed as e:
         result.update(status=e.status, error=str(e))
-    except Exception:  # a harness bug: still a result, and never `ok`
+    except Exception:  # noqa: BLE001 - a harness bug: still a result, and never `ok`
         result.update(status="crash", error="harness error: " + _tail(traceback.format_exc()))
     finally:
         for sig in previous:  # nothing interrupts the writing of the result

@@ -27,7 +27,7 @@ import torch
 
 from train import corpora
 from train import tokenizer as bpe
-from train.tokenizer import token_bytes_of  # noqa: F401 - part of this module's interface
+from train.tokenizer import token_bytes_of
 
 DEFAULT_CACHE = Path(os.environ.get("ARENA_CACHE", "~/.cache/autoresearch-arena")).expanduser()
 
