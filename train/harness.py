@@ -157,12 +157,15 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
     result["sandbox_level"] = level
     data = prepare.prepare(objective["corpus"], objective["vocab_size"], objective.get("cache_dir"))
     _verify_cache(data, objective, ("train", "token_bytes"))
-    threads = int(os.environ.get("ARENA_THREADS") or os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
-    torch.set_num_threads(threads)
+    # The slot's share of the cores, for every process of the trial (None: torch's default). This
+    # process sets it on itself only after its last fork: a torch with a thread pool forks children
+    # that are not single-threaded, and confine() refuses those.
+    threads = os.environ.get("ARENA_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    threads = int(threads) if threads else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch_version=torch.__version__)
     fork = fork_safe()
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     log = lambda line: _log(trial_dir, line)  # noqa: E731
 
     code_dir = Path(tempfile.mkdtemp(prefix="arena-code-"))  # read-only to the sandbox; later the weights too
@@ -181,6 +184,8 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
             base_env=env, config={**config, "max_input_bytes": 8 * objective["eval_batch_size"] * ledger.seq_len},
             log_path=trial_dir / LOG_FILE, fork=fork, timeout_s=max(60.0, float(objective["hard_limit_s"])))
         try:
+            if threads:
+                torch.set_num_threads(threads)
             _verify_cache(data, objective, ("val",))
             scores = scorer.evaluate(pool, data, objective, ledger.seq_len, device, log)
         finally:
