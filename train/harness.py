@@ -52,14 +52,23 @@ PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12)
                    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("RTX 4090", 165e12))
 
 
+_TRIALS_RUN = []  # run_trial runs once per process: `serve` forks a fresh one for each trial
+
+
 def run_trial(trial_dir) -> dict:
-    """Run the trial in `trial_dir` and return what was written to its result.json."""
+    """Run the trial in `trial_dir` and return what was written to its result.json. Once per
+    process: a harness that has scored a trial holds a torch thread pool, and a child forked from it
+    hangs in its first parallel region (GNU OpenMP does not survive a fork)."""
     started = time.time()
     trial_dir = Path(trial_dir).resolve()
     _clear(trial_dir)
     result = {**dict.fromkeys(RESULT_FIELDS), "status": "crash", "host": platform.node()}
     previous = _cancel_on_signals()
     try:
+        if _TRIALS_RUN:
+            raise RuntimeError(f"this process already ran trial {_TRIALS_RUN[0]}: run each trial in a fresh "
+                               "process (python -m train.harness TRIAL_DIR, or a fork of --serve)")
+        _TRIALS_RUN.append(str(trial_dir))
         spec = _read_spec(trial_dir)
         objective = spec["objective"]
         result.update(trial_id=spec.get("trial_id"), seed=spec["seed"],
