@@ -96,7 +96,7 @@ def test_a_restarted_launcher_adopts_a_warm_trial_still_running(tmp_path, object
     first.start()
     gate = tmp_path / "go"
     hook = f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)"
-    running = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook))
+    running = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook), sandbox="none")  # the gate
     first.submit(running, first.slots()[0])
     wait_for(lambda: started_training(running), "the trial to start")
     first._procs.clear()  # as if the orchestrator died: nobody cancels anything

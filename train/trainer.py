@@ -161,7 +161,9 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
         except wire.WireError as e:
             raise TrialFailed("crash", f"the worker sent the harness something that is not a request ({e})") from None
         op = request.get("op")
-        if op == "batches":
+        if op == "started":  # the worker's word, good for a log line only
+            log("harness: worker: the model is built, train() starts")
+        elif op == "batches":
             batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
             if not all(isinstance(v, int) and v >= 1 for v in (batch_size, seq_len)) \
                     or batch_size * (seq_len + 1) > MAX_BATCH_TOKENS:
@@ -172,7 +174,7 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
                                              f"({len(train_tokens)} tokens)")
             streams.append((batch_stream(train_tokens, seed, len(streams), batch_size, seq_len), batch_size, seq_len))
             if len(streams) == 1:
-                log(f"harness: worker: train() asked for batches of {batch_size} x {seq_len} tokens")
+                log(f"harness: train() asked for batches of {batch_size} x {seq_len} tokens")
             ledger.start()
             wire.send(worker.sock, {"stream": len(streams) - 1})
         elif op == "next":

@@ -30,6 +30,7 @@ def worker_main(sock, go: dict) -> None:
         module = load_train_module(Path(go["code_dir"]) / TRAIN_FILE)
         model = build(module, go["vocab_size"], go["seed"], go["device"])
         run = Run(sock, go["device"], go["vocab_size"], go["seed"])
+        wire.send(sock, {"op": "started"})
         module.train(model, run)  # its return value is ignored
         weights = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
         torch.save(weights, WEIGHTS_FILE)
