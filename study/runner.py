@@ -308,7 +308,7 @@ def study_header(conf: dict, objective: dict, space: dict) -> dict:
         "launcher": conf["launcher"].get("name", "?"),
         "slots": conf["launcher"].get("slots"),
         "seed": conf["seed"],
-        "objective": objective,
+        "objective": dict(objective),  # a copy: prepare_data() adds the caches' digests, which are no setting
         "space": space,
         "git_sha": git_sha(),
     }
