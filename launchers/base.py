@@ -13,6 +13,7 @@ from typing import Callable
 from study.core import PROJECT_ROOT
 from study.records import Result
 from train.contract import LOG_FILE, RESULT_FILE
+from train.integrity import verify_result
 
 
 def poll_until(poll: Callable[[], list], timeout: float, interval: float) -> list:
@@ -55,12 +56,20 @@ def log_tail(trial_dir: str | os.PathLike, lines: int = 40) -> str:
         return ""
 
 
-def read_result(trial_dir: str | os.PathLike, *, missing_status: str = "crash", reason: str = "") -> Result:
+def read_result(trial_dir: str | os.PathLike, *, missing_status: str = "crash", reason: str = "",
+                signed: bool = True) -> Result:
     """The harness's RESULT_FILE as a Result; if there is none the trial died before the harness
-    could write it (killed, node lost), so record `missing_status` with the log tail as evidence."""
+    could write it (killed, node lost), so record `missing_status` with the log tail as evidence.
+    A result that does not carry the trusted harness's signature under the study's key is a
+    `crash` (`signed=False`: a launcher whose remote harness never gets the key)."""
     p = Path(trial_dir) / RESULT_FILE
     try:
-        return Result.from_dict(json.loads(p.read_text()))
+        data = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         why = reason or f"no {RESULT_FILE} ({type(e).__name__})"
         return Result(status=missing_status, reason=why, error=log_tail(trial_dir, 20))
+    forged = f"{RESULT_FILE} is not an object" if not isinstance(data, dict) else \
+        verify_result(trial_dir, data) if signed else None
+    if forged:  # only the trusted harness's signed result counts
+        return Result(status="crash", reason=forged, error=log_tail(trial_dir, 20))
+    return Result.from_dict(data)

@@ -29,7 +29,8 @@ from study.announce import UnequalArms, banner, check_trial_budget, idle_seconds
 from study.leaderboard import leaderboard_text, print_leaderboard
 from study.loop import StopRules, StudyLoop
 from study.space import validate_space
-from train.contract import BUDGET_KINDS, TRAIN_FILE
+from train import sandbox
+from train.contract import BUDGET_KINDS, DEFAULT_SANDBOX, TRAIN_FILE
 from train.knobs import KnobError, read_knobs, write_knobs
 
 log = logging.getLogger("arena")
@@ -247,6 +248,11 @@ def check_objective(o: dict) -> dict:
     if o["budget_kind"] == "seconds" and o["hard_limit_s"] <= o["budget"]:
         raise ConfigError(f"objective.hard_limit_s ({o['hard_limit_s']}) must exceed a seconds budget ({o['budget']})")
     o["cache_dir"] = str(Path(o["cache_dir"]).expanduser().resolve())
+    try:  # every trial runs sandboxed at least this well, or the study does not start
+        o["sandbox"] = o.get("sandbox") or DEFAULT_SANDBOX
+        sandbox.check_level(o["sandbox"])
+    except sandbox.SandboxUnavailable as e:
+        raise ConfigError(f"objective.sandbox={o['sandbox']}: {e}") from None
     o.pop("knobs", None)
     return o
 
@@ -304,7 +310,7 @@ def study_header(conf: dict, objective: dict, space: dict) -> dict:
         "launcher": conf["launcher"].get("name", "?"),
         "slots": conf["launcher"].get("slots"),
         "seed": conf["seed"],
-        "objective": objective,
+        "objective": dict(objective),  # a copy: prepare_data() adds the caches' digests, which are no setting
         "space": space,
         "git_sha": git_sha(),
     }
@@ -373,15 +379,17 @@ def _safe_summary(searcher: Searcher) -> dict:
 
 
 def prepare_data(objective: dict) -> None:
-    """Build the corpus, tokenizer and token caches once, before N trials would race to."""
+    """Build the corpus, tokenizer and token caches once, before N trials would race to, and record
+    their digests in the objective: a cache rewritten during the study then fails its trials."""
     cmd = [sys.executable, "-m", "train.prepare", "--corpus", str(objective["corpus"]),
-           "--vocab-size", str(objective["vocab_size"])]
+           "--vocab-size", str(objective["vocab_size"]), "--digests"]
     env = {**os.environ, "ARENA_CACHE": objective["cache_dir"],
            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise ConfigError(f"data preparation failed: {lines[-1] if lines else proc.returncode}")
+    objective["data_digests"] = json.loads(proc.stdout.strip().splitlines()[-1])  # each harness checks its caches
 
 
 def flatten(conf: dict, prefix: str = "") -> dict[str, Any]:

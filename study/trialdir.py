@@ -7,6 +7,7 @@ from pathlib import Path
 
 from study.records import Trial
 from train.contract import TRAIN_FILE, TRIAL_FILE
+from train.integrity import ensure_study_key
 
 
 def write_trial_dir(directory: Path, trial: Trial) -> Path:
@@ -14,6 +15,7 @@ def write_trial_dir(directory: Path, trial: Trial) -> Path:
     needs plus, for people, where the candidate came from; the harness reads only the spec keys."""
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    ensure_study_key(directory.parent.parent)  # the harness signs the trial's result with it
     (directory / TRAIN_FILE).write_text(trial.candidate.source)
     spec = trial.harness_spec()
     spec["candidate"] = {

@@ -60,7 +60,8 @@ def test_a_warm_trial_is_cancelled_with_everything_it_started(tmp_path, objectiv
     hook = ("import subprocess, time\n"
             f"open({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '600']).pid))\n"
             "time.sleep(600)")
-    trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook))
+    # sandbox none: the hook reports its child's pid through a file outside the scratch
+    trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook), sandbox="none")
     launcher.submit(trial, launcher.slots()[0])
     wait_for(lambda: pid_file.exists() and pid_file.read_text(), "train() to start its child")
     launcher.cancel(trial.trial_id)
@@ -95,7 +96,7 @@ def test_a_restarted_launcher_adopts_a_warm_trial_still_running(tmp_path, object
     first.start()
     gate = tmp_path / "go"
     hook = f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)"
-    running = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook))
+    running = make_trial(tmp_path / "study", 0, objective, tiny_source(objective, hook), sandbox="none")  # the gate
     first.submit(running, first.slots()[0])
     wait_for(lambda: started_training(running), "the trial to start")
     first._procs.clear()  # as if the orchestrator died: nobody cancels anything

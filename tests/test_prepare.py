@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from train import corpora
 from train import prepare as P
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def eval_targets(spec: P.DataSpec, eval_tokens: int, seq_len: int) -> np.ndarray
 
 
 def test_austen_reads_all_six_novels_split_into_their_chapters(austen):
-    docs, source = P._austen_documents(austen.dir.parent.parent / "downloads" / "austen")
+    docs, source = corpora._austen_documents(austen.dir.parent.parent / "downloads" / "austen")
     assert source.startswith("r-cran-janeaustenr_")
     per_novel = {novel: sum(name.startswith(novel + "/") for name, _ in docs) for novel in AUSTEN_CHAPTERS}
     assert per_novel == AUSTEN_CHAPTERS
@@ -223,7 +224,7 @@ def test_climbmix_with_a_hanging_resolver_still_fails(tmp_path, monkeypatch):
 
     release = threading.Event()
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: release.wait(30))
-    monkeypatch.setattr(P, "NETWORK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(corpora, "NETWORK_TIMEOUT_S", 0.2)
     try:
         with pytest.raises(RuntimeError, match="cannot reach huggingface.co \\(no answer"):
             P.prepare("climbmix", 8192, tmp_path)
@@ -297,6 +298,58 @@ def test_a_model_that_reads_the_next_token_is_rejected(austen):
 
     with pytest.raises(ValueError, match="not causal"):
         P.evaluate_bpb(peeker, austen, 512, 64, 4, "cpu")
+
+
+@pytest.mark.parametrize("ahead", [1, 7])
+def test_a_model_that_reads_any_later_token_is_rejected(austen, ahead):
+    table = torch.randn(austen.vocab_size, austen.vocab_size, generator=torch.Generator().manual_seed(2))
+
+    def peeker(idx):
+        return table[idx] + 50 * torch.nn.functional.one_hot(torch.roll(idx, -ahead, 1), austen.vocab_size)
+
+    with pytest.raises(P.NotCausal):
+        P.evaluate_bpb(peeker, austen, 2048, 64, 8, "cpu")
+
+
+def test_a_model_that_reads_other_rows_is_rejected(austen):
+    table = torch.randn(austen.vocab_size, austen.vocab_size, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(P.NotCausal):
+        P.evaluate_bpb(lambda idx: table[idx] + table[idx].mean(0), austen, 2048, 64, 8, "cpu")
+
+
+def test_a_model_that_peeks_on_one_batch_only_is_still_rejected(austen):
+    """Every batch has its probe, so cheating on any batch is seen (a model in its own process per
+    call cannot even count the calls; here it can, and it still does not help)."""
+    table = torch.randn(austen.vocab_size, austen.vocab_size, generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def sometimes(idx):
+        calls.append(1)
+        peek = len(calls) in (5, 6)  # both calls of the third batch, whichever is the probe
+        return table[idx] + (50 * torch.nn.functional.one_hot(torch.roll(idx, -1, 1), austen.vocab_size) if peek else 0)
+
+    with pytest.raises(P.NotCausal):
+        P.evaluate_bpb(sometimes, austen, 4096, 64, 8, "cpu")
+
+
+def test_probes_continue_each_row_with_other_validation_text(austen):
+    val = np.asarray(austen.val_tokens(), dtype=np.int64)
+    inputs = torch.as_tensor(val[:8 * 64].reshape(8, 64))
+    probe, cuts = P._causal_probe(inputs, val, np.random.default_rng(0))
+    text = val.tobytes()
+    for row, cut in enumerate(cuts):
+        assert probe[row, :cut + 1].equal(inputs[row, :cut + 1]) and not probe[row].equal(inputs[row])
+        assert probe[row, cut + 1:].numpy().tobytes() in text  # natural text from the validation split
+    assert len(set(cuts.tolist())) > 1  # each row cut at its own position
+
+
+def test_cache_digests_change_when_a_cache_is_rewritten(small_corpus, tmp_path):
+    spec = P.prepare(str(small_corpus), 300, tmp_path / "cache")
+    before = P.cache_digests(spec)
+    tokens = np.load(spec.train_path)
+    np.save(spec.train_path, tokens[::-1].copy())
+    after = P.cache_digests(spec)
+    assert after["train"] != before["train"] and after["val"] == before["val"]
 
 
 def test_patching_torch_losses_cannot_change_the_score(austen, monkeypatch):

@@ -28,6 +28,7 @@ from launchers.slurm import SlurmLauncher
 from study.core import LauncherError
 from study.records import Candidate, Trial
 from tests.conftest import ROOT, TINY, make_trial, sqlite_uri, tiny_source
+from train.integrity import write_signed_result
 
 HANG_GUARD_S = 300  # a launcher that never answers fails the test instead of hanging CI
 RUN = uuid.uuid4().hex[:6]  # in job names: accounting remembers the jobs of earlier test runs
@@ -170,7 +171,7 @@ def test_trials_run_as_slurm_jobs_with_host_device_and_queue_time(tmp_path, obje
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-must-not-travel")
     study = tmp_path / "study"
     launcher = new_launcher(study)
-    env_dump = "import os\nopen('env.txt', 'w').write('\\n'.join(sorted(os.environ)))"
+    env_dump = "import os\nprint('ENV', ' '.join(sorted(os.environ)), flush=True)"  # the sandbox lets it write run.log only
     trials = [make_trial(study, i, objective, tiny_source(objective, env_dump)) for i in range(2)]
     for trial, slot in zip(trials, launcher.slots()):
         launcher.submit(trial, slot)
@@ -185,8 +186,9 @@ def test_trials_run_as_slurm_jobs_with_host_device_and_queue_time(tmp_path, obje
         assert r.queue_seconds >= 0 and r.started_at <= r.finished_at
         assert r.extra["slurm_job_id"] == job_id(study, trial)
         wait_for("accounting", lambda: sacct_state(job_id(study, trial)) == "COMPLETED")
-        env = (Path(trial.directory) / "env.txt").read_text().split()
-        assert "SLURM_JOB_ID" in env and "ANTHROPIC_API_KEY" not in env
+        env = next(line for line in (Path(trial.directory) / "run.log").read_text().splitlines()
+                   if line.startswith("ENV ")).split()
+        assert "PATH" in env and "ANTHROPIC_API_KEY" not in env
         assert (Path(trial.directory) / "run.log").exists()
 
 
@@ -235,15 +237,14 @@ def test_the_harness_limit_and_the_slurm_time_limit_both_give_timeout(tmp_path, 
 ])
 def test_a_harness_that_saw_its_worker_signalled_defers_to_slurms_final_state(tmp_path, objective, state,
                                                                               cancel_requested, status, reason):
-    """scancel, the time limit and a failing node all SIGTERM every process of the job; when the
-    worker gets it first, the harness writes `cancelled`, and Slurm's final state says which it was
+    """scancel, the time limit and a failing node all SIGTERM every process of the job; the harness
+    that gets it writes `cancelled`, and Slurm's final state says which it was
     (the race that made CI call a study's cancel a crash, then a time limit a cancel)."""
     from launchers.slurm import _Job
     from study.core import Slot
 
     trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective))
-    (Path(trial.directory) / "result.json").write_text(json.dumps(
-        {"status": "cancelled", "error": "the worker was stopped by SIGTERM from outside (the job was cancelled)"}))
+    write_signed_result(trial.directory, {"status": "cancelled", "error": "the harness received SIGTERM"})
     launcher = SlurmLauncher(slots=1, folder=str(tmp_path / "slurm"))
     now = time.time()
     job = _Job(trial, Slot(name="slurm0", device_kind="cpu"), "42", "", now, "arena", now, state=state,
@@ -314,11 +315,13 @@ def test_close_cancels_queued_and_running_jobs_unless_told_to_leave_them(tmp_pat
 @pytest.mark.slow
 def test_a_failed_node_loses_its_jobs_and_requeue_runs_them_once_more(tmp_path, objective):
     skip_if_others_use_the_cluster()
-    fail_once = "import os, time\nif not os.path.exists('attempt1'):\n    open('attempt1', 'w').close()\n    time.sleep(300)"
+    mark = tmp_path / "attempt1"  # outside the sandbox's scratch: only an unsandboxed trial can leave it
+    fail_once = f"import os, time\nif not os.path.exists({str(mark)!r}):\n    open({str(mark)!r}, 'w').close()\n    time.sleep(300)"
     lossy = new_launcher(tmp_path / "lossy")
     requeuing = new_launcher(tmp_path / "requeuing", requeue_on_lost=True)
     lost = make_trial(tmp_path / "lossy", 0, objective, tiny_source(objective, sleeping(300)), hard_limit_s=600)
-    again = make_trial(tmp_path / "requeuing", 1, objective, tiny_source(objective, fail_once), hard_limit_s=600)
+    again = make_trial(tmp_path / "requeuing", 1, objective, tiny_source(objective, fail_once), hard_limit_s=600,
+                       sandbox="none")
     lossy.submit(lost, lossy.slots()[0])
     requeuing.submit(again, requeuing.slots()[0])
     wait_for("both trials to train", lambda: training(lost) and training(again))
@@ -413,7 +416,7 @@ def trial_runs(workdir: Path, name: str) -> dict:
 def test_study_on_slurm_with_a_scancel_and_a_trial_past_its_time_limit(tmp_path, objective, monkeypatch):
     name = f"slurm-faults-{RUN}"
     hook = ("import json, time\n"
-            "if json.load(open('trial.json'))['trial_id'] in ('t0001', 't0002'):\n"
+            "if json.load(open(__file__.replace('train.py', 'trial.json')))['trial_id'] in ('t0001', 't0002'):\n"
             "    time.sleep(600)")
     proc = start_study(tmp_path, study_command(tmp_path, name, hook, "objective.hard_limit_s=25"))
     study = tmp_path / "studies" / name

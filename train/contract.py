@@ -7,10 +7,16 @@ A trial folder, written by the study before the trial starts and by the trusted 
     train.py      the exact candidate that ran (written by the study)
     trial.json    the harness spec: objective, seed, trial id (written by the study)
     run.log       the candidate's output and the harness's own lines
-    result.json   the outcome, written last and atomically by the trusted side only
+    result.json   the outcome, written last and atomically by the trusted side only, signed with
+                  the study's key (RESULT_KEY_FILE in the study folder, two levels up)
     running.lock  locked while any process of the trial lives (see RUNNING_LOCK)
+
+The candidate never sees this folder: it runs in a sandbox whose only writable place is a private
+scratch folder, and hands its weights over from there.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 TRAIN_FILE = "train.py"
 TRIAL_FILE = "trial.json"
@@ -19,9 +25,17 @@ LOG_FILE = "run.log"
 # Held (flock) by the trial's process tree from before it starts until its last process ends: a
 # restarted study tells a live trial from a dead one by it, with no pid file to race against.
 RUNNING_LOCK = "running.lock"
+STDOUT_FILE = "stdout.log"  # a warm-forked harness's own output (its summary line, or its traceback)
+WEIGHTS_FILE = "weights.pt"  # in the worker's scratch, then a clean copy the model servers read
+RESULT_KEY_FILE = ".result-key"  # in the study folder: the HMAC key results are signed with
+SIGNATURE_FIELD = "signature"
 
-# What a budget counts. `seconds` is wall-clock training time after the warm-up steps.
-BUDGET_KINDS = ("seconds", "steps", "tokens")
+# What a budget counts. `seconds` is wall-clock training time after the warm-up steps;
+# `cpu_seconds` is the CPU time of the worker's whole process tree after them, read from the kernel.
+BUDGET_KINDS = ("seconds", "steps", "tokens", "cpu_seconds")
+
+# Sandbox levels a study may ask for (objective.sandbox); "strongest" takes the best this machine has.
+DEFAULT_SANDBOX = "strongest"
 
 # Outcomes of a trial. The harness statuses are the candidate's own result; the infrastructure
 # statuses say the candidate was not measured (`cancelled` by the arena or an operator, `lost` to a
@@ -29,3 +43,16 @@ BUDGET_KINDS = ("seconds", "steps", "tokens")
 HARNESS_STATUSES = ("ok", "crash", "timeout", "oom", "nan", "invalid")
 INFRA_STATUSES = ("cancelled", "lost")
 STATUSES = HARNESS_STATUSES + INFRA_STATUSES
+
+
+def result_key_path(trial_dir) -> Path:
+    """Where a trial's result key lives: the study folder holding `trials/<id>/`."""
+    return Path(trial_dir).resolve().parent.parent / RESULT_KEY_FILE
+
+
+class TrialFailed(Exception):
+    """Ends a trial with `status` (not `ok`) and a one-line reason."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status

@@ -1,7 +1,8 @@
 """The editable baseline: a small modern GPT trained for a fixed budget (nanoGPT/autoresearch style).
 
 Searchers edit this file: classical ones only the ALL_CAPS knobs below, an agent anything. The
-fixed harness (train/harness.py) imports it and relies on two functions:
+fixed harness runs it in a sandbox (its own scratch folder, no network, no view of the study or the
+validation data) and relies on two functions:
 
     build_model(vocab_size) -> nn.Module   forward(idx: LongTensor[B, T]) -> logits [B, T, vocab_size].
         It must be causal (logits at t may depend on idx[:, :t+1] only, and on nothing in other rows)
@@ -9,11 +10,12 @@ fixed harness (train/harness.py) imports it and relies on two functions:
     train(model, run) -> None               train `model` in place and return once run.step(loss)
         says the budget is spent.
 
-`run` comes from the harness: run.device, run.vocab_size, run.batches(batch_size, seq_len) (train
-split only), run.step(loss) -> bool, run.progress (0..1 of the budget: seconds, steps or tokens),
-run.autocast(), run.compile(model), run.log(**values). The harness then scores the weights with
-prepare.py's val_bpb at the longest seq_len train() asked batches for; nothing printed, returned or
-written here counts.
+`run` is train/run.py (the one other file to read): run.device, run.vocab_size, run.batches(batch_size,
+seq_len) (train split only), run.step(loss) -> bool, run.progress (0..1 of the budget: seconds, steps,
+tokens or CPU seconds), run.autocast(), run.compile(model), run.log(**values). The harness serves the
+batches and counts the steps, tokens and time itself, then scores the saved weights with prepare.py's
+val_bpb at the longest seq_len train() asked batches for, each evaluation batch in a fresh process;
+nothing printed, returned or written here counts.
 
 The values below are the gpu preset (~50M parameters for an 8192 vocab, one H100, 300 s);
 conf/objective/cpu.yaml writes the cpu preset's values over them. No SEED knob: the seed belongs

@@ -1,0 +1,222 @@
+"""The trusted side of training: serve the train split to the sandboxed worker, count what it
+trains on, keep the clock, and end it when the budget is spent.
+
+Every figure of a trial (steps, tokens, training seconds, CPU seconds, tokens/s) is counted here,
+from the requests the worker makes and from the kernel, never taken from the worker: a step is a
+`run.step` request, a token is one this side served. Past the budget no batch is served, and a
+worker that does not hand its weights over soon after is stopped (`timeout`).
+"""
+from __future__ import annotations
+
+import math
+import select
+import time
+
+import numpy as np
+
+from train import wire
+from train.contract import TrialFailed
+
+EXPLODING_STEPS = 10  # consecutive steps with a loss above 3x a uniform guess's end the trial as nan
+HANDOVER_S = 30.0  # from the budget being spent to train() returning and the weights being saved
+DRAW_AHEAD = 8  # tokens drawn since the last step, in units of the largest step so far, before refusal
+FIRST_STEP_BATCHES = 64  # batches before the first step (gradient accumulation), before refusal
+MAX_BATCH_TOKENS = 1 << 24
+LOG_EVERY_S = 5.0
+
+
+class Ledger:
+    """The trusted count of one trial's training. The first `warmup_steps` steps (compilation,
+    allocator warm-up) do not count against a seconds or CPU-seconds budget; they do count as steps
+    and tokens, since they train the model."""
+
+    def __init__(self, budget_kind: str, budget: float, warmup_steps: int, vocab_size: int,
+                 clock=time.perf_counter, cpu_seconds=lambda: 0.0):
+        self.kind, self.budget, self.warmup_steps, self.vocab_size = budget_kind, budget, warmup_steps, vocab_size
+        self.clock, self.cpu = clock, cpu_seconds
+        self.num_steps = self.drawn = self.stepped_tokens = self.largest_step = 0
+        self.seq_len = None
+        self._warm_tokens = 0
+        self._t_counted = self._cpu_counted = self._t_end = self._cpu_end = None
+        self._high_loss_steps = 0
+        self.done_at = self._spent_seen = None
+        self.refused = None  # why a batch was refused, if one was: such a trial is never `ok`
+
+    def start(self) -> None:
+        """The first batch is asked for: with no warm-up steps, the clock starts here."""
+        if self._t_counted is None and self.warmup_steps == 0:
+            self._t_counted, self._cpu_counted = self.clock(), self.cpu()
+
+    def draw(self, batch_size: int, seq_len: int) -> str | None:
+        """Account for a batch about to be served; the reason it is refused, if it is."""
+        if self.done_at is not None:
+            return "run.step() already said the budget is spent: no more batches"
+        since_step, batch = self.drawn - self.stepped_tokens, batch_size * seq_len
+        cap = DRAW_AHEAD * max(self.largest_step, batch) if self.num_steps else FIRST_STEP_BATCHES * batch
+        if since_step + batch > cap:
+            self.refused = (f"{since_step} tokens drawn since the last run.step() (at most {cap} allowed): "
+                            "call run.step() once per optimizer step")
+            return self.refused
+        self.seq_len = max(self.seq_len or 0, seq_len)
+        self.drawn += batch_size * seq_len
+        return None
+
+    def step(self, loss) -> bool:
+        """Count one optimizer step; True once the budget is spent."""
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            loss = math.nan
+        now = self.clock()
+        self.num_steps += 1
+        self.largest_step = max(self.largest_step, self.drawn - self.stepped_tokens)
+        self.stepped_tokens = self.drawn
+        if not math.isfinite(loss):
+            raise TrialFailed("nan", f"loss is {loss} at step {self.num_steps}")
+        if self.num_steps > self.warmup_steps and loss > 3 * math.log(self.vocab_size):
+            self._high_loss_steps += 1
+            if self._high_loss_steps >= EXPLODING_STEPS:
+                raise TrialFailed("nan", f"loss exploding: {loss:.2f} for {EXPLODING_STEPS} steps "
+                                         f"(step {self.num_steps})")
+        else:
+            self._high_loss_steps = 0
+        if self.num_steps == self.warmup_steps:
+            self._t_counted, self._cpu_counted, self._warm_tokens = now, self.cpu(), self.stepped_tokens
+        done = self.progress >= 1.0
+        if done and self.done_at is None:
+            self._t_end, self._cpu_end, self.done_at = now, self.cpu(), now
+        return done
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the budget spent, 0..1: the clock for learning-rate schedules."""
+        spent = {"steps": lambda: self.num_steps, "tokens": lambda: self.stepped_tokens,
+                 "seconds": lambda: self.training_seconds, "cpu_seconds": lambda: self.cpu_seconds}[self.kind]()
+        return min(1.0, spent / self.budget)
+
+    @property
+    def training_seconds(self) -> float:
+        if self._t_counted is None:
+            return 0.0
+        return (self._t_end or self.clock()) - self._t_counted
+
+    @property
+    def cpu_seconds(self) -> float:
+        if self._cpu_counted is None:
+            return 0.0
+        return (self._cpu_end if self._cpu_end is not None else self.cpu()) - self._cpu_counted
+
+    def overdue(self) -> str | None:
+        """Why the worker must be stopped now, if it must: it kept going well past its budget."""
+        now = self.clock()
+        if self.done_at is not None and now - self.done_at > HANDOVER_S:
+            return f"train() did not return within {HANDOVER_S:.0f} s of run.step() saying the budget was spent"
+        if self.kind in ("seconds", "cpu_seconds") and self.done_at is None and self.progress >= 1.0:
+            self._spent_seen = self._spent_seen or now
+            if now - self._spent_seen > HANDOVER_S:
+                return f"trained {HANDOVER_S:.0f} s past its {self.budget} {self.kind} budget without calling run.step()"
+        return None
+
+    def stats(self) -> dict:
+        seconds = self.training_seconds
+        counted = self.stepped_tokens - self._warm_tokens
+        return {
+            "num_steps": self.num_steps,
+            "tokens": self.drawn,
+            "training_seconds": round(seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "tokens_per_second": round(counted / seconds, 1) if seconds > 0 else None,
+        }
+
+
+def batch_stream(train_tokens: np.ndarray, seed: int, stream: int, batch_size: int, seq_len: int):
+    """Random windows of the train split, [batch_size, seq_len + 1] int64, forever: the same
+    sequence for the same seed and stream (the order of run.batches calls)."""
+    rng = np.random.default_rng([seed, stream])
+    window = np.arange(seq_len + 1)
+    while True:
+        starts = rng.integers(0, len(train_tokens) - seq_len, size=batch_size)
+        yield train_tokens[starts[:, None] + window].astype(np.int64)
+
+
+def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline: float, log,
+                   watch=lambda force=False: None) -> None:
+    """Answer the worker until it hands its weights over; raise TrialFailed for every other end.
+    `deadline` is the hard limit on the wall clock (time.time()); `watch` samples whatever this side
+    watches while the worker trains (forced when the worker reports a failure)."""
+    streams: list = []
+    last_log = time.perf_counter()
+    while True:
+        watch()
+        if time.time() >= deadline:
+            raise TrialFailed("timeout", "killed at the hard limit")
+        if why := ledger.overdue():
+            raise TrialFailed("timeout", why)
+        if not select.select([worker.sock], [], [], 0.1)[0]:
+            continue
+        try:
+            request, _, _ = wire.recv(worker.sock)
+        except (wire.HungUp, ConnectionError):
+            raise WorkerGone() from None
+        except wire.WireError as e:
+            raise TrialFailed("crash", f"the worker sent the harness something that is not a request ({e})") from None
+        op = request.get("op")
+        if op == "started":  # the worker's word, good for a log line only
+            log("harness: worker: the model is built, train() starts")
+        elif op == "batches":
+            batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
+            if not all(isinstance(v, int) and v >= 1 for v in (batch_size, seq_len)) \
+                    or batch_size * (seq_len + 1) > MAX_BATCH_TOKENS:
+                raise TrialFailed("invalid", f"run.batches({batch_size!r}, {seq_len!r}): need positive ints, "
+                                             f"at most {MAX_BATCH_TOKENS} tokens a batch")
+            if seq_len + 1 > len(train_tokens):
+                raise TrialFailed("invalid", f"seq_len {seq_len} is longer than the train split "
+                                             f"({len(train_tokens)} tokens)")
+            streams.append((batch_stream(train_tokens, seed, len(streams), batch_size, seq_len), batch_size, seq_len))
+            if len(streams) == 1:
+                log(f"harness: train() asked for batches of {batch_size} x {seq_len} tokens")
+            ledger.start()
+            wire.send(worker.sock, {"stream": len(streams) - 1})
+        elif op == "next":
+            index = request.get("stream")
+            if not isinstance(index, int) or not 0 <= index < len(streams):
+                raise TrialFailed("crash", f"asked for a batch of stream {index!r}, which run.batches() never made")
+            stream, batch_size, seq_len = streams[index]
+            refused = ledger.draw(batch_size, seq_len)
+            if refused:
+                wire.send(worker.sock, {"refused": refused})
+            else:
+                wire.send(worker.sock, {}, memoryview(next(stream)).cast("B"))
+        elif op == "step":
+            done = ledger.step(request.get("loss"))
+            wire.send(worker.sock, {"done": done})
+            now = time.perf_counter()
+            if done or now - last_log >= LOG_EVERY_S:
+                last_log = now
+                log(f"step={ledger.num_steps} loss={request.get('loss')} progress={ledger.progress:.3f} "
+                    f"training_seconds={ledger.training_seconds:.2f}")
+        elif op == "progress":
+            wire.send(worker.sock, {"progress": ledger.progress})
+        elif op == "finished":
+            if ledger.num_steps == 0 or ledger.seq_len is None:
+                raise TrialFailed("invalid", "train() returned without drawing a batch and calling run.step()")
+            if ledger.refused:
+                raise TrialFailed("invalid", f"train() went on training without counting its steps: {ledger.refused}")
+            return
+        elif op == "failed":
+            watch(force=True)
+            raise WorkerFailed(request.get("status"), str(request.get("error") or "")[-4000:])
+        else:
+            raise TrialFailed("crash", f"the worker sent an unknown request {op!r}")
+
+
+class WorkerGone(Exception):
+    """The worker's socket closed without it handing the weights over: it died or was killed."""
+
+
+class WorkerFailed(Exception):
+    """The worker says train() or build_model() failed; `claimed` is its (untrusted) status."""
+
+    def __init__(self, claimed, error: str):
+        super().__init__(error)
+        self.claimed = claimed
