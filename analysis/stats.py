@@ -38,7 +38,7 @@ def bootstrap_ci(values, statistic=np.mean, confidence: float = CONFIDENCE, n_re
     """Percentile bootstrap CI of `statistic` over seeds (NaNs left out by the caller, who counts
     them). One seed has no interval (NaN: a table then says so); seeds that all agree give the
     point itself, since there is nothing to resample and scipy's interval would be NaN."""
-    x = np.asarray(values, dtype=float)
+    x = np.sort(np.asarray(values, dtype=float))  # the same seeds in any order give the same interval
     if len(x) < 2:
         return math.nan, math.nan
     if np.all(x == x[0]):

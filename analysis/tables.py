@@ -21,14 +21,22 @@ FAILURES = tuple(s for s in HARNESS_STATUSES if s != "ok")
 
 
 def per_study(trials: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
-    """One row of numbers per study, with the equal-budget cut-offs shared by all of them."""
-    spans = trials.groupby("study_id")["t_finished"].max()
-    gpu_h = trials.groupby("study_id")["slot_seconds"].sum() / 3600.0
+    """One row of numbers per study, with the equal-budget cut-offs shared by all of them. A study
+    that finished no trial (killed during its first) still gets its row, with no values, so the
+    tables count it as a seed without a result instead of forgetting it."""
+    spans = trials.groupby("study_id")["t_finished"].max().dropna()
+    gpu_h = trials.groupby("study_id")["slot_seconds"].sum().loc[spans.index] / 3600.0
     equal_gpu_h, equal_wall = gpu_h.min(), spans.min()
     rows = []
-    for study_id, g in trials.groupby("study_id"):
+    by_study = dict(tuple(trials.groupby("study_id")))
+    for study_id in studies["study_id"]:
         s = studies.set_index("study_id").loc[study_id]
+        g = by_study.get(study_id, trials.iloc[0:0])
         done = g[g["t_finished"].notna()]
+        if done.empty:
+            rows.append({"study_id": study_id, "arm": s["arm"], "seed": s["seed"], "time_mode": s["time_mode"],
+                         "device_kinds": "", "trials": 0})
+            continue
         row = {
             "study_id": study_id,
             "arm": s["arm"],

@@ -45,6 +45,8 @@ def store(tmp_path_factory):
         for searcher in ("random", "tpe"):
             log_study(client, exp_id, f"{searcher}-tiny-s{seed}", 1, seed, cpu_trials(list(3.6 + rng.normal(0, 0.1, 3)), duration=2),
                       "real", objective="tiny", searcher=searcher, kinds=CPU)
+    # a ninth random seed killed during its first trial: a parent run and nothing else
+    log_study(client, exp_id, "random-cpu-s8", 1, 8, [], "real", objective="cpu", searcher="random", kinds=CPU)
     return uri
 
 
@@ -75,8 +77,9 @@ def test_claims_call_the_clear_gain_and_refuse_the_identical_pair(written):
     table = pd.read_csv(written / "cpu" / "claims.csv")
     gpu = table[table["budget"] == "equal CPU slot-h"].set_index(["a", "b"])
     grid_vs_random = gpu.loc[("grid x1 (cpu preset, cpu)", "random x1 (cpu preset, cpu)")]
-    assert grid_vs_random["supported"] and grid_vs_random["n"] == 7 and grid_vs_random["n_missing"] == 1
-    assert "1 seed(s) missing from one arm" in grid_vs_random["claim"]
+    # seed 7 has no ok grid trial, seed 8 no random study: 7 pairs, both gaps named
+    assert grid_vs_random["supported"] and grid_vs_random["n"] == 7 and grid_vs_random["n_missing"] == 2
+    assert "2 seed(s) missing from one arm" in grid_vs_random["claim"]
     same = table[(table["a"].str.startswith(("random", "tpe"))) & (table["b"].str.startswith(("random", "tpe")))]
     assert not same["supported"].any()
     assert all(c.startswith("no difference detected") and "identical on every seed" in c for c in same["claim"])
@@ -89,6 +92,8 @@ def test_every_table_says_n_and_the_failed_seed_is_counted(written):
     arms = pd.read_csv(written / "cpu" / "arms_best_at_equal_gpu_h.csv", index_col=0)
     assert arms.loc["grid x1 (cpu preset, cpu)", "n"] == 7 and arms.loc["grid x1 (cpu preset, cpu)", "n_missing"] == 1
     assert arms.loc["tpe x1 (cpu preset, cpu)", "n"] == SEEDS
+    # the study that never finished a trial is a seed without a result, not a forgotten one
+    assert arms.loc["random x1 (cpu preset, cpu)", "n"] == SEEDS and arms.loc["random x1 (cpu preset, cpu)", "n_missing"] == 1
     ttt = pd.read_csv(written / "cpu" / "time_to_target_wall.csv")
     assert len(ttt) == 3 * SEEDS  # censored seeds included
     assert not ttt.loc[ttt["study_id"] == "grid-cpu-s7", "reached"].item()
@@ -96,7 +101,7 @@ def test_every_table_says_n_and_the_failed_seed_is_counted(written):
 
 def test_three_arms_get_friedman_and_a_critical_difference_diagram(written):
     summary = (written / "cpu" / "summary.md").read_text()
-    assert "Friedman χ²" in summary and "n = 7 seeds (1 seed(s) lacking an arm left out)" in summary
+    assert "Friedman χ²" in summary and "n = 7 seeds (2 seed(s) lacking an arm left out)" in summary
     for stem in ("critical_difference", "rank_over_time", "progress_wall", "progress_gpu_hours",
                  "time_to_target_wall", "time_to_target_gpu_hours"):
         assert (written / "cpu" / f"{stem}.png").stat().st_size > 0 and (written / "cpu" / f"{stem}.pdf").is_file()
@@ -114,7 +119,7 @@ def test_the_report_is_logged_to_a_comparison_run_and_every_parent_run(store, wr
     logged = {a.path for a in client.list_artifacts(comparisons[0].info.run_id, "report/cpu")}
     assert "report/cpu/report.html" in logged and "report/cpu/claims.md" in logged
     studies, _ = load(store, EXPERIMENT)
-    assert len(studies) == 5 * SEEDS  # the comparison run is not a study
+    assert len(studies) == 5 * SEEDS + 1  # the comparison run is not a study
     assert any(a.path == "report/report.html" for a in client.list_artifacts(studies["run_id"].iloc[0], "report"))
 
 

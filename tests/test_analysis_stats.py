@@ -55,6 +55,7 @@ def test_bootstrap_ci_contains_the_true_mean_at_the_stated_rate():
     # a percentile bootstrap at n = 20 covers ~93%; 300 draws put the rate within about +-0.04
     assert 0.88 <= hits / draws <= 0.99
     assert stats.bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    assert stats.bootstrap_ci([1.0, 3.0, 2.0, 5.0]) == stats.bootstrap_ci([5.0, 2.0, 3.0, 1.0])
     assert all(math.isnan(v) for v in stats.bootstrap_ci([2.0]))  # one seed has no interval
     assert all(math.isnan(v) for v in stats.bootstrap_ci([]))
 
