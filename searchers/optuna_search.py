@@ -19,6 +19,7 @@ study draws exactly what the uninterrupted one would have.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -63,6 +64,11 @@ class OptunaSearcher(Searcher):
         self.enqueue_baseline = enqueue_baseline
         self.storage_file = storage_file
         self.reused: list[int] = []  # Optuna trial numbers handed out again after a resume
+
+    def random_start(self) -> int | None:
+        """`options.n_startup_trials`, else the sampler's own default (None for a sampler without one)."""
+        param = inspect.signature(SAMPLERS[self.sampler_name]).parameters.get("n_startup_trials")
+        return None if param is None else self.options.get("n_startup_trials", param.default)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)

@@ -8,7 +8,6 @@ Here a resume is always announced, and an arm that already holds more finished t
 """
 from __future__ import annotations
 
-import inspect
 from typing import TextIO
 
 from study.journal import Journal, JournalState
@@ -28,22 +27,6 @@ def check_trial_budget(existing: JournalState, max_trials: int | None, study_dir
             "another study.name, or move that folder away")
 
 
-def startup_trials(searcher_conf: dict) -> int | None:
-    """How many trials an Optuna sampler draws at random before it models anything: the
-    configured `options.n_startup_trials`, else the sampler's own default."""
-    sampler = searcher_conf.get("sampler")
-    if not sampler:
-        return None
-    from searchers.optuna_search import SAMPLERS
-
-    if sampler not in SAMPLERS:
-        return None
-    param = inspect.signature(SAMPLERS[sampler]).parameters.get("n_startup_trials")
-    if param is None:
-        return None
-    return (searcher_conf.get("options") or {}).get("n_startup_trials", param.default)
-
-
 def idle_seconds(journal_path) -> float:
     """Wall time the study spent with no orchestrator: from the last record before each resume to
     that resume. A study's elapsed time minus this is the time it actually ran."""
@@ -55,8 +38,10 @@ def idle_seconds(journal_path) -> float:
     return idle
 
 
-def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stream: TextIO) -> None:
-    """Two or three lines: what this study is, and whether it starts, resumes or has nothing to do."""
+def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stream: TextIO,
+           random_start: int | None = None) -> None:
+    """Two or three lines: what this study is, and whether it starts, resumes or has nothing to do.
+    `random_start` is the searcher's own count of first trials drawn at random (Searcher.random_start)."""
     name, max_trials = conf["study"]["name"], conf["study"].get("max_trials")
     searcher = conf["searcher"]
     budget = f"{objective['budget']:g} {objective['budget_kind']}"
@@ -65,9 +50,8 @@ def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stre
     lines = [f"study {name}: searcher {searcher.get('name')}, launcher {conf['launcher'].get('name')} "
              f"({slots} slots), objective {objective.get('preset')} ({budget} per trial, hard limit "
              f"{objective['hard_limit_s']:g} s), seed {conf['seed']}; {', '.join(x for x in limits if x) or 'no limit'}"]
-    startup = startup_trials(searcher)
-    if startup:
-        lines.append(f"sampler start-up: the first {startup} trials are drawn at random before "
+    if random_start:
+        lines.append(f"sampler start-up: the first {random_start} trials are drawn at random before "
                      f"{searcher.get('sampler')} models anything (searcher.options.n_startup_trials)")
     done, in_flight = len(existing.results), len(existing.in_flight()) + len(existing.to_rerun())
     of = f" of {max_trials}" if max_trials else ""

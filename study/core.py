@@ -125,6 +125,11 @@ class Searcher(ABC):
         """True when the searcher has nothing more to propose (grid exhausted, budget spent)."""
         return False
 
+    def random_start(self) -> int | None:
+        """How many first trials it draws at random before it models anything (an Optuna sampler's
+        start-up), so the study's banner can say why early trials look unguided; None if none."""
+        return None
+
     def summary(self) -> dict[str, Any]:
         """Numbers the study logs on its parent run at the end (e.g. agent tokens and dollars)."""
         return {}

@@ -20,7 +20,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from searchers.rungs import Rung, RungSearcher, check_rung_kinds, parse_rungs
 from study.core import PROJECT_ROOT, Launcher, LauncherError, SearchContext, Searcher
 from study import storage
 from study.journal import JournalDamaged, JournalState
@@ -28,6 +27,7 @@ from study.lock import StudyLock, StudyLocked
 from study.announce import UnequalArms, banner, check_trial_budget, idle_seconds
 from study.leaderboard import leaderboard_text, print_leaderboard
 from study.loop import StopRules, StudyLoop
+from study.rungs import Rung, check_rung_kinds, parse_rungs
 from study.space import validate_space
 from train import sandbox
 from train.contract import BUDGET_KINDS, DEFAULT_SANDBOX, TRAIN_FILE
@@ -51,7 +51,7 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
 
 
 def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, launcher: Launcher | None):
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
     conf = OmegaConf.to_container(cfg, resolve=True)
     objective = check_objective(conf["objective"])
@@ -84,8 +84,10 @@ def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, laun
 
     searcher = searcher or _build(instantiate, cfg.searcher, "searcher")
     launcher = launcher or _build(instantiate, cfg.launcher, "launcher")
-    if rungs and not isinstance(searcher, RungSearcher):
-        searcher = RungSearcher(searcher, rungs, conf["study"].get("eta", 3))
+    random_start = searcher.random_start()
+    if rungs and not isinstance(searcher, get_class(cfg.study.rung_searcher._target_)):
+        # the promotions wrap whichever searcher was built (or passed in unwrapped)
+        searcher = instantiate(cfg.study.rung_searcher, _partial_=True)(searcher, rungs, conf["study"].get("eta", 3))
     if not getattr(launcher, "prepares_data_remotely", False):
         prepare_data(objective)  # a bad corpus is reported before anything is created
     ctx = SearchContext(
@@ -100,7 +102,7 @@ def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, laun
 
     (study_dir / "baseline_train.py").write_text(baseline)
     (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    banner(conf, objective, journal, len(slots), sys.stdout)
+    banner(conf, objective, journal, len(slots), sys.stdout, random_start)
 
     display = None
     if conf.get("progress", True):
