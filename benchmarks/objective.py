@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from train import prepare  # noqa: E402
-from train.contract import RESULT_FILE, TRAIN_FILE, TRIAL_FILE  # noqa: E402
+from launchers.base import harness_env, run_harness  # noqa: E402
+from train.contract import TRAIN_FILE, TRIAL_FILE  # noqa: E402
 from train.knobs import read_knobs, write_knobs  # noqa: E402
 
 
@@ -51,11 +51,7 @@ def main() -> None:
         (folder / TRAIN_FILE).write_text(write_knobs(source, knob_values or {}))
         spec = {"trial_id": folder.name, "seed": seed, "objective": {**preset, **objective}}
         (folder / TRIAL_FILE).write_text(json.dumps(spec))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
-               "ARENA_THREADS": str(args.threads)}
-        subprocess.run([sys.executable, "-m", "train.harness", str(folder)], env=env, cwd=out,
-                       stdout=subprocess.DEVNULL, check=True)
-        result = json.loads((folder / RESULT_FILE).read_text())
+        result = run_harness(folder, harness_env(threads=args.threads), stdout=subprocess.DEVNULL).to_dict()
         print(f"  {folder.name:24s} {result['status']:7s} val_bpb {_f(result['val_bpb'])}  steps {result['num_steps']}"
               f"  training {_f(result['training_seconds'], 1)} s  total {_f(result['total_seconds'], 1)} s"
               f"  {_f(result['tokens_per_second'], 0)} tok/s", flush=True)

@@ -1,19 +1,29 @@
-"""What every launcher needs around the harness, written once: its command line, its environment,
-reading what it left in the trial directory. The Launcher interface itself is in study/core.py.
+"""What every launcher needs around the harness, written once: its command line and environment,
+starting it in a process group of its own, running it to completion, killing its tree, and reading
+what it left in the trial directory. The Launcher interface itself is in study/core.py.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from study.core import PROJECT_ROOT
 from study.records import Result
-from train.contract import LOG_FILE, RESULT_FILE
+from train.contract import INFRA_STATUSES, LOG_FILE, RESULT_FILE
 from train.integrity import verify_result
+
+# The harness enforces hard_limit_s itself; a launcher kills the trial's process group only this
+# long after it, as a backstop. A kill sends SIGTERM (the harness writes what it can and takes its
+# worker along) and SIGKILL KILL_GRACE_S later.
+BACKSTOP_S = 30.0
+KILL_GRACE_S = 3.0
 
 
 def poll_until(poll: Callable[[], list], timeout: float, interval: float) -> list:
@@ -32,13 +42,77 @@ def harness_command(trial_dir: str | os.PathLike, python: str | None = None) -> 
     return [python or sys.executable, "-P", "-m", "train.harness", str(trial_dir)]
 
 
-def harness_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a trial runs in: ours minus every secret, plus the project on PYTHONPATH
-    so `train.harness` imports from any working directory."""
+def harness_env(*, threads: int | None = None, gpus: str | None = None) -> dict[str, str]:
+    """The environment a harness process starts in, on every launcher: ours minus every secret, the
+    project on PYTHONPATH so `train.harness` imports from any working directory, and the slot's share
+    of the machine. `threads` caps torch/OpenMP/MKL threads (None: leave them); `gpus` is the
+    CUDA_VISIBLE_DEVICES the trial sees ("" hides every GPU from a CPU slot, None leaves what the
+    scheduler set). The one place a trial's environment is built, so the one place secrets are cut."""
     env = {k: v for k, v in os.environ.items() if not _is_secret(k)}
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(extra or {})
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), ARENA_THREADS=str(threads))
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     return env
+
+
+def start_harness(target: str | os.PathLike, env: dict[str, str], *, python: str | None = None,
+                  args: tuple[str, ...] = (), **popen_kwargs) -> subprocess.Popen:
+    """`python -m train.harness TARGET [ARGS]` (a trial directory, or --serve for a warm harness) in a
+    session (process group) of its own, so `kill_group` takes the harness, its worker and anything
+    train.py started (unless the caller passes start_new_session=False: a scheduler tracks it)."""
+    popen_kwargs.setdefault("stderr", subprocess.STDOUT)
+    popen_kwargs.setdefault("start_new_session", True)
+    return subprocess.Popen([*harness_command(target, python), *args], env=env, **popen_kwargs)
+
+
+def run_harness(trial_dir: str | os.PathLike, env: dict[str, str], *, python: str | None = None,
+                limit_s: float | None = None, started: Callable[[subprocess.Popen], None] | None = None,
+                **popen_kwargs) -> Result:
+    """Run a trial's harness to its end and read its result: what the simulated launcher does on
+    this machine and a Slurm job does on its node. Past `limit_s` + BACKSTOP_S its process group is
+    killed and the trial is a timeout. `started` receives the process (so a cancel can kill it)."""
+    proc = start_harness(trial_dir, env, python=python, cwd=trial_dir, **popen_kwargs)
+    if started is not None:
+        started(proc)
+    try:
+        code = proc.wait(timeout=None if limit_s is None else limit_s + BACKSTOP_S)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        proc.wait()
+        return killed_at_limit(trial_dir)
+    return read_result(trial_dir, reason=f"the harness exited with code {code} and no {RESULT_FILE}")
+
+
+def killed_at_limit(trial_dir: str | os.PathLike) -> Result:
+    """The result of a trial the launcher killed at the backstop: a timeout, keeping whatever the
+    harness measured (as it is killed, the harness itself calls its end a cancel)."""
+    reason = f"killed by the launcher past hard_limit_s+{BACKSTOP_S:.0f}s"
+    result = read_result(trial_dir, missing_status="timeout", reason=reason)
+    if result.status in INFRA_STATUSES:
+        result.status, result.reason = "timeout", reason
+    return result
+
+
+def kill_group(pid: int, grace_s: float = KILL_GRACE_S) -> None:
+    """SIGTERM to the process group `pid` leads, SIGKILL `grace_s` later: without blocking the
+    caller (the loop keeps collecting results meanwhile)."""
+    try:
+        os.killpg(pid, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    if grace_s > 0:
+        timer = threading.Timer(grace_s, _kill_now, args=(pid,))
+        timer.daemon = True
+        timer.start()
+
+
+def _kill_now(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _is_secret(name: str) -> bool:

@@ -19,18 +19,17 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.base import harness_command, harness_env, poll_until, read_result
+from launchers.base import (BACKSTOP_S, harness_env, kill_group, killed_at_limit, poll_until, read_result,
+                            start_harness)
 from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
 from train.contract import RESULT_FILE, RUNNING_LOCK
 
-KILL_GRACE_S = 30.0  # the harness enforces hard_limit_s itself; this is the backstop
 WARM_START_TIMEOUT_S = 300.0  # importing torch on a loaded machine; past this the slot goes cold
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,7 @@ class _Proc:
     slot: Slot
     pid: int | None  # None: adopted, its processes known only by the lock they hold
     popen: subprocess.Popen | None
-    started: float
-    deadline: float
+    deadline: float  # past it the launcher kills the trial (the harness should have, at hard_limit_s)
     cancelled: bool = False
     killed_at_limit: bool = False
 
@@ -138,26 +136,22 @@ class LocalLauncher(Launcher):
         (trial_dir / "pid").write_text(str(pid))
         now = time.time()
         limit = float(trial.objective.get("hard_limit_s") or 3600)
-        self._procs[trial.trial_id] = _Proc(trial, slot, pid, popen, now, now + limit + KILL_GRACE_S)
+        self._procs[trial.trial_id] = _Proc(trial, slot, pid, popen, now + limit + BACKSTOP_S)
 
     def _popen_harness(self, slot: Slot, args: list[str], **kwargs) -> subprocess.Popen:
-        """The harness in its own session, on the slot's cores, with the slot's environment."""
+        """The harness on the slot's cores with the slot's environment (args[0]: the trial dir, or
+        --serve for a warm harness)."""
         cores = slot.info.get("cores") if self.pin_cores else None
 
         def pin():  # runs in the child before exec: the slot's cores only
             os.sched_setaffinity(0, cores)
 
-        kwargs.setdefault("stderr", subprocess.STDOUT)
-        command = [*harness_command(args[0], self.python), *args[1:]]
-        return subprocess.Popen(command, env=harness_env(self._slot_env(slot)), start_new_session=True,
-                                preexec_fn=pin if cores else None, **kwargs)
-
-    def _slot_env(self, slot: Slot) -> dict[str, str]:
         if "gpu" in slot.info:
-            return {"CUDA_VISIBLE_DEVICES": str(slot.info["gpu"])}
-        threads = str(slot.info.get("threads", 1))
-        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                "ARENA_THREADS": threads}
+            env = harness_env(gpus=str(slot.info["gpu"]))
+        else:
+            env = harness_env(threads=slot.info.get("threads", 1), gpus="")
+        return start_harness(args[0], env, python=self.python, args=tuple(args[1:]),
+                             preexec_fn=pin if cores else None, **kwargs)
 
     def wait(self, timeout: float) -> list[tuple[str, Result]]:
         return poll_until(self._poll, timeout, 0.02)
@@ -172,26 +166,22 @@ class LocalLauncher(Launcher):
             if _alive(p):
                 continue
             del self._procs[trial_id]
-            done.append((trial_id, self._result(p, now)))
+            done.append((trial_id, self._result(p)))
         return done
 
-    def _result(self, p: _Proc, now: float) -> Result:
+    def _result(self, p: _Proc) -> Result:
+        """What the trial left; the loop stamps where and when."""
         trial_dir = Path(p.trial.directory)
         if p.cancelled:
-            result = Result(status="cancelled", reason="cancelled by the study")
-        elif p.killed_at_limit:
-            result = read_result(trial_dir, missing_status="timeout",
-                                 reason=f"killed by the launcher past hard_limit_s+{KILL_GRACE_S:.0f}s")
-        else:
-            code = f" with code {p.popen.returncode}" if p.popen else ""  # a forked trial is not our child
-            result = read_result(trial_dir, reason=f"the harness ended{code} without a {RESULT_FILE}")
-            if not (trial_dir / RESULT_FILE).exists():
-                result.error = (result.error or "") + _tail(trial_dir / "stdout.log")
-        result.slot = p.slot.name
-        result.started_at = result.started_at or p.started
+            return Result(status="cancelled", reason="cancelled by the study")
+        if p.killed_at_limit:
+            return killed_at_limit(trial_dir)
+        code = f" with code {p.popen.returncode}" if p.popen else ""  # a forked trial is not our child
+        result = read_result(trial_dir, reason=f"the harness ended{code} without a {RESULT_FILE}")
+        if not (trial_dir / RESULT_FILE).exists():
+            result.error = (result.error or "") + _tail(trial_dir / "stdout.log")
         # When it finished, not when we looked: an adopted trial may have ended long before.
-        result.finished_at = now if p.cancelled else _mtime(trial_dir / RESULT_FILE) or now
-        result.queue_seconds = 0.0
+        result.finished_at = _mtime(trial_dir / RESULT_FILE)
         return result
 
     def cancel(self, trial_id: str) -> None:
@@ -214,7 +204,7 @@ class LocalLauncher(Launcher):
         now = time.time()
         limit = float(trial.objective.get("hard_limit_s") or 3600)
         started = _mtime(trial_dir / RUNNING_LOCK) or _mtime(trial_dir / "pid") or now
-        self._procs[trial.trial_id] = _Proc(trial, slot, pid, None, started, started + limit + KILL_GRACE_S)
+        self._procs[trial.trial_id] = _Proc(trial, slot, pid, None, started + limit + BACKSTOP_S)
         if not running:
             self._procs[trial.trial_id].deadline = now + limit
         return True
@@ -332,7 +322,7 @@ def _lock_holders(trial_dir: Path) -> list[int]:
 
 def _kill_trial(p: _Proc) -> None:
     for pid in [p.pid] if p.pid is not None else _lock_holders(Path(p.trial.directory)):
-        _kill_group(pid)
+        kill_group(pid)
 
 
 def _mtime(path: Path) -> float | None:
@@ -358,25 +348,6 @@ def _is_our_harness(pid: int, trial_dir: Path) -> bool:
         return Path(os.readlink(f"/proc/{pid}/cwd")) == Path(trial_dir).resolve()
     except OSError:
         return False
-
-
-def _kill_group(pid: int) -> None:
-    for sig in (signal.SIGTERM,):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-    # SIGKILL shortly after, without blocking the loop
-    import threading
-
-    def later():
-        time.sleep(3.0)
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    threading.Thread(target=later, daemon=True).start()
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -43,12 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from launchers.base import harness_command, harness_env, read_result
+from launchers.base import harness_env, kill_group, run_harness
 from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
-from train.contract import RESULT_FILE, TRIAL_FILE
+from train.contract import TRIAL_FILE
 
-KILL_GRACE_S = 30.0  # the harness enforces hard_limit_s itself; this is the backstop
 SLOT_KEYS = {"kind", "count", "speed"}
 
 # runner(trial_dir, trial, slot) -> Result: what really runs a trial (the harness, or a test's fake).
@@ -163,24 +161,21 @@ class SimulatedLauncher(Launcher):
         return result, time.monotonic() - started
 
     def _run_harness(self, trial_dir: Path, trial: Trial, slot: Slot) -> Result:
-        threads = str(self.threads_per_trial)
-        env = harness_env({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                           "ARENA_THREADS": threads})
+        """The real run: the harness to completion, as any launcher runs it; only the clock is ours."""
         entry = self._flight[trial.trial_id]
-        with open(trial_dir / "stdout.log", "ab") as out, self._lock:
-            if entry.cancelled_at is not None:
-                return Result(status="cancelled", reason="cancelled by the study")
-            entry.popen = subprocess.Popen(harness_command(trial_dir, self.python), cwd=trial_dir, env=env,
-                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        env = harness_env(threads=self.threads_per_trial, gpus="")
         limit = float(json.loads((trial_dir / TRIAL_FILE).read_text())["objective"]["hard_limit_s"])
-        try:
-            code = entry.popen.wait(timeout=limit + KILL_GRACE_S)
-        except subprocess.TimeoutExpired:
-            _kill_group(entry.popen.pid)
-            entry.popen.wait()
-            return read_result(trial_dir, missing_status="timeout",
-                               reason=f"killed by the launcher past hard_limit_s+{KILL_GRACE_S:.0f}s")
-        return read_result(trial_dir, reason=f"harness exited with code {code} and no {RESULT_FILE}")
+
+        def started(popen: subprocess.Popen) -> None:
+            with self._lock:
+                entry.popen = popen
+                if entry.cancelled_at is not None:  # cancelled while it was starting
+                    kill_group(popen.pid)
+
+        if entry.cancelled_at is not None:
+            return Result(status="cancelled", reason="cancelled by the study")
+        with open(trial_dir / "stdout.log", "ab") as out:
+            return run_harness(trial_dir, env, python=self.python, limit_s=limit, started=started, stdout=out)
 
     def wait(self, timeout: float) -> list[tuple[str, Result]]:
         if self._just_thought and not self._gave_way:
@@ -244,10 +239,8 @@ class SimulatedLauncher(Launcher):
         return released
 
     def _stamp(self, entry: _InFlight) -> Result:
+        """The virtual times, which only this clock knows; the loop stamps slot and device."""
         result = entry.result
-        result.slot = entry.slot.name
-        result.device_kind = entry.slot.device_kind
-        result.queue_seconds = 0.0
         result.started_at = entry.v_start
         result.finished_at = entry.v_finish
         result.extra.update(time_mode="simulated", virtual_seconds=round(entry.v_finish - entry.v_start, 3))
@@ -283,7 +276,7 @@ class SimulatedLauncher(Launcher):
             if entry.v_finish is not None:
                 entry.v_finish, entry.result = entry.cancelled_at, Result(status="cancelled", reason="cancelled by the study")
             elif entry.popen is not None:
-                _kill_group(entry.popen.pid)
+                kill_group(entry.popen.pid)
             entry.future.cancel()
         if entry.future.cancelled():
             entry.v_finish = entry.cancelled_at
@@ -312,10 +305,3 @@ def _scale_budget(spec_path: Path, speed: float) -> float:
     tmp.write_text(json.dumps(spec, indent=2))
     os.replace(tmp, spec_path)
     return objective["budget"]
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -380,17 +380,16 @@ class SkyPilotLauncher(Launcher):
         threading.Thread(target=self._bring_up, args=(cluster,), daemon=True, name=f"sky-up-{cluster.name}").start()
 
     def _finish(self, run: _Run, result: Result) -> None:
+        """What the pool alone knows: the cluster's accelerator, host and price, the job, when it
+        started (the loop stamps slot, device kind and queue time)."""
         slot = run.cluster.slot
-        result.slot = run.cluster.name
         if slot is not None:
-            result.device_kind = slot.device_kind
             result.extra.update({"cluster": slot.name, "accelerator": slot.info["accelerator"],
                                  "cluster_host": slot.info["host"], "usd_per_hour": slot.info["usd_per_hour"]})
         if run.job_id is not None:
             result.extra["sky_job_id"] = run.job_id
         if run.started is not None:
             result.started_at = run.started
-            result.queue_seconds = run.started - run.submitted
         with self._lock:
             self._runs.pop(run.trial.trial_id, None)
         self._results.put((run.trial.trial_id, result))

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launchers.base import harness_command, harness_env, log_tail, poll_until, read_result
+from launchers.base import harness_env, log_tail, poll_until, read_result, run_harness
 from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
 from train.contract import RESULT_FILE
@@ -202,7 +202,10 @@ class SlurmLauncher(Launcher):
 
     def _sbatch(self, trial: Trial, name: str) -> str:
         self._set_parameters(self._time_limit_min(trial.objective.get("hard_limit_s")), name)
-        job = self._executor.submit(run_harness_job, str(Path(trial.directory).resolve()), self._job_env())
+        # A CPU job sees no GPU (without cgroups it would otherwise see every one); a GPU job keeps
+        # the CUDA_VISIBLE_DEVICES Slurm gives it.
+        job = self._executor.submit(run_harness_job, str(Path(trial.directory).resolve()), self.cpus_per_trial,
+                                    None if self.gpus_per_trial else "")
         return job.job_id
 
     def _time_limit_min(self, hard_limit_s: float | None) -> int:
@@ -219,15 +222,6 @@ class SlurmLauncher(Launcher):
                   "setup": self.setup or None, "additional_parameters": {
                       k: v for k, v in {"no-requeue": True, **self.sbatch_extra}.items() if v is not None}}
         self._executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-
-    def _job_env(self) -> dict[str, str]:
-        """What the harness needs beyond the node's environment: its share of the cores, and no
-        GPU for a CPU slot (without cgroups a job would otherwise see every GPU)."""
-        threads = str(self.cpus_per_trial)
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "ARENA_THREADS": threads}
-        if not self.gpus_per_trial:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        return env
 
     # -- collecting -------------------------------------------------------------------------------
     def wait(self, timeout: float) -> list[tuple[str, Result]]:
@@ -293,13 +287,12 @@ class SlurmLauncher(Launcher):
         return f"scancel: Slurm job {job.job_id} CANCELLED {by}".rstrip()
 
     def _finish(self, job: _Job, result: Result) -> Result:
+        """What Slurm alone knows: when the job really started and ended, and on which node (the
+        loop stamps slot, device kind and queue time)."""
         start, end = _epoch(job.info.get("Start")), _epoch(job.info.get("End"))
-        result.slot = job.slot.name
-        result.device_kind = result.device_kind or self.device_kind
         if start is not None:
             result.host = result.host or job.info.get("NodeList")
             result.started_at = start
-            result.queue_seconds = max(0.0, start - job.submitted)
         result.finished_at = end if end is not None and start is not None else time.time()
         result.extra["slurm_job_id"] = job.job_id
         if job.requeued_after:
@@ -413,16 +406,19 @@ class SlurmLauncher(Launcher):
         os.replace(tmp, self._registry_path)
 
 
-def run_harness_job(trial_dir: str, extra_env: dict[str, str]) -> int:
-    """The job body, on the node: the harness in a subprocess, exactly as the local launcher runs it.
+def run_harness_job(trial_dir: str, threads: int, gpus: str | None) -> str:
+    """The job body, on the node: the harness run to its end exactly as the simulated launcher runs
+    it here (Slurm's time limit is the backstop). Returns the status, for submitit's own records.
 
     submitit's USR2 handler would call a preemption a timeout under an hour and Slurm's
     `--signal=USR2@90` would kill the harness 90 s before the limit; ignoring USR2 here (and so in the
     harness, which inherits it) leaves the time limit to the harness and to Slurm's own kill."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     print(f"arena: trial {trial_dir} on {socket.gethostname()}", flush=True)
-    return subprocess.run(harness_command(trial_dir), cwd=trial_dir, env=harness_env(extra_env),
-                          stdin=subprocess.DEVNULL).returncode
+    # In the job's own session and output files: Slurm tracks and signals the job's processes itself,
+    # and a crash's stderr is evidence the launcher reads back.
+    return run_harness(trial_dir, harness_env(threads=threads, gpus=gpus), stdin=subprocess.DEVNULL,
+                       stdout=None, stderr=None, start_new_session=False).status
 
 
 def _executor(folder: Path, python: str | None):

@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE, TRIAL_FILE  # noqa: E402
+from launchers.base import harness_env, run_harness  # noqa: E402
+from train.contract import LOG_FILE, TRAIN_FILE, TRIAL_FILE  # noqa: E402
 from train.knobs import write_knobs  # noqa: E402
 
 
@@ -54,8 +55,7 @@ def main() -> None:
         source = (ROOT / "train" / TRAIN_FILE).read_text()
         (trial / TRAIN_FILE).write_text(write_knobs(source, knobs) if knobs else source)
         (trial / TRIAL_FILE).write_text(json.dumps({"trial_id": "gpu-check", "seed": 0, "objective": objective}))
-        subprocess.run([sys.executable, "-P", "-m", "train.harness", str(trial)], env=env, cwd=tmp)
-        result = json.loads((trial / RESULT_FILE).read_text())
+        result = run_harness(trial, harness_env()).to_dict()
         print((trial / LOG_FILE).read_text()[-3000:])
     keys = ("status", "device", "sandbox_level", "val_bpb", "num_params", "num_steps", "tokens_per_second", "mfu",
             "peak_memory_mb", "training_seconds", "eval_seconds", "total_seconds", "error")

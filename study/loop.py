@@ -325,15 +325,9 @@ class StudyLoop:
         if running is None:
             return  # a late duplicate (e.g. cancelled twice)
         trial = running.trial
-        now = self.now()
-        if result.finished_at is None:
-            result.finished_at = now + self.clock_origin
-        if result.started_at is None:
-            result.started_at = trial.submitted_at + self.clock_origin
-        if result.queue_seconds is None:
-            result.queue_seconds = max(0.0, result.started_at - self.clock_origin - trial.submitted_at)
-        result.slot = result.slot or running.slot.name
-        result.device_kind = result.device_kind or running.slot.device_kind
+        # The slot as the launcher lists it now: a relaunched cluster may have another accelerator.
+        slot = next((s for s in self.state.slots if s.name == running.slot.name), running.slot)
+        stamp(result, trial, slot, now=self.launcher.now(), clock_origin=self.clock_origin)
         if not result.ok and result.status not in INFRA_STATUSES:
             why = storage.problem(self.study_dir)  # the study's disk, not the candidate, may have failed
             if why:
@@ -446,6 +440,21 @@ def _folder_indices(study_dir: Path) -> list[int]:
     """Indices of the trial folders on disk (`t0007`, `t0007-a2`)."""
     found = (re.match(r"t(\d+)", p.name) for p in (study_dir / "trials").glob("t*"))
     return [int(m.group(1)) for m in found if m]
+
+
+def stamp(result: Result, trial: Trial, slot: Slot, *, now: float, clock_origin: float) -> Result:
+    """Where and when, onto a launcher's result: the one place slot, device kind and queue time are
+    set. `now` is the launcher's clock. A launcher that observed when the trial really ran (a Slurm
+    job's start and end, a virtual clock) has set started_at/finished_at; otherwise the trial is taken
+    to have started when it was submitted and to have ended now."""
+    if result.finished_at is None:
+        result.finished_at = now
+    if result.started_at is None:
+        result.started_at = trial.submitted_at + clock_origin
+    result.queue_seconds = max(0.0, result.started_at - clock_origin - trial.submitted_at)
+    result.slot = slot.name
+    result.device_kind = slot.device_kind
+    return result
 
 
 def _main_thread() -> bool:

@@ -16,6 +16,7 @@ import pytest
 
 from launchers.simulated import SimulatedLauncher
 from study.core import LauncherError
+from study.loop import stamp
 from study.records import Candidate, Result, Trial
 from study.trialdir import write_trial_dir
 
@@ -55,17 +56,18 @@ def make_trial(tmp_path: Path, index: int, knobs: dict, budget=STEPS) -> Trial:
 
 
 def drive(launcher, trials: list[Trial]) -> list[tuple[str, Result]]:
-    """What the study loop does: fill free slots in slot order, wait, repeat."""
+    """What the study loop does: fill free slots in slot order, wait, stamp, repeat."""
     slots, queue, busy, released = launcher.slots(), list(trials), {}, []
     while queue or busy:
         for slot in slots:
-            if queue and slot.name not in busy.values():
+            if queue and slot not in busy.values():
                 trial = queue.pop(0)
+                trial.submitted_at = launcher.now()
                 launcher.submit(trial, slot)
-                busy[trial.trial_id] = slot.name
+                busy[trial.trial_id] = slot
         for trial_id, result in launcher.wait(timeout=30):
-            del busy[trial_id]
-            released.append((trial_id, result))
+            trial = next(t for t in trials if t.trial_id == trial_id)
+            released.append((trial_id, stamp(result, trial, busy.pop(trial_id), now=launcher.now(), clock_origin=0.0)))
     return released
 
 
