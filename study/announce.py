@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from study.journal import Journal, JournalState
+from study.journal import Event, Journal, JournalState
 
 
 class UnequalArms(ValueError):
@@ -32,7 +32,7 @@ def idle_seconds(journal_path) -> float:
     that resume. A study's elapsed time minus this is the time it actually ran."""
     idle, previous = 0.0, None
     for record in Journal.read(journal_path):
-        if record.get("event") == "resumed" and previous is not None:
+        if record.get("event") == Event.RESUMED and previous is not None:
             idle += max(0.0, record["wall_time"] - previous)
         previous = record.get("wall_time", previous)
     return idle

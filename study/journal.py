@@ -19,9 +19,26 @@ import re
 import time
 import zlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from study.records import INFRA_STATUSES, Result, Trial
+
+
+class Event(StrEnum):
+    """What a journal line records (its `event` field), like optuna's JournalOperation. A StrEnum
+    so the file keeps readable words and journals written before it load unchanged."""
+
+    STUDY = "study"  # the header: what identifies the study, and its clock origin
+    RESUMED = "resumed"
+    SUBMITTED = "submitted"  # a trial (or a new attempt of one) and where it went
+    RESUBMITTED = "resubmitted"  # an unmeasured trial run again (followed by submitted)
+    ADOPTED = "adopted"  # an in-flight trial still running after a restart, collected again
+    ASKED = "asked"  # the searcher proposed n candidates in so many seconds
+    FINISHED = "finished"  # a trial's stamped result: the source of truth for everything after
+    SEARCHER_ERROR = "searcher_error"
+    STOPPED = "stopped"  # why the loop ended (kind and reason)
+
 
 _CHECKED = re.compile(rb'^(\{.*), "crc": "([0-9a-f]{8})"\}$')
 
@@ -68,7 +85,7 @@ class Journal:
         self._file = open(self.path, "ab")
         self._synced = time.monotonic()
 
-    def append(self, event: str, **data) -> None:
+    def append(self, event: Event, **data) -> None:
         self._file.write(encode({"event": event, "wall_time": time.time(), **data}))
         self._file.flush()
         if time.monotonic() - self._synced > 1.0:
@@ -143,13 +160,13 @@ class JournalState:
         state = cls()
         for rec in Journal.read(path):
             kind = rec.get("event")
-            if kind == "study" and state.header is None:
+            if kind == Event.STUDY and state.header is None:
                 state.header = rec
-            elif kind == "submitted":
+            elif kind == Event.SUBMITTED:
                 trial = Trial.from_dict(rec["trial"])
                 state.trials[trial.trial_id] = trial
                 state.unmeasured.pop(trial.trial_id, None)  # a new attempt
-            elif kind == "finished":
+            elif kind == Event.FINISHED:
                 tid = rec["trial_id"]
                 if tid in state.results or tid in state.unmeasured:
                     continue  # a late duplicate of an attempt that already ended

@@ -3,7 +3,8 @@
 Hydra's sweepers are batch-synchronous and its submitit launcher blocks, so this loop is ours:
 whenever a slot frees it is refilled at once from candidates already proposed; `ask` runs on a
 worker thread (an agent may think for minutes) while results keep being collected. Every event goes
-to the journal first (the source of truth), then to the MLflow mirror and the live display.
+to the journal first (the source of truth), then to the observers (study/observers.py: the MLflow
+mirror, the live display), which the loop knows only through that protocol.
 Searcher calls are serialised: results that arrive while an `ask` is running are told to the
 searcher as soon as it returns, so a searcher never needs to be thread-safe.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from study.core import HistoryView, Launcher, SearchContext, Searcher, Slot
 from study import storage
-from study.journal import Journal, JournalState
+from study.journal import Event, Journal, JournalState
+from study.observers import Observers, StopKind, StudyObserver
 from study.records import INFRA_STATUSES, Candidate, Result, Trial, scaled_objective
 from study.trialdir import write_trial_dir
 from train.contract import TRAIN_FILE
@@ -66,12 +68,13 @@ class StudyState:
     best: tuple[Trial, Result] | None = None
     elapsed: float = 0.0
     thinking: bool = False
+    stop: StopKind | None = None  # why the study stopped; `stop_reason` says it for people
     stop_reason: str | None = None
 
 
 class StudyLoop:
     def __init__(self, *, searcher: Searcher, launcher: Launcher, ctx: SearchContext, objective: dict,
-                 study_dir: Path, seed: int, rules: StopRules, mirror=None, display=None):
+                 study_dir: Path, seed: int, rules: StopRules, observers: list[StudyObserver] | None = None):
         self.searcher = searcher
         self.launcher = launcher
         self.ctx = ctx
@@ -79,8 +82,7 @@ class StudyLoop:
         self.study_dir = Path(study_dir)
         self.seed = seed
         self.rules = rules
-        self.mirror = mirror
-        self.display = display
+        self.observers = Observers(observers)
         self.journal_path = self.study_dir / "journal.jsonl"
         self.state = StudyState()
         self._history_view = HistoryView(self.state.history)
@@ -90,7 +92,6 @@ class StudyLoop:
         self.untold: list[tuple[Trial, Result]] = []
         self.next_index = 0
         self.clock_origin = 0.0
-        self.staircase: list[tuple[int, float, str]] = []
         self._ask_future: Future | None = None
         self._ask_started = 0.0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="searcher-ask")
@@ -104,14 +105,14 @@ class StudyLoop:
         self.state.slots = self.launcher.slots()
         if journal_state.header is None:
             self.clock_origin = self.launcher.now()
-            self.journal.append("study", clock_origin=self.clock_origin, **header)
+            self.journal.append(Event.STUDY, clock_origin=self.clock_origin, **header)
         else:
             self.clock_origin = journal_state.header["clock_origin"]
             if self.launcher.simulated_time:  # a virtual clock restarts at 0: carry on from the last event
                 last = [t.submitted_at or 0.0 for t in journal_state.trials.values()]
                 last += [(r.finished_at or 0.0) - self.clock_origin for r in journal_state.results.values()]
                 self.launcher.advance(max(last, default=0.0))
-            self.journal.append("resumed", at=self.launcher.now())
+            self.journal.append(Event.RESUMED, at=self.launcher.now())
         if setup_searcher:
             self.searcher.setup(self.ctx)
         self._replay(journal_state)
@@ -122,17 +123,17 @@ class StudyLoop:
             why = storage.describe(e, self.study_dir) or storage.problem(self.study_dir)
             if why is None:
                 raise
-            self.state.stop_reason = why
+            self.state.stop, self.state.stop_reason = StopKind.STORAGE, why
             raise storage.StudyStorageError(why) from e
         except storage.StudyStorageError as e:
-            self.state.stop_reason = str(e)
+            self.state.stop, self.state.stop_reason = StopKind.STORAGE, str(e)
             raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             self._pool.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(OSError):  # a storage fault being reported already says why
-                self.journal.append("stopped", reason=self.state.stop_reason, at=self.now())
+                self.journal.append(Event.STOPPED, reason=self.state.stop_reason, kind=self.state.stop, at=self.now())
             with contextlib.suppress(OSError):
                 self.journal.close()
         return self.state
@@ -149,16 +150,15 @@ class StudyLoop:
         self.next_index = 1 + max([t.index for t in js.trials.values()] + _folder_indices(self.study_dir),
                                   default=-1)
         for trial, result in js.finished():
-            self._record(trial, result, mirror=False)
-        if self.mirror:
-            self.mirror.catch_up([(t, r, self._times(t, r)) for t, r in self.state.history], self.staircase)
+            self._record(trial, result, notify=False)
+        self.observers.on_start(self.state, [(t, r, self._times(t, r)) for t, r in self.state.history])
         slots = {s.name: s for s in self.state.slots}
         for trial in js.in_flight():
             slot = slots.get(trial.slot)
             if slot is not None and self.launcher.adopt(trial, slot):
                 del slots[trial.slot]
                 self.state.running[trial.trial_id] = Running(trial, slot)
-                self.journal.append("adopted", trial_id=trial.trial_id, slot=slot.name)
+                self.journal.append(Event.ADOPTED, trial_id=trial.trial_id, slot=slot.name)
                 log.info("adopted %s still running on %s", trial.trial_id, slot.name)
             else:
                 self.reruns.append(trial)
@@ -172,8 +172,8 @@ class StudyLoop:
         base = self.study_dir / "trials" / trial.trial_id
         trial.directory = str(write_trial_dir(base.with_name(f"{trial.trial_id}-a{trial.attempt}"), trial))
         trial.submitted_at = self.now()
-        self.journal.append("resubmitted", trial=trial.to_dict())
-        self.journal.append("submitted", trial=trial.to_dict())
+        self.journal.append(Event.RESUBMITTED, trial=trial.to_dict())
+        self.journal.append(Event.SUBMITTED, trial=trial.to_dict())
         self.state.running[trial.trial_id] = Running(trial, slot)
         self.launcher.submit(trial, slot)
         log.info("re-running %s (attempt %d; the last one was not measured)", trial.trial_id, trial.attempt)
@@ -189,13 +189,11 @@ class StudyLoop:
             self._fill_slots()  # what an in-line (simulated-clock) ask produced starts now
             if self._finished():
                 break
-            if self.display:
-                self.display.update(self.state, self.rules)
+            self.observers.on_tick(self.state, self.rules)
             asking = self._ask_future is not None
             for trial_id, result in self.launcher.wait(timeout=0.05 if asking else 0.5):
                 self._on_result(trial_id, result)
-        if self.display:
-            self.display.update(self.state, self.rules)
+        self.observers.on_tick(self.state, self.rules)
 
     def _free_slots(self) -> list[Slot]:
         busy = {r.slot.name for r in self.state.running.values()}
@@ -260,7 +258,7 @@ class StudyLoop:
         )
         trial.directory = str(write_trial_dir(self.study_dir / "trials" / trial.trial_id, trial))
         trial.submitted_at = self.now()
-        self.journal.append("submitted", trial=trial.to_dict())
+        self.journal.append(Event.SUBMITTED, trial=trial.to_dict())
         self.state.running[trial.trial_id] = Running(trial, slot)
         self.launcher.submit(trial, slot)
 
@@ -301,12 +299,12 @@ class StudyLoop:
         except Exception as e:  # noqa: BLE001 - a searcher bug ends the searcher, not the study
             self._raise_if_storage(e)
             log.error("searcher.ask failed: %s: %s; no more candidates", type(e).__name__, e)
-            self.journal.append("searcher_error", error=f"{type(e).__name__}: {e}")
+            self.journal.append(Event.SEARCHER_ERROR, error=f"{type(e).__name__}: {e}")
             self._stop_submitting = True
-            self.state.stop_reason = self.state.stop_reason or f"searcher error: {type(e).__name__}: {e}"
+            self._stopped_because(StopKind.SEARCHER_ERROR, f"searcher error: {type(e).__name__}: {e}")
             candidates = []
         self.pending.extend(candidates or [])
-        self.journal.append("asked", n=len(candidates or []), seconds=round(time.time() - self._ask_started, 3))
+        self.journal.append(Event.ASKED, n=len(candidates or []), seconds=round(time.time() - self._ask_started, 3))
         self._tell_untold()
 
     def _tell_untold(self) -> None:
@@ -338,17 +336,17 @@ class StudyLoop:
             if self._stop_submitting or attempts < MAX_ATTEMPTS_PER_SESSION:
                 # Not a measurement: the searcher never hears of it and it does not count; it runs
                 # again now, or on resume if the study is stopping.
-                self.journal.append("finished", trial_id=trial_id, result=result.to_dict())
+                self.journal.append(Event.FINISHED, trial_id=trial_id, result=result.to_dict())
                 if not self._stop_submitting:
                     self.reruns.append(trial)
                 log.info("%s ended %s (%s): not a measurement; it runs again", trial_id, result.status,
                          result.reason or "")
                 return
             log.warning("%s ended %s %d times; recorded as it ended", trial_id, result.status, attempts)
-            self.journal.append("finished", trial_id=trial_id, result=result.to_dict(), final=True)
+            self.journal.append(Event.FINISHED, trial_id=trial_id, result=result.to_dict(), final=True)
         else:
-            self.journal.append("finished", trial_id=trial_id, result=result.to_dict())
-        self._record(trial, result, mirror=True)
+            self.journal.append(Event.FINISHED, trial_id=trial_id, result=result.to_dict())
+        self._record(trial, result, notify=True)
 
     def _raise_if_storage(self, e: Exception) -> None:
         """A searcher that failed writing its own state (Optuna's database) in the study folder is a
@@ -357,7 +355,7 @@ class StudyLoop:
         if why:
             raise storage.StudyStorageError(why) from e
 
-    def _record(self, trial: Trial, result: Result, *, mirror: bool) -> None:
+    def _record(self, trial: Trial, result: Result, *, notify: bool) -> None:
         self.state.history.append((trial, result))
         self.untold.append((trial, result))
         self._tell_untold()
@@ -366,12 +364,11 @@ class StudyLoop:
             self.state.best is None or result.score() < self.state.best[1].score())
         if improved:
             self.state.best = (trial, result)
-            self.staircase.append((len(self.state.history) - 1, result.val_bpb, trial.trial_id))
             self._mark_best(trial)
-        if mirror and self.mirror:
-            self.mirror.trial_finished(trial, result, self._times(trial, result))
+        if notify:
+            self.observers.on_trial_finished(trial, result, self._times(trial, result))
             if improved:
-                self.mirror.best_improved(len(self.state.history) - 1, result.val_bpb, trial.trial_id)
+                self.observers.on_new_best(len(self.state.history) - 1, trial, result)
 
     def _times(self, trial: Trial, result: Result) -> dict[str, float]:
         o = self.clock_origin
@@ -395,17 +392,15 @@ class StudyLoop:
         if self._stop_submitting:
             return
         r = self.rules
-        reason = None
         if r.max_hours is not None and self.now() >= r.max_hours * 3600:
-            reason = f"max_hours={r.max_hours} reached"
+            self._stop(StopKind.MAX_HOURS, f"max_hours={r.max_hours} reached", cancel=r.on_stop == "cancel")
         elif r.target_val_bpb is not None and self.state.best and self.state.best[1].val_bpb <= r.target_val_bpb:
-            reason = f"target val_bpb <= {r.target_val_bpb} reached by {self.state.best[0].trial_id}"
-        if reason:
-            self._stop(reason, cancel=r.on_stop == "cancel")
+            self._stop(StopKind.TARGET, f"target val_bpb <= {r.target_val_bpb} reached by {self.state.best[0].trial_id}",
+                       cancel=r.on_stop == "cancel")
 
-    def _stop(self, reason: str, cancel: bool) -> None:
+    def _stop(self, kind: StopKind, reason: str, cancel: bool) -> None:
         self._stop_submitting = True
-        self.state.stop_reason = reason
+        self.state.stop, self.state.stop_reason = kind, reason
         self.pending.clear()
         log.info("stopping: %s (%s trials in flight)", reason, "cancelling" if cancel else "finishing")
         if cancel:
@@ -418,22 +413,27 @@ class StudyLoop:
         if self._stop_submitting:
             return True
         if not self.state.slots:
-            self.state.stop_reason = self.state.stop_reason or "the launcher has no slots left"
+            self._stopped_because(StopKind.NO_SLOTS, "the launcher has no slots left")
             return True
         if self._budget_left() <= 0:
-            self.state.stop_reason = self.state.stop_reason or f"max_trials={self.rules.max_trials} reached"
+            self._stopped_because(StopKind.MAX_TRIALS, f"max_trials={self.rules.max_trials} reached")
             return True
         if self._ask_future is None and not self.pending and self.searcher.done():
-            self.state.stop_reason = self.state.stop_reason or "searcher has nothing more to propose"
+            self._stopped_because(StopKind.SEARCHER_DONE, "searcher has nothing more to propose")
             return True
         return False
+
+    def _stopped_because(self, kind: StopKind, reason: str) -> None:
+        """The first reason a study stops is the one it keeps."""
+        if self.state.stop is None:
+            self.state.stop, self.state.stop_reason = kind, reason
 
     def _on_sigint(self, signum, frame) -> None:
         self._interrupts += 1
         if self._interrupts == 1 and not self._stop_submitting:
-            self._stop("interrupted (Ctrl-C)", cancel=self.rules.on_stop == "cancel")
+            self._stop(StopKind.INTERRUPTED, "interrupted (Ctrl-C)", cancel=self.rules.on_stop == "cancel")
         else:
-            self._stop("interrupted twice (Ctrl-C): cancelling", cancel=True)
+            self._stop(StopKind.INTERRUPTED, "interrupted twice (Ctrl-C): cancelling", cancel=True)
 
 
 def _folder_indices(study_dir: Path) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from study import mlflow_content as content
+from study.observers import StopKind, StudyEnd, StudyObserver
 from study.records import Result, Trial
 
 log = logging.getLogger("arena.mirror")
@@ -35,9 +37,10 @@ class MirrorError(RuntimeError):
     pass
 
 
-class Mirror:
+class Mirror(StudyObserver):
     def __init__(self, tracking_uri: str, experiment: str, study_id: str, study_name: str,
-                 searcher: str, tags: dict[str, str], params: dict[str, Any], baseline_source: str):
+                 searcher: str, tags: dict[str, str], params: dict[str, Any], baseline_source: str,
+                 flush_timeout_s: float = 60.0):
         import mlflow  # the loop imports fine without a tracking stack until a mirror is made
 
         self.tracking_uri = tracking_uri
@@ -49,6 +52,7 @@ class Mirror:
         self.tags = tags
         self.params = params
         self.baseline_source = baseline_source
+        self.flush_timeout_s = flush_timeout_s
         from train.knobs import read_knobs
 
         self.baseline_knobs = read_knobs(baseline_source)
@@ -73,10 +77,35 @@ class Mirror:
             raise MirrorError(f"MLflow tracking URI {self.tracking_uri!r} is not usable: {_one_line(e)}") from None
 
     def start(self) -> None:
+        if self._thread.ident is not None:  # started already (a thread starts once)
+            return
         self._thread.start()
         self._submit("parent", self._ensure_parent)
 
-    # -- what the loop calls (never blocks) --------------------------------------------------
+    # -- StudyObserver: what the loop tells it (never blocks), and the end ---------------------
+    def on_start(self, state, resumed) -> None:
+        self.start()
+        self.catch_up(resumed)
+
+    def on_trial_finished(self, trial: Trial, result: Result, times) -> None:
+        self.trial_finished(trial, result, times)
+
+    def on_new_best(self, index: int, trial: Trial, result: Result) -> None:
+        self.best_improved(index, result.val_bpb, trial.trial_id)
+
+    def on_end(self, state, end: StudyEnd) -> None:
+        """End the parent run (FAILED if the loop died of an error, KILLED after a Ctrl-C), then give
+        the queue `flush_timeout_s` to drain."""
+        self.start()  # a study that failed before its first tick still ends its parent run
+        status = "FAILED" if end.failed else "KILLED" if end.stop is StopKind.INTERRUPTED else "FINISHED"
+        self.finish(end.metrics, end.artifact_dirs, status=status, tags=end.tags, files=end.files,
+                    description=end.description)
+        if not self.flush(self.flush_timeout_s):
+            print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
+                  file=sys.stderr)
+        self.close()
+
+    # -- the work, queued ----------------------------------------------------------------------
     def trial_finished(self, trial: Trial, result: Result, times: dict[str, float]) -> None:
         self.finished.append((trial, result))
         point = content.running_best(self.finished)[-1:]
@@ -96,8 +125,7 @@ class Mirror:
 
         self._submit(f"best {step}", job)
 
-    def catch_up(self, finished: list[tuple[Trial, Result, dict[str, float]]],
-                 staircase: list[tuple[int, float, str]]) -> None:
+    def catch_up(self, finished: list[tuple[Trial, Result, dict[str, float]]]) -> None:
         """On (re)start: mirror every finished trial MLflow does not have yet."""
         self.finished = [(t, r) for t, r, _ in finished]
         points = content.running_best(self.finished)

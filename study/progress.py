@@ -7,7 +7,8 @@ batch job of the orchestrator, `| tee`), a redrawn frame is useless: nothing sho
 and the last frame lands on top of the summary. There, every event is one plain, timestamped line
 that `tail -f` and `grep` understand, and a heartbeat line says how the running trials are doing.
 
-Both read the loop's `StudyState` on `update(state, rules)`; they never change it.
+Both are study observers (study/observers.py): started when the study starts, redrawn on every
+tick from the loop's `StudyState` (never changing it), stopped when it ends.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 from study.changes import summary
+from study.observers import StudyObserver
 from train.contract import LOG_FILE
 
 RECENT = 5  # finished trials the live table keeps in view
@@ -143,9 +145,28 @@ def result_text(result) -> str:
     return result.status + (f" ({reason[:80]})" if reason else "")
 
 
+class _Display(StudyObserver):
+    """What both displays do on the loop's hooks: each only redraws from the state it is given."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def update(self, state, rules) -> None: ...
+
+    def on_start(self, state, resumed) -> None:
+        self.start()
+
+    def on_tick(self, state, rules) -> None:
+        self.update(state, rules)
+
+    def on_end(self, state, end) -> None:
+        self.stop()
+
+
 # -- a terminal ----------------------------------------------------------------------------------
 
-class LiveDisplay:
+class LiveDisplay(_Display):
     """One rich frame, redrawn at most every `refresh_s`, using the terminal's full width."""
 
     def __init__(self, study_name: str, simulated: bool, baseline_knobs: Mapping[str, Any],
@@ -215,7 +236,7 @@ class LiveDisplay:
 
 # -- a log file ----------------------------------------------------------------------------------
 
-class LineDisplay:
+class LineDisplay(_Display):
     """One line per event (a trial started, a trial finished, a new best), a heartbeat about the
     running trials at most every HEARTBEAT_S, and nothing redrawn. Events are found by comparing
     the state with the last one seen, so this works from the same `update` calls as the table."""

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from study.lock import StudyLock, StudyLocked
 from study.announce import UnequalArms, banner, check_trial_budget, idle_seconds
 from study.leaderboard import leaderboard_text, print_leaderboard
 from study.loop import StopRules, StudyLoop
+from study.observers import Observers, StudyEnd, StudyObserver
 from study.rungs import Rung, check_rung_kinds, parse_rungs
 from study.space import validate_space
 from train import sandbox
@@ -42,17 +44,60 @@ class ConfigError(ValueError):
     """Bad input, reported as one line before any compute is spent."""
 
 
+@dataclass
+class StudyPlan:
+    """Everything checked before anything is built: the resolved config and what it means."""
+
+    cfg: DictConfig
+    conf: dict
+    objective: dict
+    baseline: str
+    space: dict
+    study_dir: Path
+    rules: StopRules
+    header: dict
+    rungs: list[Rung] | None
+    journal: JournalState  # what the study folder already holds (empty for a new study)
+
+
+@dataclass
+class BuiltStudy:
+    """The parts a study runs with, set up and checked against their backends."""
+
+    searcher: Searcher
+    launcher: Launcher
+    ctx: SearchContext
+    observers: list[StudyObserver]
+    random_start: int | None
+    experiment_id: str | None  # the MLflow experiment, for the leaderboard's link
+    tracked: bool  # an MLflow mirror is among the observers
+
+
 def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: Launcher | None = None):
-    """Run (or resume) the study `cfg` describes. `searcher`/`launcher` may be passed in already
-    built (tests use this to inject a fake Anthropic transport); otherwise Hydra instantiates them.
-    The study folder is locked to this call from where it is made to the end (`_own`)."""
+    """Run (or resume) the study `cfg` describes: validate, build, run, finalise. `searcher`/`launcher`
+    may be passed in already built (tests use this to inject a fake Anthropic transport); otherwise
+    Hydra instantiates them. The study folder is locked to this call from where it is made to the end."""
     with StudyLock(Path(cfg.study.dir).resolve()) as lock:
-        return _run_study(cfg, lock, searcher, launcher)
+        plan = validate(cfg)
+        built = build(plan, lock, searcher, launcher)
+        loop = StudyLoop(searcher=built.searcher, launcher=built.launcher, ctx=built.ctx, objective=plan.objective,
+                         study_dir=plan.study_dir, seed=int(plan.conf["seed"]), rules=plan.rules,
+                         observers=built.observers)
+        started = time.time()
+        failed = True  # until the loop returns: a study that died of an exception is FAILED in MLflow
+        try:
+            state = loop.run(plan.header, setup_searcher=False)
+            failed = False
+        finally:
+            finalise(plan, built, loop, started, failed)
+        idle = 0.0 if built.launcher.simulated_time else idle_seconds(plan.study_dir / "journal.jsonl")
+        print_leaderboard(state, plan.conf, plan.study_dir, built.tracked, built.launcher.simulated_time,
+                          baseline_knobs=built.ctx.baseline_knobs, idle_s=idle, experiment_id=built.experiment_id)
+        return state
 
 
-def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, launcher: Launcher | None):
-    from hydra.utils import get_class, instantiate
-
+def validate(cfg: DictConfig) -> StudyPlan:
+    """Every check that needs nothing built: one ConfigError line for bad input."""
     conf = OmegaConf.to_container(cfg, resolve=True)
     objective = check_objective(conf["objective"])
     baseline = baseline_source(conf, objective)
@@ -81,74 +126,66 @@ def _run_study(cfg: DictConfig, lock: StudyLock, searcher: Searcher | None, laun
             check_trial_budget(journal, rules.max_trials, study_dir)
         except UnequalArms as e:
             raise ConfigError(str(e)) from None
+    return StudyPlan(cfg, conf, objective, baseline, space, study_dir, rules, header, rungs, journal)
 
+
+def build(plan: StudyPlan, lock: StudyLock, searcher: Searcher | None = None,
+          launcher: Launcher | None = None) -> BuiltStudy:
+    """Instantiate the searcher and launcher, prepare the data, set up what creates something (left
+    behind by nothing if a check fails), and the observers."""
+    from hydra.utils import get_class, instantiate
+
+    cfg, conf, study_dir = plan.cfg, plan.conf, plan.study_dir
     searcher = searcher or _build(instantiate, cfg.searcher, "searcher")
     launcher = launcher or _build(instantiate, cfg.launcher, "launcher")
     random_start = searcher.random_start()
-    if rungs and not isinstance(searcher, get_class(cfg.study.rung_searcher._target_)):
+    if plan.rungs and not isinstance(searcher, get_class(cfg.study.rung_searcher._target_)):
         # the promotions wrap whichever searcher was built (or passed in unwrapped)
-        searcher = instantiate(cfg.study.rung_searcher, _partial_=True)(searcher, rungs, conf["study"].get("eta", 3))
+        searcher = instantiate(cfg.study.rung_searcher, _partial_=True)(searcher, plan.rungs,
+                                                                        conf["study"].get("eta", 3))
     if not getattr(launcher, "prepares_data_remotely", False):
-        prepare_data(objective)  # a bad corpus is reported before anything is created
+        prepare_data(plan.objective)  # a bad corpus is reported before anything is created
     ctx = SearchContext(
-        baseline_source=baseline, baseline_knobs=read_knobs(baseline), space=space, seed=int(conf["seed"]),
-        study_dir=str(study_dir), objective=objective)
+        baseline_source=plan.baseline, baseline_knobs=read_knobs(plan.baseline), space=plan.space,
+        seed=int(conf["seed"]), study_dir=str(study_dir), objective=plan.objective)
     with _removed_if_setup_fails(study_dir, conf["mlflow"]["tracking_uri"] if conf["mlflow"].get("enabled", True)
                                  else None):
-        mirror = _set_up(conf, header, baseline, searcher, launcher, ctx, study_dir, rungs, lock)
-    slots = launcher.slots()
+        mirror = _set_up(conf, plan.header, plan.baseline, searcher, launcher, ctx, study_dir, plan.rungs, lock)
     if mirror:
-        mirror.tags = parent_tags(conf, header, launcher, slots)
+        mirror.tags = parent_tags(conf, plan.header, launcher, launcher.slots())
 
-    (study_dir / "baseline_train.py").write_text(baseline)
+    (study_dir / "baseline_train.py").write_text(plan.baseline)
     (study_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    banner(conf, objective, journal, len(slots), sys.stdout, random_start)
-
-    display = None
+    banner(conf, plan.objective, plan.journal, len(launcher.slots()), sys.stdout, random_start)
+    observers: list[StudyObserver] = [mirror] if mirror else []
     if conf.get("progress", True):
         from analysis.noise import DEFAULT_STORE, display_note
         from study.progress import make_display
 
         noise = display_note(DEFAULT_STORE, str(conf["objective"].get("preset")), sorted(ctx.device_kinds))
-        display = make_display(conf["study"]["name"] + noise, launcher.simulated_time, ctx.baseline_knobs)
-    if mirror:
-        mirror.start()
-    loop = StudyLoop(searcher=searcher, launcher=launcher, ctx=ctx, objective=objective, study_dir=study_dir,
-                     seed=int(conf["seed"]), rules=rules, mirror=mirror, display=display)
-    started = time.time()
-    failed = True  # until the loop returns: a study that died of an exception is FAILED in MLflow
-    try:
-        if display:
-            display.start()
-        state = loop.run(header, setup_searcher=False)
-        failed = False
-    finally:
-        if display:
-            display.stop()
-        launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
-        searcher_summary = _safe_summary(searcher)
-        searcher.close()
-        board = study_dir / "leaderboard.txt"
-        board_text = leaderboard_text(loop.state, conf, ctx.baseline_knobs) + "\n"
-        with contextlib.suppress(OSError):  # a study stopped by a full or read-only folder cannot write it
-            board.write_text(board_text)
-        if mirror:
-            mirror.finish(end_metrics(loop, searcher_summary, started), [study_dir / "agent"],
-                          tags={"stop_reason": loop.state.stop_reason or "",
-                                **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
-                          status="FAILED" if failed else "KILLED" if loop.state.stop_reason
-                          and "interrupt" in loop.state.stop_reason else "FINISHED",
-                          files=[study_dir / "best_train.py", board],
-                          description=f"```\n{board_text}```")
-            if not mirror.flush(float(conf["mlflow"].get("flush_timeout_s", 60))):
-                print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
-                      file=sys.stderr)
-            mirror.close()
-    idle = 0.0 if launcher.simulated_time else idle_seconds(study_dir / "journal.jsonl")
-    print_leaderboard(state, conf, study_dir, mirror is not None, launcher.simulated_time,
-                      baseline_knobs=ctx.baseline_knobs, idle_s=idle,
-                      experiment_id=mirror.experiment_id if mirror else None)
-    return state
+        observers.append(make_display(conf["study"]["name"] + noise, launcher.simulated_time, ctx.baseline_knobs))
+    return BuiltStudy(searcher, launcher, ctx, observers, random_start,
+                      experiment_id=mirror.experiment_id if mirror else None, tracked=mirror is not None)
+
+
+def finalise(plan: StudyPlan, built: BuiltStudy, loop: StudyLoop, started: float, failed: bool) -> None:
+    """However the loop ended: close the launcher and the searcher, write the leaderboard, and tell
+    the observers the study is over (the mirror ends the parent run, FAILED if it died of an error)."""
+    conf, study_dir, state = plan.conf, plan.study_dir, loop.state
+    built.launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
+    searcher_summary = _safe_summary(built.searcher)
+    built.searcher.close()
+    board = study_dir / "leaderboard.txt"
+    board_text = leaderboard_text(state, conf, built.ctx.baseline_knobs) + "\n"
+    with contextlib.suppress(OSError):  # a study stopped by a full or read-only folder cannot write it
+        board.write_text(board_text)
+    end = StudyEnd(stop=state.stop, reason=state.stop_reason or "", failed=failed,
+                   metrics=end_metrics(loop, searcher_summary, started),
+                   tags={"stop_reason": state.stop_reason or "", "stop_kind": str(state.stop or ""),
+                         **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
+                   files=[study_dir / "best_train.py", board], artifact_dirs=[study_dir / "agent"],
+                   description=f"```\n{board_text}```")
+    Observers(built.observers).on_end(state, end)
 
 
 def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launcher: Launcher, ctx: SearchContext,
@@ -158,8 +195,8 @@ def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launche
     _own(study_dir, lock)
     try:
         searcher.setup(ctx)
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise ConfigError(f"searcher {header['searcher']}: {e}") from None
+    except (ValueError, RuntimeError) as e:  # the Searcher contract for bad settings; anything else is a bug
+        raise ConfigError(f"searcher {header['searcher']}: {e}") from e
 
     mirror = None
     if conf["mlflow"].get("enabled", True):
@@ -168,7 +205,8 @@ def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launche
         mirror = Mirror(
             tracking_uri=conf["mlflow"]["tracking_uri"], experiment=conf["study"]["experiment"],
             study_id=header["study_id"], study_name=conf["study"]["name"], searcher=header["searcher"],
-            tags={}, params=flatten(conf), baseline_source=baseline)
+            tags={}, params=flatten(conf), baseline_source=baseline,
+            flush_timeout_s=float(conf["mlflow"].get("flush_timeout_s", 60)))
         try:
             mirror.check()
         except MirrorError as e:

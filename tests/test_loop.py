@@ -1,22 +1,24 @@
 """The loop's scheduling rules, with in-memory trials so each rule is checked exactly."""
 from __future__ import annotations
 
+import json
 import math
 import threading
 
 import pytest
 
 from study.core import SearchContext
-from study.journal import Journal, JournalState
+from study.journal import Event, Journal, JournalState
 from study.loop import StopRules, StudyLoop
+from study.observers import StopKind, StudyObserver
 from tests.fakes import InstantLauncher, ListSearcher
 
 
-def make_loop(tmp_path, searcher, launcher, **rules):
+def make_loop(tmp_path, searcher, launcher, observers=None, **rules):
     ctx = SearchContext(baseline_source="X = 0\n", baseline_knobs={"X": 0}, space={}, seed=0,
                         study_dir=str(tmp_path), objective={"hard_limit_s": 10})
     return StudyLoop(searcher=searcher, launcher=launcher, ctx=ctx, objective={"hard_limit_s": 10},
-                     study_dir=tmp_path, seed=0, rules=StopRules(**rules))
+                     study_dir=tmp_path, seed=0, rules=StopRules(**rules), observers=observers)
 
 
 def test_results_are_collected_while_the_searcher_thinks(tmp_path):
@@ -60,7 +62,7 @@ def test_target_stops_and_cancels_trials_in_flight(tmp_path):
     launcher.duration = 0.0
     loop = make_loop(tmp_path, searcher, launcher, target_val_bpb=0.6, max_trials=100)
     state = loop.run({"study_id": "s"})
-    assert "target" in state.stop_reason
+    assert state.stop is StopKind.TARGET and "target" in state.stop_reason
     assert len(state.history) < 100
 
 
@@ -68,13 +70,13 @@ def test_max_trials_counts_submissions_exactly(tmp_path):
     searcher = ListSearcher(limit=100)
     loop = make_loop(tmp_path, searcher, InstantLauncher(4), max_trials=7)
     state = loop.run({"study_id": "s"})
-    assert len(state.history) == 7 and "max_trials" in state.stop_reason
+    assert len(state.history) == 7 and state.stop is StopKind.MAX_TRIALS and "max_trials" in state.stop_reason
 
 
 def test_a_searcher_that_runs_dry_ends_the_study(tmp_path):
     loop = make_loop(tmp_path, ListSearcher(limit=3), InstantLauncher(2), max_trials=50)
     state = loop.run({"study_id": "s"})
-    assert len(state.history) == 3 and "nothing more" in state.stop_reason
+    assert len(state.history) == 3 and state.stop is StopKind.SEARCHER_DONE and "nothing more" in state.stop_reason
 
 
 def test_resume_tells_finished_trials_back_without_rerunning(tmp_path):
@@ -94,3 +96,59 @@ def test_resume_tells_finished_trials_back_without_rerunning(tmp_path):
 def test_bad_stop_rules_are_refused(rules):
     with pytest.raises(ValueError):
         StopRules(**rules)
+
+
+class Recorder(StudyObserver):
+    def __init__(self):
+        self.calls = []
+
+    def on_start(self, state, resumed):
+        self.calls.append(("start", [t.trial_id for t, _, _ in resumed]))
+
+    def on_trial_finished(self, trial, result, times):
+        assert times["t_finished"] >= times["t_submitted"] >= 0
+        self.calls.append(("finished", trial.trial_id))
+
+    def on_new_best(self, index, trial, result):
+        self.calls.append(("best", trial.trial_id))
+
+
+class Broken(StudyObserver):
+    def on_trial_finished(self, trial, result, times):
+        raise RuntimeError("a display bug")
+
+
+def test_observers_hear_start_every_result_and_each_new_best_and_a_broken_one_costs_nothing(tmp_path):
+    scores = {0: 2.0, 1: 1.5, 2: 1.8}
+    launcher = InstantLauncher(1, score=lambda c: scores[c.knobs["x"]])
+    first = Recorder()
+    make_loop(tmp_path, ListSearcher(limit=3), launcher, [Broken(), first], max_trials=3).run({"study_id": "s"})
+    assert first.calls == [("start", []), ("finished", "t0000"), ("best", "t0000"), ("finished", "t0001"),
+                           ("best", "t0001"), ("finished", "t0002")]
+
+    again = Recorder()  # a resume: what the journal had arrives once, at the start
+    make_loop(tmp_path, ListSearcher(limit=4), InstantLauncher(1, score=lambda c: scores[c.knobs["x"]]),
+              [again], max_trials=4).run({"study_id": "s"})
+    assert again.calls == [("start", ["t0000", "t0001", "t0002"]), ("finished", "t0003")]  # x=0 again: 2.0
+
+
+def test_the_journal_keeps_readable_event_words_and_the_stop_kind(tmp_path):
+    make_loop(tmp_path, ListSearcher(limit=2), InstantLauncher(1), max_trials=2).run({"study_id": "s"})
+    lines = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert {e["event"] for e in lines} <= {str(event) for event in Event}
+    assert lines[0]["event"] == "study" and lines[-1] == {**lines[-1], "event": "stopped", "kind": "max_trials"}
+
+
+def test_a_searcher_reads_history_but_cannot_rewrite_it(tmp_path):
+    seen = []
+
+    class Peeking(ListSearcher):
+        def ask(self, n, ctx):
+            seen.append((len(ctx.history), hasattr(ctx.history, "append"), hasattr(ctx.history, "__setitem__")))
+            return super().ask(n, ctx)
+
+    loop = make_loop(tmp_path, Peeking(limit=3), InstantLauncher(1), max_trials=3)
+    loop.run({"study_id": "s"})
+    assert [n for n, _, _ in seen] == [0, 1, 2]  # it grows as trials finish
+    assert not any(writable for _, *flags in seen for writable in flags)
+    assert loop.ctx.history[-1] == loop.state.history[-1]
