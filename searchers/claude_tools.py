@@ -12,6 +12,7 @@ import posixpath
 from typing import Any
 
 from study.core import PROJECT_ROOT, KnobError, SearchContext
+from train.contract import TRAIN_FILE
 
 EDITOR_NAME = "str_replace_based_edit_tool"
 READ_ONLY = ("train/prepare.py", "train/harness.py")
@@ -248,7 +249,7 @@ def check_candidate(source: str) -> dict[str, Any]:
     """The cheapest checks that a candidate can run at all: it compiles and its knobs parse.
     Returns the knobs; raises ToolError with what to fix."""
     try:
-        compile(source, "train.py", "exec")
+        compile(source, TRAIN_FILE, "exec")
     except SyntaxError as e:
         raise Broken(f"does not compile: {e.msg} at line {e.lineno}: {(e.text or '').strip()}") from None
     except ValueError as e:  # e.g. null bytes
