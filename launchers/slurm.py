@@ -39,11 +39,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launchers.base import harness_env, log_tail, poll_until, read_result, run_harness
+from launchers.slurm_state import (
+    ACTIVE_STATES, SACCT_FIELDS, SQUEUE_FIELDS, Patience, SlurmJob, apply_row, base_state, epoch, outcome, parse_rows,
+)
 from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
 from train.contract import RESULT_FILE
@@ -51,36 +53,7 @@ from train.contract import RESULT_FILE
 log = logging.getLogger("arena.slurm")
 
 SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "sinfo", "srun")
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                 "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
-                 "RESV_DEL_HOLD"}
-LOST_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "REVOKED", "SPECIAL_EXIT"}
-SACCT_FIELDS = ("JobID", "JobName", "State", "Submit", "Start", "End", "ExitCode", "NodeList", "Timelimit")
-SQUEUE_FIELDS = {"JobID": "%i", "JobName": "%j", "State": "%T", "Submit": "%V", "Start": "%S", "End": "%e",
-                 "NodeList": "%N", "Timelimit": "%l"}
 COMMAND_TIMEOUT_S = 60
-
-
-@dataclass
-class _Job:
-    """One trial's current Slurm job and what the last poll said about it."""
-
-    trial: Trial
-    slot: Slot
-    job_id: str
-    folder: str
-    submitted: float
-    name: str
-    last_seen: float
-    state: str | None = None
-    info: dict[str, str] = field(default_factory=dict)
-    ended_seen: float | None = None
-    cancel_requested: bool = False
-    requeued_after: str | None = None
-
-    @property
-    def trial_dir(self) -> Path:
-        return Path(self.trial.directory)
 
 
 class SlurmLauncher(Launcher):
@@ -109,11 +82,12 @@ class SlurmLauncher(Launcher):
         self.shared_dir = Path(shared_dir).expanduser().resolve() if shared_dir else None
         self.requeue_on_lost, self.cancel_on_close = requeue_on_lost, cancel_on_close
         self.job_name, self.python = job_name, python
-        self.poll_interval_s, self.forget_after_s, self.result_grace_s = poll_interval_s, forget_after_s, result_grace_s
+        self.poll_interval_s = poll_interval_s
+        self.patience = Patience(forget_after_s=forget_after_s, result_grace_s=result_grace_s)
         self._slots = [Slot(name=f"slurm{i}", device_kind=self.device_kind,
                             info={"partition": partition, "gpus": self.gpus_per_trial, "cpus": self.cpus_per_trial})
                        for i in range(self.n_slots)]
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, SlurmJob] = {}
         self._done: list[tuple[str, Result]] = []
         self._executor = None
         self._session: Path | None = None
@@ -165,16 +139,10 @@ class SlurmLauncher(Launcher):
                                 f"{str(self.shared_dir)!r}: the nodes could not see its trial dirs")
 
     def _check_request(self) -> None:
-        """`sbatch --test-only` with the real job script: Slurm itself judges account, qos, gres,
-        constraint, memory and time limit, without queueing anything."""
+        """Slurm itself judges account, qos, gres, constraint, memory and time limit of the real job
+        script (`sbatch --test-only`), without queueing anything."""
         self._set_parameters(self._time_limit_min(self.hard_limit_s), "check")
-        self._session.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", suffix=".sh", dir=self._session, delete=False) as f:
-            f.write(self._executor._make_submission_file_text("true", "check"))
-        try:
-            proc = _slurm(self._executor._make_submission_command(Path(f.name))[:-1] + ["--test-only", f.name])
-        finally:
-            os.unlink(f.name)
+        proc = self._executor.test_only()
         if proc.returncode != 0:
             raise LauncherError(f"Slurm rejects the job request: {_last_line(proc.stderr or proc.stdout)}")
 
@@ -197,7 +165,7 @@ class SlurmLauncher(Launcher):
             self._done.append((trial.trial_id, Result(status="lost", slot=slot.name,
                                                       reason=f"sbatch failed: {_last_line(str(e))}")))
             return
-        self._jobs[trial.trial_id] = _Job(trial, slot, job_id, str(self._session), submitted, name, submitted)
+        self._jobs[trial.trial_id] = SlurmJob(trial, slot, job_id, str(self._session), submitted, name, submitted)
         self._save_registry()
 
     def _sbatch(self, trial: Trial, name: str) -> str:
@@ -244,52 +212,16 @@ class SlurmLauncher(Launcher):
             done.append((trial_id, self._finish(job, result)))
         return done
 
-    def _outcome(self, job: _Job, now: float) -> Result | None:
-        """The trial's result if its job is over, else None."""
-        base = _base(job.state)
-        if (job.trial_dir / RESULT_FILE).exists():  # written last by the harness: the trial ran to its end
-            result = read_result(job.trial_dir)
-            if result.status != "cancelled":
-                return result
-            # The harness saw its worker signalled from outside (scancel, the time limit, a node going
-            # down): Slurm's final state says which, once it has one.
-            if base is None or base in ACTIVE_STATES:
-                return result if now - job.last_seen >= self.forget_after_s else None
-            if base in ("COMPLETED", "FAILED"):
-                return result
-        if base is None or base in ACTIVE_STATES:
-            silent = now - job.last_seen
-            if silent < self.forget_after_s:
-                return None
-            what = "slurmctld does not answer" if now - self._last_answer >= silent else "not in squeue"
-            return Result(status="lost", reason=f"Slurm job {job.job_id} forgotten: {what} for {silent:.0f} s")
-        if base == "CANCELLED":
-            return Result(status="cancelled", reason=self._cancelled_by(job))
-        if base in ("TIMEOUT", "DEADLINE"):
-            return Result(status="timeout", reason=f"killed by Slurm at its time limit "
-                                                   f"({job.info.get('Timelimit', '?')}, Slurm job {job.job_id} {base})")
-        if base == "OUT_OF_MEMORY":
-            return Result(status="oom", reason=f"Slurm job {job.job_id} OUT_OF_MEMORY (over its --mem)",
-                          error=log_tail(job.trial_dir, 20))
-        if base in LOST_STATES:
-            return Result(status="lost", reason=f"Slurm job {job.job_id} {base} on {job.info.get('NodeList') or '?'}")
-        # COMPLETED or FAILED without a result file: give a slow shared filesystem a moment to show it
-        job.ended_seen = job.ended_seen or now
-        if now - job.ended_seen < self.result_grace_s and base == "COMPLETED":
-            return None
-        return Result(status="crash", reason=f"Slurm job {job.job_id} {base} (exit {job.info.get('ExitCode', '?')}) "
-                                             f"and the harness wrote no {RESULT_FILE}",
-                      error=(log_tail(job.trial_dir, 20) + "\n" + _job_stderr(job)).strip())
+    def _outcome(self, job: SlurmJob, now: float) -> Result | None:
+        """The trial's result if its job is over, else None (the rules: slurm_state.outcome)."""
+        harness_result = read_result(job.trial_dir) if (job.trial_dir / RESULT_FILE).exists() else None
+        return outcome(job, now, harness_result=harness_result, last_answer=self._last_answer, patience=self.patience,
+                       evidence=lambda: (log_tail(job.trial_dir, 20) + "\n" + _job_stderr(job)).strip())
 
-    @staticmethod
-    def _cancelled_by(job: _Job) -> str:
-        by = "by the study" if job.cancel_requested else " ".join((job.state or "").split()[1:]) or "by a user"
-        return f"scancel: Slurm job {job.job_id} CANCELLED {by}".rstrip()
-
-    def _finish(self, job: _Job, result: Result) -> Result:
+    def _finish(self, job: SlurmJob, result: Result) -> Result:
         """What Slurm alone knows: when the job really started and ended, and on which node (the
         loop stamps slot, device kind and queue time)."""
-        start, end = _epoch(job.info.get("Start")), _epoch(job.info.get("End"))
+        start, end = epoch(job.info.get("Start")), epoch(job.info.get("End"))
         if start is not None:
             result.host = result.host or job.info.get("NodeList")
             result.started_at = start
@@ -299,7 +231,7 @@ class SlurmLauncher(Launcher):
             result.reason = f"requeued once after {job.requeued_after}" + (f"; {result.reason}" if result.reason else "")
         return result
 
-    def _requeue(self, job: _Job, why: str) -> None:
+    def _requeue(self, job: SlurmJob, why: str) -> None:
         """Run a trial whose job Slurm lost once more, as a new job (the old one is cancelled in
         case it is still alive somewhere)."""
         log.warning("%s: %s; requeueing once", job.trial.trial_id, why)
@@ -313,11 +245,11 @@ class SlurmLauncher(Launcher):
                 status="lost", reason=f"{why}; requeue failed: sbatch: {_last_line(str(e))}"))))
             del self._jobs[job.trial.trial_id]
             return
-        self._jobs[job.trial.trial_id] = _Job(job.trial, job.slot, job_id, str(self._session), submitted, job.name,
+        self._jobs[job.trial.trial_id] = SlurmJob(job.trial, job.slot, job_id, str(self._session), submitted, job.name,
                                               submitted, requeued_after=why)
         self._save_registry()
 
-    def _query(self, jobs: list[_Job]) -> None:
+    def _query(self, jobs: list[SlurmJob]) -> None:
         """Update every job's state: one squeue call for all of them (the controller's live view,
         the only proof a job is still alive), and one sacct call for the jobs that ended or that
         squeue no longer shows (accounting's final state: CANCELLED by whom, TIMEOUT, NODE_FAIL)."""
@@ -328,26 +260,15 @@ class SlurmLauncher(Launcher):
         proc = _slurm(["squeue", "-h", "--states=all", "-o", "|".join(SQUEUE_FIELDS.values()), "-j", ",".join(by_id)])
         if proc.returncode == 0 or "Invalid job id" in proc.stderr:  # all of them unknown: an answer too
             self._last_answer = now
-            for row in _rows(tuple(SQUEUE_FIELDS), proc.stdout):
-                self._apply(by_id, row, now)
-        ended = [i for i, j in by_id.items() if j.last_seen < now or _base(j.state) not in ACTIVE_STATES]
+            for row in parse_rows(tuple(SQUEUE_FIELDS), proc.stdout):
+                if row.get("JobID") in by_id:
+                    apply_row(by_id[row["JobID"]], row, now)
+        ended = [i for i, j in by_id.items() if j.last_seen < now or base_state(j.state) not in ACTIVE_STATES]
         if ended:
             proc = _slurm(["sacct", "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS), "-j", ",".join(ended)])
-            for row in _rows(SACCT_FIELDS, proc.stdout if proc.returncode == 0 else ""):
-                if _base(row.get("State")) not in ACTIVE_STATES:  # a stale RUNNING proves nothing
-                    self._apply(by_id, row, now)
-
-    def _apply(self, by_id: dict[str, _Job], row: dict[str, str], now: float) -> None:
-        job = by_id.get(row.get("JobID", ""))
-        if job is None or row.get("JobName") != job.name:  # a wiped Slurm state reuses job ids
-            return
-        base = _base(row["State"])
-        if base in ACTIVE_STATES:
-            row.pop("End", None)  # squeue's expected end (start + time limit), not an end
-        if base == "PENDING":
-            row.pop("Start", None)  # squeue's expected start, not a start
-        job.state, job.last_seen = row["State"], now
-        job.info.update(row)
+            for row in parse_rows(SACCT_FIELDS, proc.stdout if proc.returncode == 0 else ""):
+                if row.get("JobID") in by_id and base_state(row.get("State")) not in ACTIVE_STATES:
+                    apply_row(by_id[row["JobID"]], row, now)  # a stale RUNNING in accounting proves nothing
 
     # -- cancelling, resuming, stopping -----------------------------------------------------------
     def cancel(self, trial_id: str) -> None:
@@ -367,7 +288,7 @@ class SlurmLauncher(Launcher):
         if entry is None:
             return False
         self.start()
-        job = _Job(trial, slot, entry["job_id"], entry["folder"], entry["submitted"], entry["name"],
+        job = SlurmJob(trial, slot, entry["job_id"], entry["folder"], entry["submitted"], entry["name"],
                    last_seen=float("-inf"), requeued_after=entry.get("requeued_after"))
         self._query([job])
         if job.state is None and not (job.trial_dir / RESULT_FILE).exists():
@@ -433,6 +354,17 @@ def _executor(folder: Path, python: str | None):
             unset = [arg for name in os.environ if name not in clean for arg in ("-u", name)]
             return ["env", *unset, f"PYTHONPATH={clean['PYTHONPATH']}", "sbatch", str(submission_file_path)]
 
+        def test_only(self) -> subprocess.CompletedProcess:
+            """`sbatch --test-only` on the job script a submission would use, queueing nothing: the
+            submission internals stay inside this subclass of submitit's executor."""
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", suffix=".sh", dir=self.folder, delete=False) as f:
+                f.write(self._make_submission_file_text("true", "check"))
+            try:
+                return _slurm(self._make_submission_command(Path(f.name))[:-1] + ["--test-only", f.name])
+            finally:
+                os.unlink(f.name)
+
     return _Executor(folder=folder, python=python)
 
 
@@ -445,23 +377,7 @@ def _slurm(command: list[str]) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(command, 1, "", f"{command[0]}: {e}")
 
 
-def _rows(fields: tuple[str, ...], table: str) -> list[dict[str, str]]:
-    return [dict(zip(fields, line.split("|"))) for line in table.splitlines() if line.strip()]
-
-
-def _base(state: str | None) -> str | None:
-    """'CANCELLED by 0' -> 'CANCELLED'."""
-    return state.split()[0] if state else None
-
-
-def _epoch(value: str | None) -> float | None:
-    try:
-        return float(value) if value and float(value) > 0 else None
-    except ValueError:  # Unknown, None, N/A
-        return None
-
-
-def _job_stderr(job: _Job) -> str:
+def _job_stderr(job: SlurmJob) -> str:
     from submitit.core.utils import JobPaths
 
     path = JobPaths(job.folder, job_id=job.job_id, task_id=0).stderr

@@ -227,34 +227,6 @@ def test_the_harness_limit_and_the_slurm_time_limit_both_give_timeout(tmp_path, 
     assert sacct_state(job_id(study, slurm_limited)) == "TIMEOUT"
 
 
-@pytest.mark.parametrize("state, cancel_requested, status, reason", [
-    ("CANCELLED by 0", False, "cancelled", "CANCELLED by 0"),
-    ("CANCELLED by 0", True, "cancelled", "CANCELLED by the study"),
-    ("TIMEOUT", False, "timeout", "killed by Slurm at its time limit"),
-    ("NODE_FAIL", False, "lost", "NODE_FAIL"),
-    ("RUNNING", False, None, None),
-])
-def test_a_harness_that_saw_its_worker_signalled_defers_to_slurms_final_state(tmp_path, objective, state,
-                                                                              cancel_requested, status, reason):
-    """scancel, the time limit and a failing node all SIGTERM every process of the job; the harness
-    that gets it writes `cancelled`, and Slurm's final state says which it was
-    (the race that made CI call a study's cancel a crash, then a time limit a cancel)."""
-    from launchers.slurm import _Job
-    from study.core import Slot
-
-    trial = make_trial(tmp_path / "study", 0, objective, tiny_source(objective))
-    write_signed_result(trial.directory, {"status": "cancelled", "error": "the harness received SIGTERM"})
-    launcher = SlurmLauncher(slots=1, folder=str(tmp_path / "slurm"))
-    now = time.time()
-    job = _Job(trial, Slot(name="slurm0", device_kind="cpu"), "42", "", now, "arena", now, state=state,
-               cancel_requested=cancel_requested)
-    result = launcher._outcome(job, now)
-    if status is None:
-        assert result is None  # still running as far as Slurm knows: wait for its verdict
-    else:
-        assert result.status == status and reason in result.reason
-
-
 def test_resumed_launcher_adopts_jobs_instead_of_resubmitting(tmp_path, objective):
     study = tmp_path / "study"
     first = new_launcher(study)
@@ -375,8 +347,8 @@ def study_command(workdir: Path, name: str, hook: str, *extra: str) -> list[str]
     baseline.write_text(source.replace("def train(model, run):\n", "def train(model, run):\n    _test_hook()\n", 1)
                         + "\n\ndef _test_hook():\n" + "".join(f"    {line}\n" for line in hook.splitlines()))
     return [sys.executable, str(ROOT / "run.py"), *TINY, "launcher=slurm", "launcher.slots=2",
-            "launcher.poll_interval_s=1", "~space", "searcher=grid", "searcher.levels.DEPTH=[1,2]",
-            "searcher.levels.MATRIX_LR=[0.02,0.04]", "study.max_trials=4", f"study.name={name}",
+            "launcher.poll_interval_s=1", "~space", "searcher=grid", "~searcher.levels",
+            "+searcher.levels={DEPTH:[1,2],MATRIX_LR:[0.02,0.04]}", "study.max_trials=4", f"study.name={name}",
             f"study.baseline={baseline}", f"mlflow.tracking_uri={sqlite_uri(workdir)}",
             f"hydra.run.dir={workdir}/outputs/run", *extra]
 
