@@ -28,7 +28,6 @@ from launchers.slurm import SlurmLauncher
 from study.core import LauncherError
 from study.records import Candidate, Trial
 from tests.conftest import ROOT, TINY, make_trial, sqlite_uri, tiny_source
-from train.integrity import write_signed_result
 
 HANG_GUARD_S = 300  # a launcher that never answers fails the test instead of hanging CI
 RUN = uuid.uuid4().hex[:6]  # in job names: accounting remembers the jobs of earlier test runs
