@@ -16,6 +16,8 @@ trap cleanup EXIT
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if [ -z "$(find /var/lib/apt/lists -name '*Packages*' -print -quit 2>/dev/null)" ]; then apt-get update -qq; fi
   bash scripts/install_slurm.sh
+  # headless Chromium opens the HTML report in tests/test_analysis_report.py
+  command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
   if [ -n "${ARENA_SLURM_FRESH:-}" ]; then   # CI: never inherit a cluster's leftover jobs or state
     bash scripts/slurm_down.sh >/dev/null 2>&1 || true
     eval "$(bash scripts/slurm_up.sh --fresh)"; started_slurm=1
