@@ -26,20 +26,23 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from study.runner import check_objective  # noqa: E402
+from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE, TRIAL_FILE  # noqa: E402
 from train.knobs import write_knobs  # noqa: E402
 
 
 def run_preset(preset: str, threads: int, folder: Path, warm: bool = False) -> dict:
     conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / f"{preset}.yaml"), resolve=True)
     knobs = conf.pop("knobs") or {}
+    conf = check_objective(conf)  # as a study would: the derived hard limit, the sandbox level
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ARENA_CACHE": conf["cache_dir"], "OMP_NUM_THREADS": str(threads),
            "ARENA_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-m", "train.prepare", "--corpus", conf["corpus"], "--vocab-size",
                     str(conf["vocab_size"])], env=env, check=True, capture_output=True)
     trial = folder / f"{preset}-{'warm' if warm else 'cold'}"
     trial.mkdir()
-    (trial / "train.py").write_text(write_knobs((ROOT / "train" / "train.py").read_text(), knobs))
-    (trial / "trial.json").write_text(json.dumps({"trial_id": preset, "seed": 0, "objective": conf}))
+    (trial / TRAIN_FILE).write_text(write_knobs((ROOT / "train" / TRAIN_FILE).read_text(), knobs))
+    (trial / TRIAL_FILE).write_text(json.dumps({"trial_id": preset, "seed": 0, "objective": conf}))
     if warm:  # a warm slot: the harness imported torch before the trial was handed to it
         server = subprocess.Popen([sys.executable, "-P", "-m", "train.harness", "--serve"], env=env, text=True,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -54,8 +57,10 @@ def run_preset(preset: str, threads: int, folder: Path, warm: bool = False) -> d
     else:
         subprocess.run([sys.executable, "-P", "-m", "train.harness", str(trial)], env=env, cwd=trial, check=True,
                        capture_output=True)
-    result = json.loads((trial / "result.json").read_text())
-    log = (trial / "run.log").read_text()
+    result = json.loads((trial / RESULT_FILE).read_text())
+    log = (trial / LOG_FILE).read_text()
+    if result["status"] != "ok":
+        sys.exit(f"{preset}: {result['status']}: {result['error']}\n{log[-2000:]}")
     ready = float(re.search(r"worker ready to start ([\d.]+) s", log).group(1))
     servers = int(re.search(r"\((\d+) model servers", log).group(1))
     return {**result, "ready_s": ready, "servers": servers}
