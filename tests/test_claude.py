@@ -187,7 +187,7 @@ def test_path_traversal_and_fixed_files_are_refused(tmp_path):
                 tool_use(EDITOR, {"command": "create", "path": str(evil), "file_text": "x = 1\n"}),
                 tool_use(EDITOR, {"command": "str_replace", "path": "train/prepare.py",
                                   "old_str": "def evaluate_bpb", "new_str": "def _evaluate_bpb"}),
-                tool_use(EDITOR, {"command": "create", "path": "c1/../train/harness.py", "file_text": ""}),
+                tool_use(EDITOR, {"command": "create", "path": "c1/../train/run.py", "file_text": ""}),
                 tool_use(EDITOR, {"command": "view", "path": "/train/prepare.py", "view_range": [1, 5]})),
         message(tool_use(EDITOR, {"command": "str_replace", "path": "/c1/train.py", "old_str": old,
                                   "new_str": old.replace("=", "= 0.5 *", 1)})),
