@@ -237,7 +237,7 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
         finally:
             worker.end()
             result.update(ledger.stats(), peak_memory_mb=_peak_memory_mb(worker))
-        return scorer.load_weights(scratch / WEIGHTS_FILE), ledger
+        return scorer.load_weights(scratch / WEIGHTS_FILE, max_bytes=policy.disk_mb << 20), ledger
     finally:
         worker.close()
         shutil.rmtree(scratch, ignore_errors=True)

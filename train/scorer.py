@@ -15,6 +15,7 @@ import base64
 import mmap
 import os
 import shutil
+import stat
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +29,28 @@ DTYPES = ("float32", "bfloat16", "float16")
 MAX_VOCAB_FACTOR = 4  # logits may carry padding columns (a vocab rounded up), but not unbounded ones
 
 
-def load_weights(path: Path) -> dict:
-    """The worker's state_dict, loaded without executing anything it may hide."""
+def load_weights(path: Path, max_bytes: int) -> dict:
+    """The worker's state_dict, loaded without executing anything it may hide. The file is the
+    sandbox's: opened without following a link (a symlink would make this process read any file
+    of the host as its own weights, or block on a FIFO), and only a regular file of at most
+    `max_bytes` is read."""
+    import io
+
     import torch
 
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TrialFailed("crash", "the worker said it finished but saved no weights") from None
+    except OSError as e:
+        raise TrialFailed("invalid", f"the weights file is not a regular file of the scratch ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as saved:
+        info = os.fstat(saved.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise TrialFailed("invalid", f"the weights file is not a regular file of the scratch of at most {max_bytes} bytes")
+        raw = io.BytesIO(saved.read(max_bytes + 1))
+    try:
+        weights = torch.load(raw, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any refusal of the safe loader is the candidate's fault
         raise TrialFailed("invalid", f"the weights are not a plain state_dict (weights_only refused them: "
                                      f"{str(e).splitlines()[0][:300]})") from None
