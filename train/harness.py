@@ -213,7 +213,7 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
     this side's ledger of the training."""
     from train import scorer
     from train.processes import Confined, readable_paths
-    from train.trainer import Ledger, WorkerFailed, WorkerGone, serve_training
+    from train.trainer import Ledger, WorkerFailed, WorkerGone, serve_training, warmup_limit
 
     scratch = Path(tempfile.mkdtemp(prefix="arena-worker-"))  # empty: the sandbox mounts a tmpfs of disk_mb on it
     devices = sandbox.gpu_devices() if config["device"] == "cuda" else ()
@@ -223,7 +223,7 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
     worker = Confined("worker", policy, level, trial_dir / LOG_FILE, config, fork)
     try:
         ledger = Ledger(objective["budget_kind"], objective["budget"], objective["warmup_steps"], config["vocab_size"],
-                        cpu_seconds=worker.tree.cpu_seconds)
+                        cpu_seconds=worker.tree.cpu_seconds, warmup_limit_s=warmup_limit(objective))
         log(f"harness: sandbox {level}, budget {objective['budget']} {objective['budget_kind']}, "
             f"worker ready to start {time.time() - started:.2f} s after the harness started")
         device_memory = _DeviceMemory(config["device"])

@@ -18,7 +18,12 @@ from train import wire
 from train.contract import TrialFailed
 
 EXPLODING_STEPS = 10  # consecutive steps with a loss above 3x a uniform guess's end the trial as nan
-HANDOVER_S = 30.0  # from the budget being spent to train() returning and the weights being saved
+HANDOVER_S = 10.0  # from the budget being spent to train() returning and the weights being saved
+# The allowance for what a time budget does not count (starting the worker, importing train.py,
+# build_model, compiling, the warm-up steps): at most this fraction of the budget, and this many
+# seconds. Without a cap it was free training time: a warm-up step that trains for minutes on the
+# 64 batches it may draw before its first step.
+WARMUP_FRACTION, WARMUP_LIMIT_S = 0.2, 60.0
 DRAW_AHEAD = 8  # tokens drawn since the last step, in units of the largest step so far, before refusal
 FIRST_STEP_BATCHES = 64  # batches before the first step (gradient accumulation), before refusal
 MAX_BATCH_TOKENS = 1 << 24
@@ -28,24 +33,27 @@ LOG_EVERY_S = 5.0
 class Ledger:
     """The trusted count of one trial's training. The first `warmup_steps` steps (compilation,
     allocator warm-up) do not count against a seconds or CPU-seconds budget; they do count as steps
-    and tokens, since they train the model."""
+    and tokens, since they train the model. What the uncounted start may take, from this ledger's
+    creation (the worker's start) to the end of the warm-up, is `warmup_limit_s` (None: unbounded);
+    beyond it the clock runs."""
 
     def __init__(self, budget_kind: str, budget: float, warmup_steps: int, vocab_size: int,
-                 clock=time.perf_counter, cpu_seconds=lambda: 0.0):
+                 clock=time.perf_counter, cpu_seconds=lambda: 0.0, warmup_limit_s: float | None = None):
         self.kind, self.budget, self.warmup_steps, self.vocab_size = budget_kind, budget, warmup_steps, vocab_size
-        self.clock, self.cpu = clock, cpu_seconds
+        self.clock, self.cpu, self.warmup_limit_s = clock, cpu_seconds, warmup_limit_s
+        self._t_born, self._cpu_born = clock(), cpu_seconds()
         self.num_steps = self.drawn = self.stepped_tokens = self.largest_step = 0
         self.seq_len = None
         self._warm_tokens = 0
         self._t_counted = self._cpu_counted = self._t_end = self._cpu_end = None
         self._high_loss_steps = 0
-        self.done_at = self._spent_seen = None
+        self.done_at = self._spent_seen = self.warmup_seconds = self.handover_seconds = None
         self.refused = None  # why a batch was refused, if one was: such a trial is never `ok`
 
     def start(self) -> None:
         """The first batch is asked for: with no warm-up steps, the clock starts here."""
         if self._t_counted is None and self.warmup_steps == 0:
-            self._t_counted, self._cpu_counted = self.clock(), self.cpu()
+            self._start_clocks(self.clock())
 
     def draw(self, batch_size: int, seq_len: int) -> str | None:
         """Account for a batch about to be served; the reason it is refused, if it is."""
@@ -81,11 +89,19 @@ class Ledger:
         else:
             self._high_loss_steps = 0
         if self.num_steps == self.warmup_steps:
-            self._t_counted, self._cpu_counted, self._warm_tokens = now, self.cpu(), self.stepped_tokens
+            self._start_clocks(now)
+            self._warm_tokens = self.stepped_tokens
         done = self.progress >= 1.0
         if done and self.done_at is None:
             self._t_end, self._cpu_end, self.done_at = now, self.cpu(), now
         return done
+
+    def _start_clocks(self, now: float) -> None:
+        """The counted clocks start now, or earlier by what the start took beyond its allowance."""
+        cpu, limit = self.cpu(), self.warmup_limit_s
+        self.warmup_seconds = now - self._t_born
+        self._t_counted = now if limit is None else self._t_born + min(now - self._t_born, limit)
+        self._cpu_counted = cpu if limit is None else self._cpu_born + min(cpu - self._cpu_born, limit)
 
     @property
     def progress(self) -> float:
@@ -96,14 +112,14 @@ class Ledger:
 
     @property
     def training_seconds(self) -> float:
-        if self._t_counted is None:
-            return 0.0
+        if self._t_counted is None:  # still starting: only what exceeds the allowance counts
+            return 0.0 if self.warmup_limit_s is None else max(0.0, self.clock() - self._t_born - self.warmup_limit_s)
         return (self._t_end or self.clock()) - self._t_counted
 
     @property
     def cpu_seconds(self) -> float:
         if self._cpu_counted is None:
-            return 0.0
+            return 0.0 if self.warmup_limit_s is None else max(0.0, self.cpu() - self._cpu_born - self.warmup_limit_s)
         return (self._cpu_end if self._cpu_end is not None else self.cpu()) - self._cpu_counted
 
     def overdue(self) -> str | None:
@@ -126,7 +142,17 @@ class Ledger:
             "training_seconds": round(seconds, 3),
             "cpu_seconds": round(self.cpu_seconds, 3),
             "tokens_per_second": round(counted / seconds, 1) if seconds > 0 else None,
+            "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 3),
+            "handover_seconds": None if self.handover_seconds is None else round(self.handover_seconds, 3),
         }
+
+
+def warmup_limit(objective: dict) -> float | None:
+    """The start's allowance under a time budget (objective.warmup_limit_s, or the default)."""
+    if objective["budget_kind"] not in ("seconds", "cpu_seconds"):
+        return None
+    given = objective.get("warmup_limit_s")
+    return float(given) if given is not None else min(WARMUP_LIMIT_S, WARMUP_FRACTION * float(objective["budget"]))
 
 
 def batch_stream(train_tokens: np.ndarray, seed: int, stream: int, batch_size: int, seq_len: int):
@@ -198,6 +224,8 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
         elif op == "progress":
             wire.send(worker.sock, {"progress": ledger.progress})
         elif op == "finished":
+            if ledger.done_at is not None:
+                ledger.handover_seconds = ledger.clock() - ledger.done_at
             if ledger.num_steps == 0 or ledger.seq_len is None:
                 raise TrialFailed("invalid", "train() returned without drawing a batch and calling run.step()")
             if ledger.refused:
