@@ -28,11 +28,12 @@ def server_main(sock, go: dict) -> None:
     set_threads(torch, go.get("threads"))
     device = torch.device(go["device"])
     try:
-        if go["build_early"]:  # a fresh interpreter (GPU): build while the harness starts the others
-            model = _model(go, device)
         header, payload, _ = wire.recv(sock, max_payload=go["max_input_bytes"])
-        if not go["build_early"]:  # a fork (CPU): build once asked, so idle servers cost nothing
-            model = _model(go, device)
+        # Only now, with the server before this one dead, does candidate code run here: imported
+        # earlier (as a GPU server's fresh interpreter once did), a thread of train.py listened to
+        # the server answering (POSIX locks on a file both may read) and learnt its batch, and so
+        # which of the two answers was the causality probe.
+        model = _model(go, device)
         idx = torch.frombuffer(payload, dtype=torch.int64).view(header["shape"]).to(device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         with torch.no_grad(), autocast:

@@ -97,7 +97,7 @@ class ServerPool:
                 policy = sandbox.Policy(scratch=scratch, readable=readable_paths(code_dir),
                                         env=sandbox.allowed_env(scratch, base_env), devices=devices)
                 self.servers.append(Confined("server", policy, level, log_path,
-                                             {**config, "code_dir": str(code_dir), "build_early": not fork}, fork))
+                                             {**config, "code_dir": str(code_dir)}, fork))
         except BaseException:
             self.close()
             raise
