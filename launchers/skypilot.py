@@ -44,14 +44,14 @@ import yaml
 from launchers.base import read_result
 from study.core import PROJECT_ROOT, Launcher, LauncherError, Slot
 from study.records import Result, Trial
-from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE, TRIAL_FILE
+from train.contract import LOG_FILE, RESULT_FILE, STEPS_FILE, TRAIN_FILE, TRIAL_FILE
 
 log = logging.getLogger("arena.skypilot")
 
 REMOTE_PROJECT = "~/arena"  # train/ is mounted at ~/arena/train on every cluster
 REMOTE_WORKDIR = "~/sky_workdir"  # where SkyPilot syncs a task's workdir
 FILE_MARK = "ARENA-FILE"
-FETCHED = (RESULT_FILE, LOG_FILE)
+FETCHED = (RESULT_FILE, LOG_FILE, STEPS_FILE)
 _FILE_LINE = re.compile(rf"{FILE_MARK} ({'|'.join(re.escape(f) for f in FETCHED)}) ([A-Za-z0-9+/=]+)\s*$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _NAME_BAD = re.compile(r"[^a-z0-9-]+")

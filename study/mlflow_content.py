@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from study.changes import knob_changes
 from study.progress import parse_step_line
 from study.records import Result, Trial
-from train.contract import LOG_FILE, TRAIN_FILE
+from train.contract import LOG_FILE, STEPS_FILE, TRAIN_FILE
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -127,11 +127,11 @@ def run_span_ms(result: Result) -> tuple[int | None, int | None]:
 
 
 def loss_curve(trial: Trial) -> list[tuple[int, float, float]]:
-    """(step, loss, training seconds) from the harness's step lines in the trial's run.log."""
+    """(step, loss, training seconds) from the harness's step lines (steps.log)."""
     if not trial.directory:
         return []
     try:
-        text = (Path(trial.directory) / LOG_FILE).read_text(errors="replace")
+        text = (Path(trial.directory) / STEPS_FILE).read_text(errors="replace")  # not run.log: the candidate prints there
     except OSError:
         return []
     curve = []

@@ -1,7 +1,7 @@
 """Progress a person can read: a live table in a terminal, one line per event in a log.
 
 In a terminal, rich redraws one frame: each slot's trial with its step, share of the budget, time
-left and last loss (read from the trial's run.log, which the harness writes as it trains), the
+left and last loss (read from the trial's steps.log, which only the harness writes, as it trains), the
 trials that just finished, and an ETA for the study. When the output is a file (nohup, a Slurm
 batch job of the orchestrator, `| tee`), a redrawn frame is useless: nothing shows until the end
 and the last frame lands on top of the summary. There, every event is one plain, timestamped line
@@ -22,7 +22,7 @@ from typing import Any, Mapping, TextIO
 
 from study.changes import summary
 from study.observers import StudyObserver
-from train.contract import LOG_FILE
+from train.contract import STEPS_FILE
 
 RECENT = 5  # finished trials the live table keeps in view
 HEARTBEAT_S = 60.0  # how often a log gets a line about the running trials when nothing else happens
@@ -41,12 +41,12 @@ def make_display(study_name: str, simulated: bool, baseline_knobs: Mapping[str, 
 
 def trial_progress(trial_dir: str | os.PathLike | None) -> dict[str, float]:
     """The harness's last `step=… loss=… progress=… training_seconds=…` line of a running trial,
-    as numbers; {} before the first one. Reads only the end of run.log, so it is cheap enough for
+    as numbers; {} before the first one. Reads only the end of steps.log, so it is cheap enough for
     every redraw."""
     if not trial_dir:
         return {}
     try:
-        with open(Path(trial_dir) / LOG_FILE, "rb") as f:
+        with open(Path(trial_dir) / STEPS_FILE, "rb") as f:  # not run.log: the candidate prints there
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 4096))
             lines = f.read().decode(errors="replace").splitlines()

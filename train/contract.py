@@ -7,6 +7,7 @@ A trial folder, written by the study before the trial starts and by the trusted 
     train.py      the exact candidate that ran (written by the study)
     trial.json    the harness spec: objective, seed, trial id (written by the study)
     run.log       the candidate's output and the harness's own lines
+    steps.log     the harness's step lines only (the candidate cannot write here)
     result.json   the outcome, written last and atomically by the trusted side only, signed with
                   the study's key (RESULT_KEY_FILE in the study folder, two levels up)
     running.lock  locked while any process of the trial lives (see RUNNING_LOCK)
@@ -25,6 +26,9 @@ LOG_FILE = "run.log"
 # Held (flock) by the trial's process tree from before it starts until its last process ends: a
 # restarted study tells a live trial from a dead one by it, with no pid file to race against.
 RUNNING_LOCK = "running.lock"
+# The harness's step lines alone, which the live display and MLflow's loss curve read: run.log also
+# holds whatever the candidate prints, step lines it forged included.
+STEPS_FILE = "steps.log"
 STDOUT_FILE = "stdout.log"  # a warm-forked harness's own output (its summary line, or its traceback)
 WEIGHTS_FILE = "weights.pt"  # in the worker's scratch, then a clean copy the model servers read
 RESULT_KEY_FILE = ".result-key"  # in the study folder: the HMAC key results are signed with

@@ -38,8 +38,8 @@ import traceback
 from pathlib import Path
 
 from train import integrity, sandbox
-from train.contract import (BUDGET_KINDS, DEFAULT_SANDBOX, LOG_FILE, RESULT_FILE, RUNNING_LOCK, STDOUT_FILE, TRAIN_FILE,
-                            TRIAL_FILE, WEIGHTS_FILE, TrialFailed)
+from train.contract import (BUDGET_KINDS, DEFAULT_SANDBOX, LOG_FILE, RESULT_FILE, RUNNING_LOCK, STDOUT_FILE, STEPS_FILE,
+                            TRAIN_FILE, TRIAL_FILE, WEIGHTS_FILE, TrialFailed)
 
 OBJECTIVE_KEYS = ("corpus", "vocab_size", "budget_kind", "budget", "hard_limit_s", "warmup_steps",
                   "eval_tokens", "eval_batch_size")
@@ -101,6 +101,7 @@ def _clear(trial_dir: Path) -> None:
     else:
         stale.unlink(missing_ok=True)
     (trial_dir / LOG_FILE).write_text("")
+    (trial_dir / STEPS_FILE).write_text("")
 
 
 def _cancel_on_signals() -> dict:
@@ -229,7 +230,7 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
         device_memory = _DeviceMemory(config["device"])
         try:
             serve_training(worker, ledger, data.train_tokens(), config["seed"], started + objective["hard_limit_s"], log,
-                           watch=device_memory)
+                           watch=device_memory, log_step=lambda line: (log(line), _log(trial_dir, line, STEPS_FILE)))
         except WorkerGone:
             raise _why_the_worker_ended(worker) from None
         except WorkerFailed as e:
@@ -405,8 +406,8 @@ def _tail(text: str, lines: int = 30, chars: int = 4000) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])[-chars:]
 
 
-def _log(trial_dir: Path, line: str) -> None:
-    with open(trial_dir / LOG_FILE, "a") as log:
+def _log(trial_dir: Path, line: str, name: str = LOG_FILE) -> None:
+    with open(trial_dir / name, "a") as log:
         log.write(line + "\n")
 
 

@@ -166,10 +166,12 @@ def batch_stream(train_tokens: np.ndarray, seed: int, stream: int, batch_size: i
 
 
 def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline: float, log,
-                   watch=lambda force=False: None) -> None:
+                   watch=lambda force=False: None, log_step=None) -> None:
     """Answer the worker until it hands its weights over; raise TrialFailed for every other end.
     `deadline` is the hard limit on the wall clock (time.time()); `watch` samples whatever this side
-    watches while the worker trains (forced when the worker reports a failure)."""
+    watches while the worker trains (forced when the worker reports a failure); `log_step` takes
+    the step lines (default: `log`)."""
+    log_step = log_step or log
     streams: list = []
     last_log = time.perf_counter()
     while True:
@@ -219,7 +221,7 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             now = time.perf_counter()
             if done or now - last_log >= LOG_EVERY_S:
                 last_log = now
-                log(f"step={ledger.num_steps} loss={request.get('loss')} progress={ledger.progress:.3f} "
+                log_step(f"step={ledger.num_steps} loss={float(request.get('loss'))} progress={ledger.progress:.3f} "
                     f"training_seconds={ledger.training_seconds:.2f}")
         elif op == "progress":
             wire.send(worker.sock, {"progress": ledger.progress})
