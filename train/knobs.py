@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+MAX_POWER_BITS = 4096  # an arithmetic knob's integer powers stay below this (2**19 is 20 bits)
 
 # Arithmetic on literals is allowed so a knob can read like the paper it came from (2**19).
 _BINARY_OPS = {
@@ -109,11 +110,19 @@ def _literal(node: ast.expr) -> Any:
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
         left, right = _literal(node.left), _literal(node.right)
         if _is_number(left) and _is_number(right):
+            if isinstance(node.op, ast.Pow) and _huge_power(left, right):
+                raise _NotLiteral  # 9**9**9 would keep whoever reads the knobs (the orchestrator) busy for minutes
             try:
                 return _BINARY_OPS[type(node.op)](left, right)
             except (ArithmeticError, ValueError) as e:
                 raise _NotLiteral from e
     raise _NotLiteral
+
+
+def _huge_power(base, exponent) -> bool:
+    """An integer power of more than MAX_POWER_BITS bits: Python would compute it, however long."""
+    return (isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1
+            and exponent * math.log2(abs(base)) > MAX_POWER_BITS)
 
 
 def _is_number(v: Any) -> bool:
