@@ -133,6 +133,16 @@ class Ledger:
                 return f"trained {HANDOVER_S:.0f} s past its {self.budget} {self.kind} budget without calling run.step()"
         return None
 
+    def uncounted(self) -> str | None:
+        """Why a finished train() overdrew, if it did: under a tokens budget the tokens it drew after
+        its last run.step() (up to DRAW_AHEAD steps' worth, trained on and never counted) would go
+        past the budget; one step's worth is a prefetch left unused."""
+        unstepped = self.drawn - self.stepped_tokens
+        if self.kind == "tokens" and unstepped > self.largest_step:
+            return (f"train() drew {unstepped} tokens after its last run.step() and returned without counting "
+                    f"them (at most one step's worth, {self.largest_step}, may be left unused)")
+        return None
+
     def stats(self) -> dict:
         seconds = self.training_seconds
         counted = self.stepped_tokens - self._warm_tokens
@@ -232,6 +242,8 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
                 raise TrialFailed("invalid", "train() returned without drawing a batch and calling run.step()")
             if ledger.refused:
                 raise TrialFailed("invalid", f"train() went on training without counting its steps: {ledger.refused}")
+            if why := ledger.uncounted():
+                raise TrialFailed("invalid", why)
             return
         elif op == "failed":
             watch(force=True)
