@@ -217,14 +217,17 @@ class LiveDisplay(_Display):
                 f"{slot.name} ({slot.device_kind})", r.trial.trial_id, duration(running_for(state, r)),
                 f"{p['step']:.0f}" if "step" in p else "-", f"{p['progress']:.0%}" if "progress" in p else "-",
                 duration(seconds_left(p)), f"{p['loss']:.3f}" if "loss" in p else "-",
-                summary(r.trial.candidate, self.baseline_knobs))
+                Text(summary(r.trial.candidate, self.baseline_knobs)))
         recent = Table(box=None, expand=True, header_style="bold", title="just finished", title_justify="left")
         for col in ("trial", "result"):
             recent.add_column(col, no_wrap=True)
         recent.add_column("changes against the baseline", ratio=1, no_wrap=True, overflow="ellipsis")
         for trial, result in reversed(state.history[-RECENT:]):
-            mark = " [green]best[/green]" if state.best and state.best[0] is trial else ""
-            recent.add_row(trial.trial_id, result_text(result) + mark, summary(trial.candidate, self.baseline_knobs))
+            # A candidate writes its errors and an agent its hypotheses: plain text, never markup
+            # (a "[/dim]" in them stopped the display; "[bold]ok val_bpb 0.01" was drawn as such).
+            mark = Text(" best", style="green") if state.best and state.best[0] is trial else Text("")
+            recent.add_row(trial.trial_id, Text(result_text(result)) + mark,
+                           Text(summary(trial.candidate, self.baseline_knobs)))
         head = headline(self.study_name, self.simulated, state, rules)
         if state.thinking:
             head += "  [cyan]searcher thinking...[/cyan]"
