@@ -203,10 +203,12 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             log("harness: worker: the model is built, train() starts")
         elif op == "batches":
             batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
-            if not all(isinstance(v, int) and v >= 1 for v in (batch_size, seq_len)) \
+            # seq_len 1 is refused: val_bpb is measured at the longest seq_len asked for, and at 1 the
+            # causality probe has no position to cut at, so a model could read every other row.
+            if not all(isinstance(v, int) and v >= 1 for v in (batch_size, seq_len)) or seq_len < 2 \
                     or batch_size * (seq_len + 1) > MAX_BATCH_TOKENS:
                 raise TrialFailed("invalid", f"run.batches({batch_size!r}, {seq_len!r}): need positive ints, "
-                                             f"at most {MAX_BATCH_TOKENS} tokens a batch")
+                                             f"seq_len at least 2, at most {MAX_BATCH_TOKENS} tokens a batch")
             if seq_len + 1 > len(train_tokens):
                 raise TrialFailed("invalid", f"seq_len {seq_len} is longer than the train split "
                                              f"({len(train_tokens)} tokens)")
