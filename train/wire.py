@@ -45,8 +45,8 @@ def recv(sock: socket.socket, max_payload: int = 0, max_fds: int = 0) -> tuple[d
         raise WireError(f"message too large (header {head_len} B, payload {payload_len} B)")
     try:
         header = json.loads(_exactly(sock, head_len))
-    except ValueError as e:
-        raise WireError(f"bad header: {e}") from None
+    except (ValueError, RecursionError) as e:  # a header nested 30,000 deep is no message either
+        raise WireError(f"bad header: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict):
         raise WireError("bad header: not an object")
     return header, _exactly(sock, payload_len), list(fds)
