@@ -183,6 +183,7 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
     the step lines (default: `log`)."""
     log_step = log_step or log
     streams: list = []
+    said_started = False
     last_log = time.perf_counter()
     while True:
         watch()
@@ -199,8 +200,10 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
         except wire.WireError as e:
             raise TrialFailed("crash", f"the worker sent the harness something that is not a request ({e})") from None
         op = request.get("op")
-        if op == "started":  # the worker's word, good for a log line only
-            log("harness: worker: the model is built, train() starts")
+        if op == "started":  # the worker's word, good for one log line only (not one per message)
+            if not said_started:
+                log("harness: worker: the model is built, train() starts")
+            said_started = True
         elif op == "batches":
             batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
             # seq_len 1 is refused: val_bpb is measured at the longest seq_len asked for, and at 1 the
