@@ -24,6 +24,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -433,3 +434,52 @@ def test_a_header_nested_too_deep_is_a_bad_message_not_a_harness_error():
         theirs.sendall(struct.pack("!IQ", len(head), 0) + head)
         with pytest.raises(wire.WireError, match="bad header"):
             wire.recv(ours)
+
+
+def test_a_worker_cannot_make_the_harness_write_without_bound():
+    """Each "started" message was one harness line in run.log: written by the trusted side, so no
+    sandbox disk limit held a worker sending millions of them."""
+    import socket
+    import time as _time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from train import wire
+    from train.trainer import WorkerFailed, serve_training
+
+    def flood(sock):
+        for _ in range(5000):
+            wire.send(sock, {"op": "started"})
+        wire.send(sock, {"op": "failed", "status": "crash", "error": "x"})
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=flood, args=(theirs,))
+        sender.start()
+        lines: list[str] = []
+        with pytest.raises(WorkerFailed):
+            serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
+                           _time.time() + 120, lines.append)
+        sender.join()
+    assert len(lines) == 1
+
+
+def test_seq_len_one_which_turns_the_causality_check_off_is_refused():
+    import socket
+    import time as _time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from train import wire
+    from train.contract import TrialFailed
+    from train.trainer import serve_training
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        wire.send(theirs, {"op": "batches", "batch_size": 64, "seq_len": 1})
+        with pytest.raises(TrialFailed, match="seq_len at least 2") as refused:
+            serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
+                           _time.time() + 120, lambda line: None)
+    assert refused.value.status == "invalid"
