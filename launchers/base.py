@@ -16,7 +16,7 @@ from typing import Callable
 
 from study.core import PROJECT_ROOT
 from study.records import Result
-from train.contract import INFRA_STATUSES, LOG_FILE, RESULT_FILE
+from train.contract import INFRA_STATUSES, LOG_FILE, RESULT_FILE, read_tail
 from train.integrity import verify_result
 
 # The harness enforces hard_limit_s itself; a launcher kills the trial's process group only this
@@ -126,11 +126,7 @@ def _is_secret(name: str) -> bool:
 
 
 def log_tail(trial_dir: str | os.PathLike, lines: int = 40) -> str:
-    p = Path(trial_dir) / LOG_FILE
-    try:
-        return "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return read_tail(Path(trial_dir) / LOG_FILE, lines)
 
 
 def read_result(trial_dir: str | os.PathLike, *, missing_status: str = "crash", reason: str = "",

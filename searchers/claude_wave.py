@@ -31,7 +31,7 @@ from searchers.claude_tools import (
 )
 from study.records import Candidate, Trial
 from study.core import KnobError, read_knobs, write_knobs
-from train.contract import LOG_FILE
+from train.contract import LOG_FILE, read_tail
 
 if TYPE_CHECKING:
     from searchers.claude import ClaudeSearcher
@@ -301,8 +301,7 @@ class Wave:
         part = args.get("part")
         if part == "log":
             log_path = Path(run.directory if run else trial.directory) / LOG_FILE
-            text = log_path.read_text(errors="replace") if log_path.exists() else ""
-            tail = "\n".join(text.splitlines()[-int(args.get("lines") or 60):])
+            tail = read_tail(log_path, int(args.get("lines") or 60))
             return (tail or f"(no {LOG_FILE} yet)") + (f"\n(error: {run.error})" if run and run.error else "")
         if part == "source":
             return source[: self.agent.view_max_characters]

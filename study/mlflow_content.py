@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from study.changes import knob_changes
 from study.progress import parse_step_line
 from study.records import Result, Trial
-from train.contract import LOG_FILE, STEPS_FILE, TRAIN_FILE
+from train.contract import LOG_FILE, STEPS_FILE, TRAIN_FILE, read_tail
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -180,7 +180,4 @@ def side_by_side_diff(baseline: str, source: str) -> str:
 
 
 def _tail(path: Path, lines: int) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return read_tail(path, lines)

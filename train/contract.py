@@ -60,3 +60,17 @@ class TrialFailed(Exception):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status
+
+
+def read_tail(path, lines: int, max_bytes: int = 1 << 16) -> str:
+    """The last `lines` lines of a text file, from at most its last `max_bytes`: run.log holds
+    whatever the candidate printed (up to its sandbox's disk_mb, a gigabyte), and whoever shows its
+    end must not read all of it into memory. '' if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read(max_bytes).decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
