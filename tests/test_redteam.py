@@ -483,3 +483,15 @@ def test_seq_len_one_which_turns_the_causality_check_off_is_refused():
             serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
                            _time.time() + 120, lambda line: None)
     assert refused.value.status == "invalid"
+
+
+def test_showing_the_end_of_a_gigabyte_run_log_reads_only_its_end(tmp_path):
+    """run.log holds whatever the candidate printed, up to disk_mb: the launchers' failure tail,
+    MLflow's log artifact and the agent's log tool read it whole (546 MB of memory for a 256 MB log)."""
+    from launchers.base import log_tail
+
+    with open(tmp_path / LOG_FILE, "wb") as log:
+        log.truncate(1 << 30)  # a sparse gigabyte of what the candidate printed
+        log.seek(1 << 30)
+        log.write(b"\nTraceback (most recent call last):\nRuntimeError: the last line\n")
+    assert log_tail(tmp_path, 2) == "Traceback (most recent call last):\nRuntimeError: the last line"
