@@ -98,8 +98,11 @@ def test_honest_trial_reports_every_field(honest):
 
 
 def test_trial_leaves_only_its_result_and_log(honest_dir):
-    assert sorted(p.name for p in honest_dir.iterdir()) == ["result.json", "run.log", "train.py", "trial.json"]
+    assert sorted(p.name for p in honest_dir.iterdir()) == ["result.json", "run.log", "steps.log", "train.py",
+                                                            "trial.json"]
     assert "status=ok" in (honest_dir / "run.log").read_text()
+    steps = (honest_dir / "steps.log").read_text().splitlines()
+    assert steps and all(line.startswith("step=") for line in steps)  # the harness's step lines, nothing else
 
 
 def test_the_seed_changes_the_score(honest, tmp_path):
