@@ -31,7 +31,7 @@ _X86_64 = (0xC000003E, {
     "clone": 56, "clone3": 435, "ioctl": 16,
     "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semctl": 66, "shmdt": 67, "msgget": 68,
     "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "semtimedop": 220, "mq_open": 240, "mq_unlink": 241,
-    "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245,
+    "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245, "sched_setaffinity": 203,
     "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94, "utime": 132, "utimes": 235,
     "fchownat": 260, "futimesat": 261, "fchmodat": 268, "utimensat": 280, "setxattr": 188, "lsetxattr": 189,
     "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "fchmodat2": 452,
@@ -49,6 +49,7 @@ _AARCH64 = (0xC00000B7, {
     "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184,
     "mq_getsetattr": 185, "msgget": 186, "msgctl": 187, "msgrcv": 188, "msgsnd": 189, "semget": 190, "semctl": 191,
     "semtimedop": 192, "semop": 193, "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197,
+    "sched_setaffinity": 122,
     "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55, "utimensat": 88, "setxattr": 5,
     "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15, "fremovexattr": 16,
     "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
@@ -60,11 +61,14 @@ MACHINES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 # probe or the real batch (the forgery that scored 0.23 against an honest 3.7).
 IPC = ("shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv",
        "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr")
+# The launcher pins each slot to its share of the cores; a trial that re-pinned itself to every core
+# took its siblings' CPU (and, under a seconds budget, their compute).
+CPUS = ("sched_setaffinity",)
 DENIED = ("socket", "ptrace", "pivot_root", "chroot", "mount", "umount2", "init_module", "delete_module",
           "kexec_load", "add_key", "request_key", "keyctl", "unshare", "perf_event_open", "name_to_handle_at",
           "open_by_handle_at", "setns", "process_vm_readv", "process_vm_writev", "finit_module",
           "kexec_file_load", "bpf", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-          "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_getfd", "mount_setattr") + IPC
+          "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_getfd", "mount_setattr") + IPC + CPUS
 # Landlock (ABI <= 7) does not guard a file's metadata: without this a sandbox could chmod, chown,
 # re-date or tag any file its uid owns (as an unprivileged user: the project, the study's journal).
 # The `namespaces` level has no need of it: there every mount but the scratch is read-only.
