@@ -308,6 +308,34 @@ def test_no_system_v_ipc_or_message_queue_outlives_a_sandboxed_process(world, le
         assert created == {"shm", "msg", "sem", "mq"}, ran.report
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to one")
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_trial_stays_on_the_cores_its_slot_was_pinned_to(world, level):  # noqa: F811
+    """The local launcher pins each slot to its cores; os.sched_setaffinity(0, every core) took
+    the siblings' CPU, and with it their compute under a seconds budget."""
+    every = os.sched_getaffinity(0)
+    one = {min(every)}
+
+    def attack(_):
+        try:
+            os.sched_setaffinity(0, every)
+            errno = 0
+        except OSError as e:
+            errno = e.errno
+        return {"errno": errno, "cores": sorted(os.sched_getaffinity(0))}
+
+    os.sched_setaffinity(0, one)  # the fork inherits the slot's pinning, as the harness's children do
+    try:
+        ran = world.run(level, attack)
+    finally:
+        os.sched_setaffinity(0, every)
+    assert ran.code == 0, ran
+    if both(level):
+        assert ran.report == {"errno": 1, "cores": sorted(one)}
+    else:
+        assert ran.report["cores"] == sorted(every)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training the clock does not see. The ledger is the trusted count; its clocks are given to it.
 
