@@ -12,6 +12,9 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig):
     from study.runner import ConfigError, run_study
     from study.storage import StudyStorageError
+    from train.sandbox import harden_orchestrator
+
+    harden_orchestrator()  # a trial of our uid may not read this process's environ (API keys) or ptrace it
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
