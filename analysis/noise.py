@@ -24,8 +24,8 @@ import pandas as pd
 
 from analysis import stats
 from analysis.load import AnalysisError, load
+from study.core import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = Path("noise_floor")
 NOISE_EXPERIMENT = "autoresearch-arena-noise"
 
