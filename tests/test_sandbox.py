@@ -396,21 +396,23 @@ def test_kill_all_ends_a_double_forked_setsid_grandchild(world, level):
             os.kill(ran.report["grandchild"], 0)
 
 
+def fork_bomb(world):
+    """Fork sleepers until the sandbox says no: how many got through, and the errno that stopped it."""
+    children = 0
+    try:
+        for _ in range(500):
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            children += 1
+    except OSError as e:
+        return {"children": children, "stopped": e.errno}
+    return {"children": children, "stopped": None}
+
+
 @pytest.mark.parametrize("level", CONFINING)
 def test_a_fork_bomb_stops_at_max_processes(world, level):
-    def attack(w):
-        children = 0
-        try:
-            for _ in range(500):
-                if os.fork() == 0:
-                    time.sleep(30)
-                    os._exit(0)
-                children += 1
-        except OSError as e:
-            return {"children": children, "stopped": e.errno}
-        return {"children": children, "stopped": None}
-
-    ran = world.run(level, attack, max_processes=20)
+    ran = world.run(level, fork_bomb, max_processes=20)
     assert ran.code == 0 and ran.report["stopped"] is not None
     # a cgroup counts the tree exactly; RLIMIT_NPROC counts all the user's tasks at confine() time plus 20
     assert ran.report["children"] < (20 if ran.tree.mechanisms()["processes"] == "cgroup" else 40)
@@ -847,17 +849,6 @@ def test_an_unprivileged_parent_catches_a_memory_hog_by_watching(open_world, lev
 def test_an_unprivileged_parent_holds_processes_disk_and_counts_cpu(open_world, level):
     """Without a cgroup: RLIMIT_NPROC stops a fork bomb, RLIMIT_FSIZE and the watcher the disk, and
     the CPU time of the tree still comes from the kernel."""
-    def bomb(world):
-        children = 0
-        try:
-            for _ in range(500):
-                if os.fork() == 0:
-                    time.sleep(30)
-                    os._exit(0)
-                children += 1
-        except OSError as e:
-            return {"children": children, "stopped": e.errno}
-        return {"children": children, "stopped": None}
 
     def fill(world):
         try:
@@ -877,7 +868,7 @@ def test_an_unprivileged_parent_holds_processes_disk_and_counts_cpu(open_world, 
 
     def run(world):
         results = {}
-        for name, attack, limits in (("bomb", bomb, {"max_processes": 20}), ("fill", fill, {"disk_mb": 16}),
+        for name, attack, limits in (("bomb", fork_bomb, {"max_processes": 20}), ("fill", fill, {"disk_mb": 16}),
                                      ("burn", burn, {})):
             ran = world.run(level, attack, **limits)
             results[name] = {"code": ran.code, "report": ran.report, "cpu": ran.tree.cpu_seconds(),
