@@ -11,6 +11,7 @@ searcher as soon as it returns, so a searcher never needs to be thread-safe.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import logging
 import re
 import shutil
@@ -87,6 +88,8 @@ class StudyLoop:
         self.state = StudyState()
         self._history_view = HistoryView(self.state.history)
         self.pending: list[Candidate] = []
+        self._pending_kinds: Counter = Counter()
+        self._slot_index: tuple = (None, {})  # device kinds the pending candidates name, to skip a scan
         self.reruns: list[Trial] = []  # measured by nobody yet (cancelled, lost, orphaned): run again first
         self._session_attempts: dict[str, int] = {}
         self.untold: list[tuple[Trial, Result]] = []
@@ -195,6 +198,13 @@ class StudyLoop:
                 self._on_result(trial_id, result)
         self.observers.on_tick(self.state, self.rules)
 
+    def _slots_by_name(self) -> dict[str, Slot]:
+        """The slots by name, rebuilt only when the launcher hands back a new list (a lookup per
+        result was a scan of every slot)."""
+        if self._slot_index[0] is not self.state.slots:
+            self._slot_index = (self.state.slots, {s.name: s for s in self.state.slots})
+        return self._slot_index[1]
+
     def _free_slots(self) -> list[Slot]:
         busy = {r.slot.name for r in self.state.running.values()}
         return [s for s in self.state.slots if s.name not in busy]
@@ -209,24 +219,31 @@ class StudyLoop:
         self.state.slots = self.launcher.slots()
         if self._stop_submitting:
             return
+        kinds = {s.device_kind for s in self.state.slots}  # once per fill, not once per candidate
         for slot in self._free_slots():
             if self.reruns:  # already counted against max_trials
                 self._rerun(self.reruns.pop(0), slot)
                 continue
             if not self.pending or self._budget_left() <= 0:
                 return
-            candidate = self._take_candidate(slot)
+            candidate = self._take_candidate(slot, kinds)
             if candidate is not None:
                 self._submit(candidate, slot)
 
-    def _take_candidate(self, slot: Slot) -> Candidate | None:
+    def _take_candidate(self, slot: Slot, kinds: set) -> Candidate | None:
         """The oldest candidate that asked for this slot's device kind, else the oldest that may run
-        anywhere. A candidate that named a kind the launcher has waits for it (a rung that confirms
-        on the faster kind must not land on the slower one); one naming a kind it lacks runs anywhere."""
-        kinds = {s.device_kind for s in self.state.slots}
-        for wanted in (lambda c: c.device_kind == slot.device_kind, lambda c: c.device_kind not in kinds):
+        anywhere. A candidate that named a kind the launcher has (`kinds`) waits for it (a rung that
+        confirms on the faster kind must not land on the slower one); one naming a kind it lacks runs
+        anywhere. The first scan is skipped when no pending candidate names the slot's kind: scanning
+        a long queue for every submission made the scheduler quadratic (27 of 95 s at 10,000 slots)."""
+        tests = [lambda c: c.device_kind not in kinds]
+        if slot.device_kind is None or self._pending_kinds[slot.device_kind]:
+            tests.insert(0, lambda c: c.device_kind == slot.device_kind)
+        for wanted in tests:
             for i, c in enumerate(self.pending):
                 if wanted(c):
+                    if c.device_kind is not None:
+                        self._pending_kinds[c.device_kind] -= 1
                     return self.pending.pop(i)
         return None
 
@@ -304,6 +321,7 @@ class StudyLoop:
             self._stopped_because(StopKind.SEARCHER_ERROR, f"searcher error: {type(e).__name__}: {e}")
             candidates = []
         self.pending.extend(candidates or [])
+        self._pending_kinds.update(c.device_kind for c in candidates or [] if c.device_kind is not None)
         self.journal.append(Event.ASKED, n=len(candidates or []), seconds=round(time.time() - self._ask_started, 3))
         self._tell_untold()
 
@@ -324,7 +342,7 @@ class StudyLoop:
             return  # a late duplicate (e.g. cancelled twice)
         trial = running.trial
         # The slot as the launcher lists it now: a relaunched cluster may have another accelerator.
-        slot = next((s for s in self.state.slots if s.name == running.slot.name), running.slot)
+        slot = self._slots_by_name().get(running.slot.name, running.slot)
         stamp(result, trial, slot, now=self.launcher.now(), clock_origin=self.clock_origin)
         if not result.ok and result.status not in INFRA_STATUSES:
             why = storage.problem(self.study_dir)  # the study's disk, not the candidate, may have failed
@@ -402,6 +420,7 @@ class StudyLoop:
         self._stop_submitting = True
         self.state.stop, self.state.stop_reason = kind, reason
         self.pending.clear()
+        self._pending_kinds.clear()
         log.info("stopping: %s (%s trials in flight)", reason, "cancelling" if cancel else "finishing")
         if cancel:
             for trial_id in list(self.state.running):
