@@ -230,7 +230,8 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
         device_memory = _DeviceMemory(config["device"])
         try:
             serve_training(worker, ledger, data.train_tokens(), config["seed"], started + objective["hard_limit_s"], log,
-                           watch=device_memory, log_step=lambda line: (log(line), _log(trial_dir, line, STEPS_FILE)))
+                           watch=device_memory, log_step=lambda line: (log(line), _log(trial_dir, line, STEPS_FILE)),
+                           limit_s=objective["hard_limit_s"])
         except WorkerGone:
             raise _why_the_worker_ended(worker) from None
         except WorkerFailed as e:

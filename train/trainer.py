@@ -176,9 +176,10 @@ def batch_stream(train_tokens: np.ndarray, seed: int, stream: int, batch_size: i
 
 
 def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline: float, log,
-                   watch=lambda force=False: None, log_step=None) -> None:
+                   watch=lambda force=False: None, log_step=None, limit_s: float | None = None) -> None:
     """Answer the worker until it hands its weights over; raise TrialFailed for every other end.
-    `deadline` is the hard limit on the wall clock (time.time()); `watch` samples whatever this side
+    `deadline` is the hard limit on the wall clock (time.time()), `limit_s` its length for the
+    message; `watch` samples whatever this side
     watches while the worker trains (forced when the worker reports a failure); `log_step` takes
     the step lines (default: `log`)."""
     log_step = log_step or log
@@ -188,7 +189,7 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
     while True:
         watch()
         if time.time() >= deadline:
-            raise TrialFailed("timeout", "killed at the hard limit")
+            raise TrialFailed("timeout", "killed at the hard limit" + (f" of {limit_s:g} s" if limit_s else ""))
         if why := ledger.overdue():
             raise TrialFailed("timeout", why)
         if not select.select([worker.sock], [], [], 0.1)[0]:
