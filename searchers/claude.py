@@ -304,9 +304,13 @@ class ClaudeSearcher(Searcher):
             self._save_queue()
 
     def _queue_reruns(self, candidates: list[Candidate]) -> None:
+        """Re-runs go ahead of the queued new ideas, behind earlier re-runs: they are evidence the
+        agent asked for now (like the keep rule's confirmations), and at the back of a queue one
+        slot deep they could wait out a whole study."""
         for c in candidates:
             c.meta["agent_usd"] = 0.0
-        self.queue.extend(candidates)
+        at = next((i for i, q in enumerate(self.queue) if "reruns" not in q.meta), len(self.queue))
+        self.queue[at:at] = candidates
         self._save_queue()
 
     def _save_queue(self) -> None:
@@ -315,8 +319,15 @@ class ClaudeSearcher(Searcher):
         tmp.replace(self.queue_path)
 
     def _fresh_seeds(self, code: str, count: int) -> list[int]:
+        """Seeds of `code` that no finished, running, queued or issued job uses: a re-run on a seed
+        still in flight would be a duplicate, dropped when that trial reports."""
         used = {r.seed for r in self.board.runs.values() if r.code == code}
         used |= {c.seed for c in self.queue if c.seed is not None and code_key(c.source) == code}
+        used |= {t.seed for t in self.ctx.in_flight if code_key(t.candidate.source) == code}
+        for key in filter(None, self.issued):  # baseline seeds (tier, seed); confirmations (challenger, of, seed)
+            of_code = self.board.baseline_code if len(key) == 2 else getattr(self.board.runs.get(key[1]), "code", None)
+            if of_code == code:
+                used.add(key[-1])
         seeds, s = [], self.ctx.seed
         while len(seeds) < count:
             s += 1

@@ -35,6 +35,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from study.records import INFRA_STATUSES, Result, Trial
+from train.knobs import parse_source
 
 BASELINE, AGENT, CONFIRM, RERUN = "baseline", "agent", "confirm", "rerun"
 ANY_KIND = "*"
@@ -448,7 +449,7 @@ def code_key(source: str) -> str:
     """Equal for two sources that differ only in comments, blank lines or layout, which would run
     the same training: resubmitting one is a seed re-roll, not an idea."""
     try:
-        text = ast.dump(ast.parse(source))
+        text = ast.dump(parse_source(source))
     except (SyntaxError, ValueError):
         text = source
     return hashlib.sha256(text.encode()).hexdigest()

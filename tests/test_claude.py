@@ -1037,11 +1037,17 @@ def test_queued_candidates_survive_a_restart_unless_the_journal_shows_they_ran(t
     first.setup(ctx)
     (handed,) = first.ask(1, ctx)  # nothing was ready: it waited for a wave of 1 + 2 for the queue
     assert len(first.queue) == 2 and first._thinking is None
-    ran = started(ctx, first, first.ask(1, ctx)[0], 0)  # one queued candidate ran; the study then died
-    first.close()
+    ran = started(ctx, first, first.ask(1, ctx)[0], 0)  # one queued candidate ran; a wave refills the queue
+    first._thinking.result(timeout=60)  # (its candidates were paid for: they are queued too)
+    first.close()  # the study then died
+    left = [c.source for c in first.queue]
+    assert len(left) >= 2 and not {handed.source, ran.candidate.source} & set(left)
+    queue_file = tmp_path / "study" / "agent" / "queue.jsonl"
+    # as if it died before the queue was saved without the one it handed out
+    queue_file.write_text(json.dumps(ran.candidate.to_dict()) + "\n" + queue_file.read_text())
 
     again = build(FakeMessagesAPI(), run_baseline=False, background=True, queue_depth=2)
     again.setup(ctx)
+    assert [c.source for c in again.queue] == [ran.candidate.source, *left]
     again.tell(ran, Result(status="ok", val_bpb=2.0, device_kind="cpu"))  # the journal's replay
-    assert [c.source for c in again.queue] == [c.source for c in first.queue]
-    assert len(again.queue) == 1 and again.queue[0].source not in (handed.source, ran.candidate.source)
+    assert [c.source for c in again.queue] == left, "what ran is not run again; the rest is kept in order"

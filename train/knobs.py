@@ -12,6 +12,7 @@ import json
 import math
 import operator
 import re
+import threading
 from typing import Any
 
 KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -72,10 +73,21 @@ def write_knobs(source: str, values: dict[str, Any]) -> str:
     return data.decode("utf-8")
 
 
+_AST_LOCK = threading.Lock()
+
+
+def parse_source(source: str, filename: str = "<unknown>") -> ast.Module:
+    """ast.parse behind one process-wide lock. CPython 3.11 keeps the AST-to-object recursion depth
+    in shared state (gh-106905, fixed only from 3.12), so two threads parsing at once (the loop and
+    a searcher thinking in the background) can fail with 'AST constructor recursion depth mismatch'."""
+    with _AST_LOCK:
+        return ast.parse(source, filename=filename)
+
+
 def _locate(source: str) -> dict[str, tuple[Any, list[ast.expr]]]:
     """name -> (value, the value expressions of all its top-level assignments)."""
     try:
-        tree = ast.parse(source)
+        tree = parse_source(source)
     except SyntaxError as e:
         raise KnobError(f"train.py does not parse: {e.msg} (line {e.lineno})") from e
     found: dict[str, tuple[Any, list[ast.expr]]] = {}
