@@ -150,12 +150,12 @@ class ClaudeSearcher(Searcher):
         self.queue = [Candidate.from_dict(row) for row in _read_jsonl(self.queue_path)]
         self.proposed.update((code_key(c.source), c) for c in self.queue)
         if self.ledger.usd >= self.max_usd:
-            self._stop(f"max_usd={self.max_usd} already spent (${self.ledger.usd:.2f})")
+            self.stop(f"max_usd={self.max_usd} already spent (${self.ledger.usd:.2f})")
 
     def ask(self, n: int, ctx: SearchContext) -> list[Candidate]:
         self._collect_wave()
         with self.lock:
-            out = self._ready(n, ctx)
+            out = self.ready(n, ctx)
             wanted = n - len(out) + self._queue_target(ctx) - len(self.queue)
         if not self.background:
             if n > len(out) and self.stop_reason is None:
@@ -173,7 +173,7 @@ class ClaudeSearcher(Searcher):
             self.waited_s += time.monotonic() - started
             self._collect_wave()
             with self.lock:
-                out = self._ready(n, ctx)
+                out = self.ready(n, ctx)
         return out
 
     def propose(self, k: int, ctx: SearchContext, extra_context: str = "") -> list[Candidate]:
@@ -255,7 +255,7 @@ class ClaudeSearcher(Searcher):
                 log.warning("a wave was still talking when the study ended; its transcript may come later")
 
     # -- handing out -------------------------------------------------------------------------------
-    def _ready(self, n: int, ctx: SearchContext) -> list[Candidate]:
+    def ready(self, n: int, ctx: SearchContext) -> list[Candidate]:
         """Up to n candidates that need no model call: baseline seeds, confirmations, the queue."""
         out: list[Candidate] = []
         in_flight = {_job_key(t.candidate, self.board) for t in ctx.in_flight}
@@ -362,7 +362,7 @@ class ClaudeSearcher(Searcher):
         error = fut.exception()
         if error is not None:  # a bug in a wave ends the searcher, not the study
             log.error("claude wave failed: %s: %s", type(error).__name__, error)
-            self._stop(f"wave failed: {type(error).__name__}: {error}")
+            self.stop(f"wave failed: {type(error).__name__}: {error}")
 
     def _in_line_wave(self, k: int, ctx: SearchContext, extra: str = "") -> list[Candidate]:
         return self._wave(k, ctx, list(ctx.in_flight), extra, False)
@@ -385,7 +385,7 @@ class ClaudeSearcher(Searcher):
         self.failed_in_a_row = 0 if wave.accepted else self.failed_in_a_row + 1
         self.errors_in_a_row = self.errors_in_a_row + 1 if outcome == "error" else 0
         if self.failed_in_a_row >= self.max_failed_waves:
-            self._stop(f"{self.failed_in_a_row} waves in a row gave no candidate (last: {reason or outcome})")
+            self.stop(f"{self.failed_in_a_row} waves in a row gave no candidate (last: {reason or outcome})")
         return wave.accepted
 
     def _charge(self, usage: Any, wave: Wave, turn: int) -> None:
@@ -510,7 +510,7 @@ class ClaudeSearcher(Searcher):
             log.info("noise floor from %s: %s", self.noise_store, out)
         return out
 
-    def _stop(self, reason: str) -> None:
+    def stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             log.warning("claude searcher stops: %s", reason)

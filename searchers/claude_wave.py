@@ -72,7 +72,7 @@ class Wave:
                 if a.closed:
                     return "stopped", "the study ended"
                 if a.ledger.usd >= a.max_usd:
-                    a._stop(f"max_usd={a.max_usd} reached (${a.ledger.usd:.2f})")
+                    a.stop(f"max_usd={a.max_usd} reached (${a.ledger.usd:.2f})")
                     return "stopped", a.stop_reason
                 if time.monotonic() >= wave_deadline:
                     return ("ok" if self.accepted else "timeout"), f"max_wave_s={a.max_wave_s} reached"
@@ -118,7 +118,7 @@ class Wave:
             reason = describe(e)
             stopping = isinstance(e, anthropic.APIStatusError) and is_stopping(e)
             if stopping:
-                a._stop(f"API: {reason}")
+                a.stop(f"API: {reason}")
             log.warning("wave %d: %s", self.number, reason)
             return ("stopped" if stopping else "error"), reason
 

@@ -102,7 +102,7 @@ class HybridSearcher(Searcher):
         out: list[Candidate] = []
         if plan[AGENT] and not self.agent.done():
             with self.agent.lock:  # what the agent hands out without a model call comes first
-                ready = self.agent._ready(plan[AGENT], ctx)
+                ready = self.agent.ready(plan[AGENT], ctx)
             while self._waiting and len(ready) < plan[AGENT]:
                 ready.append(self._waiting.pop(0))
             missing = plan[AGENT] - len(ready)
@@ -160,7 +160,7 @@ class HybridSearcher(Searcher):
         wave, self._wave = self._wave, None
         if wave.exception() is not None:  # the agent's bug stops the agent, not the sampler
             log.error("agent wave failed: %s: %s", type(wave.exception()).__name__, wave.exception())
-            self.agent._stop(f"wave failed: {type(wave.exception()).__name__}: {wave.exception()}")
+            self.agent.stop(f"wave failed: {type(wave.exception()).__name__}: {wave.exception()}")
         else:
             self._waiting.extend(wave.result())
 
@@ -225,14 +225,9 @@ class HybridSearcher(Searcher):
         else runs as the agent wrote it."""
         params = self._space_values(candidate.source)
         sampler = self._sampler_for(self.active)
-        if sampler._orphans is None:
-            sampler.ask(0, ctx)  # finds the trials a killed run left open, handed out before any new one
-        if params is not None and self._base_key(candidate.source) == self.active and candidate.seed is None \
-                and not sampler._orphans:
-            internal = sampler._params(Candidate(source="", knobs=params))
-            if internal is not None:
-                sampler.study.enqueue_trial(internal, skip_if_exists=False)
-                enqueued = sampler.ask(1, ctx)[0]
+        if params is not None and self._base_key(candidate.source) == self.active and candidate.seed is None:
+            enqueued = sampler.enqueue_knobs(params, ctx)
+            if enqueued is not None:
                 candidate.meta.update({k: v for k, v in enqueued.meta.items() if k.startswith("optuna")})
                 candidate.meta["enqueued"] = True
                 if self.sampler_name == "cmaes":

@@ -96,15 +96,7 @@ class OptunaSearcher(Searcher):
         self._orphans: list[FrozenTrial] | None = None  # found at the first ask, after the replay
 
     def ask(self, n: int, ctx: SearchContext) -> list[Candidate]:
-        if self._orphans is None:
-            if self.enqueue_baseline and not self.study.get_trials(deepcopy=False):
-                self._enqueue_baseline()  # a fresh study: not after a replay rebuilt the storage
-            running = {t.candidate.meta.get("optuna_trial") for t in ctx.in_flight}
-            pending = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            self._orphans = [t for t in pending if t.number not in running]
-            for t in [t for t in self._orphans if set(t.params) != set(self.distributions)]:
-                self.study.tell(t.number, state=TrialState.FAIL)  # killed mid-ask, or another space
-                self._orphans.remove(t)
+        self._adopt_orphans(ctx)
         out = []
         for _ in range(n):
             meta = {"optuna_study": self.name}
@@ -122,6 +114,30 @@ class OptunaSearcher(Searcher):
             hypothesis = f"{LABELS[self.sampler_name]} #{number}: {sp.describe(values, ctx.baseline_knobs)}"
             out.append(sp.candidate(ctx, values, hypothesis, meta=meta))
         return out
+
+    def enqueue_knobs(self, knobs: dict[str, Any], ctx: SearchContext) -> Candidate | None:
+        """Knob values proposed by someone else (the hybrid's agent) as this sampler's next trial,
+        so the sampler learns from its result like from its own. None when the values are outside
+        the space, or when trials a killed run left open must be handed out first."""
+        self._adopt_orphans(ctx)
+        params = self._params(Candidate(source="", knobs=knobs))
+        if params is None or self._orphans:
+            return None
+        self.study.enqueue_trial(params, skip_if_exists=False)
+        return self.ask(1, ctx)[0]
+
+    def _adopt_orphans(self, ctx: SearchContext) -> None:
+        """Once, after the replay: trials a killed run asked for but never ran are handed out again."""
+        if self._orphans is not None:
+            return
+        if self.enqueue_baseline and not self.study.get_trials(deepcopy=False):
+            self._enqueue_baseline()  # a fresh study: not after a replay rebuilt the storage
+        running = {t.candidate.meta.get("optuna_trial") for t in ctx.in_flight}
+        pending = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        self._orphans = [t for t in pending if t.number not in running]
+        for t in [t for t in self._orphans if set(t.params) != set(self.distributions)]:
+            self.study.tell(t.number, state=TrialState.FAIL)  # killed mid-ask, or another space
+            self._orphans.remove(t)
 
     def tell(self, trial: Trial, result: Result) -> None:
         """Failures are FAIL, never a value, so no sampler can mistake a crash for a good run."""
