@@ -106,6 +106,26 @@ def wait(pid: int, timeout: float) -> int | None:
     return None
 
 
+def in_fork(body, wait_s: float = 120) -> dict:
+    """Run `body()` in a fork of this test, which may confine itself or drop its privileges for
+    good (neither can be undone in the test's own process); return what it returned, as JSON."""
+    read, write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(write, json.dumps(body()).encode())
+            code = 0
+        except BaseException:  # noqa: BLE001 - shown in the test's output
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    assert wait(pid, wait_s) == 0
+    return json.loads(os.read(read, 65536))
+
+
 @pytest.fixture
 def world(tmp_path):
     w = World(tmp_path)
@@ -611,30 +631,21 @@ def test_where_user_namespaces_are_blocked_the_landlock_level_is_the_strongest_a
     from train.sandbox import seccomp
     from train.sandbox.kernel import PR_SET_NO_NEW_PRIVS, prctl
 
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+    def without_namespaces() -> dict:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        seccomp.install(deny_metadata=False)
+        sandbox.available_level.cache_clear()
+        result = {"best": sandbox.available_level()}
         try:
-            prctl(PR_SET_NO_NEW_PRIVS, 1)
-            seccomp.install(deny_metadata=False)
-            sandbox.available_level.cache_clear()
-            result = {"best": sandbox.available_level()}
-            try:
-                sandbox.check_level("namespaces")
-            except sandbox.SandboxUnavailable as e:
-                result["refused"] = str(e)
-            ran = world.run("landlock", lambda w: {"val": attempt(lambda: (w.root / "data/val.bin").read_text())})
-            result["report"] = ran.report
-            ran.tree.close()
-            os.write(write, json.dumps(result).encode())
-            code = 0
-        except BaseException:  # noqa: BLE001 - shown in the test's output
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    assert wait(pid, 120) == 0
-    result = json.loads(os.read(read, 65536))
+            sandbox.check_level("namespaces")
+        except sandbox.SandboxUnavailable as e:
+            result["refused"] = str(e)
+        ran = world.run("landlock", lambda w: {"val": attempt(lambda: (w.root / "data/val.bin").read_text())})
+        result["report"] = ran.report
+        ran.tree.close()
+        return result
+
+    result = in_fork(without_namespaces)
     assert result["best"] == "landlock"
     assert "\n" not in result["refused"] and "user namespaces are blocked" in result["refused"]
     assert result["report"]["val"].startswith("denied")
@@ -768,22 +779,14 @@ def _as_nobody(world: World, run) -> dict:
     """Run `run(world)` in a fork of this test that dropped to uid 65534; its JSON result."""
     for path in (world.root, *world.root.rglob("*")):
         os.chown(path, 65534, 65534)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            os.write(write, json.dumps(run(world)).encode())
-            code = 0
-        except BaseException:  # noqa: BLE001 - shown in the test's output
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    assert wait(pid, 120) == 0
-    return json.loads(os.read(read, 65536))
+
+    def as_nobody() -> dict:
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        return run(world)
+
+    return in_fork(as_nobody)
 
 
 @needs_root
