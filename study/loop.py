@@ -88,8 +88,8 @@ class StudyLoop:
         self.state = StudyState()
         self._history_view = HistoryView(self.state.history)
         self.pending: list[Candidate] = []
-        self._pending_kinds: Counter = Counter()
-        self._slot_index: tuple = (None, {})  # device kinds the pending candidates name, to skip a scan
+        self._pending_kinds: Counter = Counter()  # device kinds the pending candidates name, to skip a scan
+        self._slot_index: tuple = (None, {})  # (the slot list it was built from, slots by name)
         self.reruns: list[Trial] = []  # measured by nobody yet (cancelled, lost, orphaned): run again first
         self._session_attempts: dict[str, int] = {}
         self.untold: list[tuple[Trial, Result]] = []
