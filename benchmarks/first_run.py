@@ -3,7 +3,7 @@ and what it found. Prints figures; asserts nothing.
 
     python benchmarks/first_run.py [--out DIR] [extra run.py overrides...]
 
-The study, its MLflow store and Hydra's output go to a fresh folder, so the project's own
+The study, its MLflow store and artifacts and Hydra's output go to a fresh folder, so the project's own
 `studies/` and `mlflow.db` are untouched. The load average before the start is printed beside the
 time: on a shared machine the minutes grow with the load, the scores (a steps budget) do not.
 """
@@ -34,7 +34,7 @@ def main() -> None:
     cmd = [sys.executable, str(ROOT / "run.py"), f"study.dir={out}/study", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
            f"hydra.run.dir={out}/outputs", "progress=false", *args.overrides]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.time() - started
     (out / "run.log").write_text(proc.stdout)
     if proc.returncode != 0:
