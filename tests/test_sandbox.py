@@ -64,20 +64,12 @@ class World:
         """Fork, confine, run `attack(world)` in the child and return what it reported and the
         parent's handle on its tree."""
         policy = self.policy(**overrides)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                confine(policy, level)
-                report = attack(self) or {}
-                (Path(policy.scratch) / REPORT).write_text(json.dumps(report))
-                code = 0
-            except BaseException:  # noqa: BLE001 - the test reads the traceback and the exit code
-                traceback.print_exc()
-            finally:
-                os._exit(code)
+
+        def confined_attack() -> None:
+            confine(policy, level)
+            (Path(policy.scratch) / REPORT).write_text(json.dumps(attack(self) or {}))
+
+        pid = fork_running(confined_attack, failed_code=70)
         tree = ProcessTree(pid, policy, level)
         self.trees.append(tree)
         code = wait(pid, wait_s)
@@ -106,22 +98,29 @@ def wait(pid: int, timeout: float) -> int | None:
     return None
 
 
-def in_fork(body, wait_s: float = 120) -> dict:
-    """Run `body()` in a fork of this test, which may confine itself or drop its privileges for
-    good (neither can be undone in the test's own process); return what it returned, as JSON."""
-    read, write = os.pipe()
+def fork_running(body, failed_code: int = 1) -> int:
+    """Fork; the child runs `body()` and exits 0, or prints its traceback (the test shows it) and
+    exits `failed_code`. The child's pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        code = 1
+        code = failed_code
         try:
-            os.write(write, json.dumps(body()).encode())
+            body()
             code = 0
-        except BaseException:  # noqa: BLE001 - shown in the test's output
+        except BaseException:  # noqa: BLE001 - the test reads the traceback and the exit code
             traceback.print_exc()
         finally:
             os._exit(code)
+    return pid
+
+
+def in_fork(body, wait_s: float = 120) -> dict:
+    """Run `body()` in a fork of this test, which may confine itself or drop its privileges for
+    good (neither can be undone in the test's own process); return what it returned, as JSON."""
+    read, write = os.pipe()
+    pid = fork_running(lambda: os.write(write, json.dumps(body()).encode()))
     assert wait(pid, wait_s) == 0
     return json.loads(os.read(read, 65536))
 
