@@ -120,7 +120,7 @@ class OptunaSearcher(Searcher):
         so the sampler learns from its result like from its own. None when the values are outside
         the space, or when trials a killed run left open must be handed out first."""
         self._adopt_orphans(ctx)
-        params = self._params(Candidate(source="", knobs=knobs))
+        params = self._params(knobs)
         if params is None or self._orphans:
             return None
         self.study.enqueue_trial(params, skip_if_exists=False)
@@ -141,7 +141,7 @@ class OptunaSearcher(Searcher):
 
     def tell(self, trial: Trial, result: Result) -> None:
         """Failures are FAIL, never a value, so no sampler can mistake a crash for a good run."""
-        params = self._params(trial.candidate)
+        params = self._params(trial.candidate.knobs)
         if params is None:
             return  # not a candidate over this space: nothing the sampler can learn from
         state = TrialState.COMPLETE if result.ok else TrialState.FAIL
@@ -179,10 +179,10 @@ class OptunaSearcher(Searcher):
                 "baseline values of %s lie outside the space; trial 0 samples them", ", ".join(outside))
         self.study.enqueue_trial(params)
 
-    def _params(self, cand: Candidate) -> dict[str, Any] | None:
-        if any(k not in cand.knobs for k in self.distributions):
+    def _params(self, knobs: dict[str, Any]) -> dict[str, Any] | None:
+        if any(k not in knobs for k in self.distributions):
             return None
-        params = {k: _internal(self.space[k], cand.knobs[k]) for k in self.distributions}
+        params = {k: _internal(self.space[k], knobs[k]) for k in self.distributions}
         if not all(_inside(d, params[k]) for k, d in self.distributions.items()):
             return None
         return params
