@@ -979,21 +979,28 @@ def test_a_simulated_study_on_8_slots_uses_the_frontier_and_survives_what_the_ap
         EDITOR, {"command": "create", "path": "c1/train.py", "file_text": "DEPTH = 1\n"})), empty_reply()],
         policy=PopulationAgent(), cache=True)
     APIS.append(api)
-    searcher, finished, idle = simulated_study(tmp_path, api, trial_seconds=3.0, sleep=True)  # trials overlap thinking
+    # A keep margin of 6 sigma (not 2): which gains land inside it depends on how the waves and the
+    # finishing trials interleave, and at 2 sigma about one study in six had none, so no confirmation.
+    # The confirmations go ahead of the queue, so 56 trials (not 40) leave room for the late merges.
+    searcher, finished, idle = simulated_study(tmp_path, api, trial_seconds=3.0, sleep=True,  # trials overlap thinking
+                                               max_trials=56, noise_z=6.0)
     summary = searcher.summary()
-    print(f"\n8 simulated slots, 40 trials: slot idle share {idle['all']:.1%} before the last submission, "
+    roles = [t.candidate.meta.get("role") for t, _ in finished]
+    print(f"\n8 simulated slots, 56 trials: slot idle share {idle['all']:.1%} before the last submission, "
           f"{idle['after_first_wave']:.1%} after the first wave's candidates; asks that waited for the model "
-          f"{summary['agent_idle_waits']} ({summary['agent_idle_wait_seconds']:.2f} s); waves {summary['agent_waves']}")
-    assert len(finished) == 40 and all(r.status == "ok" for _, r in finished), "no trial lost"
+          f"{summary['agent_idle_waits']} ({summary['agent_idle_wait_seconds']:.2f} s); waves {summary['agent_waves']}; "
+          f"confirmation runs {roles.count('confirm')}")
+    assert len(finished) == 56 and all(r.status == "ok" for _, r in finished), "no trial lost"
     assert summary["agent_refusals_frontier_llm"] == 1 and summary["agent_truncated_replies"] == 1
     assert summary["agent_empty_replies"] == 1
     assert summary["agent_api_retries"] == 1, "the hung call was retried, and counted"
     for tool in ("combine", "sweep", "rerun", "reflect"):
         assert summary[f"agent_tool_{tool}"] >= 1, tool
-    assert {"baseline", "agent", "confirm"} <= {t.candidate.meta.get("role") for t, _ in finished}
+    assert {"baseline", "agent", "confirm"} <= set(roles)
     assert any(t.candidate.meta.get("reruns") for t, _ in finished), "the agent's re-run ran"
     assert any(t.candidate.meta.get("combines") for t, _ in finished), "a merged candidate ran"
-    assert [t.seed for t, _ in finished if t.candidate.meta.get("role") == "baseline"][:3] == [0, 1, 2]
+    baselines = sorted((t for t, _ in finished if t.candidate.meta.get("role") == "baseline"), key=lambda t: t.index)
+    assert [t.seed for t in baselines][:3] == [0, 1, 2]  # handed out in this order; they finish in any
     assert searcher.board.sigma(None) is not None and searcher.board.best_id is not None
     assert summary["agent_cache_read_tokens"] > 0
 
