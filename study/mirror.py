@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -35,6 +36,13 @@ for _name in ("mlflow.store.db.utils", "alembic"):
 
 class MirrorError(RuntimeError):
     pass
+
+
+def local_database(tracking_uri: str | None) -> Path | None:
+    """The file behind a `sqlite:///` tracking URI (relative to the current folder, as MLflow reads it)."""
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):])
+    return None
 
 
 class Mirror(StudyObserver):
@@ -222,7 +230,8 @@ class Mirror(StudyObserver):
         one made before these tags, or by hand, gets them too)."""
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
-            self.experiment_id = self.client.create_experiment(self.experiment, tags=content.experiment_tags())
+            self.experiment_id = self.client.create_experiment(self.experiment, tags=content.experiment_tags(),
+                                                               artifact_location=self._artifact_location())
             return
         self.experiment_id = exp.experiment_id
         kind, value = content.EXPERIMENT_KIND
@@ -230,6 +239,15 @@ class Mirror(StudyObserver):
             self.client.set_experiment_tag(self.experiment_id, kind, value)
         if not exp.tags.get(content.DESCRIPTION_TAG):
             self.client.set_experiment_tag(self.experiment_id, content.DESCRIPTION_TAG, content.EXPERIMENT_DESCRIPTION)
+
+    def _artifact_location(self) -> str | None:
+        """Beside a local database, not MLflow's default of ./mlruns in whatever folder the first
+        study happened to start from (a study started elsewhere would leave its artifacts there);
+        a server decides for itself."""
+        db = local_database(self.tracking_uri)
+        if db is None:
+            return None
+        return (db.resolve().parent / "mlruns" / re.sub(r"[^\w.-]+", "_", self.experiment)).as_uri()
 
     def _ensure_parent(self) -> None:
         if self.parent_run_id:

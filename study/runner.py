@@ -244,7 +244,9 @@ def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None):
     """Bad input found while setting up leaves nothing behind: not the study folder, not a
     local MLflow database, when this run created them."""
     had_dir = study_dir.exists()
-    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri and tracking_uri.startswith("sqlite:///") else None
+    from study.mirror import local_database
+
+    db = local_database(tracking_uri)
     had_db = db is None or db.exists()
     try:
         yield

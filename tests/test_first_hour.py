@@ -14,7 +14,7 @@ from study.journal import JournalState
 from study.loop import Running, StopRules, StudyState
 from study.progress import parse_step_line, study_eta
 from study.records import Candidate, Result, Trial
-from tests.conftest import run_arena, sqlite_uri
+from tests.conftest import ROOT, run_arena, sqlite_uri
 
 NAME = "tpe-local-tiny-s0"
 # progress stays on (the default): the output is a pipe, so it must come as plain lines.
@@ -184,3 +184,23 @@ def test_the_harness_step_line_is_parsed_and_other_lines_are_not():
         "step": 288.0, "loss": 4.1, "progress": 0.48, "training_seconds": 12.3}
     assert parse_step_line("stepping=3 progress=1") == {}
     assert parse_step_line(json.dumps({"step": 3})) == {}
+
+
+def test_artifacts_of_a_local_store_land_beside_its_database_whatever_the_current_folder(tmp_path, monkeypatch):
+    """MLflow's default for a sqlite store is ./mlruns of the folder the first study started from."""
+    from study.mirror import Mirror
+
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store}/mlflow.db"
+    mirror = Mirror(uri, "artifacts-here", "sid", "study", "tpe", {}, {}, (ROOT / "train" / "train.py").read_text())
+    mirror.check()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(mirror.experiment_id).artifact_location == (store / "mlruns" / "artifacts-here").as_uri()
+    run = client.create_run(mirror.experiment_id)
+    (elsewhere / "note.txt").write_text("x")
+    client.log_artifact(run.info.run_id, str(elsewhere / "note.txt"))
+    assert (store / "mlruns" / "artifacts-here" / run.info.run_id / "artifacts" / "note.txt").exists()
+    assert not (elsewhere / "mlruns").exists()
