@@ -32,21 +32,23 @@ from train.contract import TRAIN_FILE
 
 log = logging.getLogger("arena.loop")
 
-# A trial the infrastructure keeps ending (cancelled, lost) is re-run this many times in one session
-# before it is recorded as it ended; a resumed study tries it again.
-MAX_ATTEMPTS_PER_SESSION = 3
-
-
 @dataclass
 class StopRules:
     max_trials: int | None = None
     max_hours: float | None = None
     target_val_bpb: float | None = None
     on_stop: str = "cancel"  # what a time limit, a reached target or Ctrl-C does to trials in flight
+    # A trial the infrastructure ends (an operator's scancel, a lost node) is not a measurement: it
+    # runs again, up to this many times in one session, before it is recorded as it ended (and the
+    # searcher hears of it). 1: an operator's cancel is final. A stop of the study itself (a time
+    # limit, Ctrl-C) never counts: those trials run again on resume.
+    max_attempts: int = 3
 
     def __post_init__(self):
         if self.on_stop not in ("cancel", "finish"):
             raise ValueError(f"study.on_stop must be 'cancel' or 'finish', not {self.on_stop!r}")
+        if self.max_attempts < 1:
+            raise ValueError(f"study.max_attempts must be >= 1, not {self.max_attempts}")
         if self.max_trials is not None and self.max_trials < 1:
             raise ValueError(f"study.max_trials must be >= 1, not {self.max_trials}")
         if self.max_hours is not None and self.max_hours <= 0:
@@ -351,7 +353,7 @@ class StudyLoop:
                 raise storage.StudyStorageError(f"{why}; {trial_id} was not recorded and runs again on resume")
         if result.status in INFRA_STATUSES:
             attempts = self._session_attempts[trial_id] = self._session_attempts.get(trial_id, 0) + 1
-            if self._stop_submitting or attempts < MAX_ATTEMPTS_PER_SESSION:
+            if self._stop_submitting or attempts < self.rules.max_attempts:
                 # Not a measurement: the searcher never hears of it and it does not count; it runs
                 # again now, or on resume if the study is stopping.
                 self.journal.append(Event.FINISHED, trial_id=trial_id, result=result.to_dict())

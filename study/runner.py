@@ -106,7 +106,8 @@ def validate(cfg: DictConfig) -> StudyPlan:
     try:
         rules = StopRules(max_trials=conf["study"].get("max_trials"), max_hours=conf["study"].get("max_hours"),
                           target_val_bpb=conf["study"].get("target_val_bpb"),
-                          on_stop=conf["study"].get("on_stop", "cancel"))
+                          on_stop=conf["study"].get("on_stop", "cancel"),
+                          max_attempts=conf["study"].get("max_attempts", 3))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     header = study_header(conf, objective, space)

@@ -9,7 +9,8 @@ from study.records import Candidate, Result
 
 
 class InstantLauncher(Launcher):
-    """Trials finish after `durations[i]` real seconds with val_bpb from `score(candidate)`."""
+    """Trials finish after `durations[i]` real seconds with val_bpb from `score(candidate)` (None:
+    a crash; a Result: that result, e.g. an infrastructure status)."""
 
     name = "instant"
 
@@ -43,6 +44,9 @@ class InstantLauncher(Launcher):
             del self.running[tid]
             self.finishes.append((now, slot))
             value = self.score(cand)
+            if isinstance(value, Result):
+                out.append((tid, value))
+                continue
             out.append((tid, Result(status="ok", val_bpb=value) if value is not None
                         else Result(status="crash", error="boom")))
         return out

@@ -92,7 +92,25 @@ def test_resume_tells_finished_trials_back_without_rerunning(tmp_path):
     assert sorted(js.results) == [f"t{i:04d}" for i in range(8)]
 
 
-@pytest.mark.parametrize("rules", [{"on_stop": "later"}, {"max_trials": 0}, {"max_hours": -1}])
+@pytest.mark.parametrize("max_attempts", [3, 1])
+def test_a_trial_the_infrastructure_ends_runs_again_up_to_max_attempts_then_counts_as_it_ended(tmp_path, max_attempts):
+    from study.records import Result
+
+    searcher = ListSearcher(limit=3)
+    lost = Result(status="lost", reason="node went away")
+    launcher = InstantLauncher(1, score=lambda c: lost if c.knobs["x"] == 1 else 1.0)
+    state = make_loop(tmp_path, searcher, launcher, max_trials=3, max_attempts=max_attempts).run({"study_id": "s"})
+    events = Journal.read(tmp_path / "journal.jsonl")
+    runs_of_t1 = [e for e in events if e["event"] == "submitted" and e["trial"]["trial_id"] == "t0001"]
+    assert len(runs_of_t1) == max_attempts == len(launcher.submits) - 2
+    assert [t.trial_id for t, _ in state.history] == ["t0000", "t0001", "t0002"], "a re-run goes before new work"
+    assert state.history[1][0].attempt == max_attempts
+    assert dict(searcher.told)["t0001"] == math.inf, "once final, the searcher hears of it as a failure"
+    js = JournalState.load(tmp_path / "journal.jsonl")
+    assert js.results["t0001"].status == "lost" and js.to_rerun() == [], "final: a resume does not run it again"
+
+
+@pytest.mark.parametrize("rules", [{"on_stop": "later"}, {"max_trials": 0}, {"max_hours": -1}, {"max_attempts": 0}])
 def test_bad_stop_rules_are_refused(rules):
     with pytest.raises(ValueError):
         StopRules(**rules)
