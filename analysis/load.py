@@ -17,7 +17,7 @@ from mlflow.entities import Run
 # Study tags read from the parent run, and the column each one becomes.
 STUDY_TAGS = ("searcher", "launcher", "slots", "objective", "seed", "git_sha", "time_mode", "device_kinds")
 # Trial tags read from the child run.
-TRIAL_TAGS = ("status", "device", "device_kind", "host", "slot", "reason", "source_sha")
+TRIAL_TAGS = ("status", "device", "device_kind", "host", "slot", "reason", "source_sha", "role", "proposer")
 TRIAL_PARAMS = ("parent_trial", "hypothesis", "seed", "trial_index")
 KNOB_PREFIX = "knob."
 

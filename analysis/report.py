@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from analysis import claims, curves, hardware, noise, phases, ranks, speedup, stats, tables, ttt
+from analysis import claims, curves, hardware, noise, phases, ranks, spend, speedup, stats, tables, ttt
 from analysis.document import Document
 from analysis.load import AnalysisError, compute_unit, load
 
@@ -139,6 +139,7 @@ def write_report(studies: pd.DataFrame, trials: pd.DataFrame, out: Path, source:
     doc.text(f"Equal budgets: every study cut at {per_study.attrs['equal_gpu_h']:.3g} {unit} and at "
              f"{per_study.attrs['equal_wall_h']:.3g} h of study clock, the least any compared study used.")
 
+    _spend_section(doc, trials, out, unit)
     _ranks_section(doc, per_study, trials, out, unit, simulated)
     doc.heading("Anytime curves")
     for x in curves.X_AXES:
@@ -221,6 +222,22 @@ def _ci_section(doc: Document, per_study: pd.DataFrame, out: Path, unit: str) ->
              "IQM: mean of the middle half of the seeds. Pairs: Δ = mean(first - second) over seed pairs, p one-sided "
              "for 'first < second', Holm over all ordered pairs, r = matched-pairs rank-biserial effect size, "
              "P(improve) = chance a random seed of the first beats one of the second.")
+
+
+def _spend_section(doc: Document, trials: pd.DataFrame, out: Path, unit: str) -> None:
+    numbers = spend.by_purpose(trials)
+    display = pd.DataFrame(index=numbers.index)
+    display[unit] = numbers["slot_hours"].map(lambda v: f"{v:.3g}")
+    for col in numbers.columns[1:]:
+        name = "no score" if col == "no_score_share" else col.removesuffix("_share")
+        display[f"{name} %"] = numbers[col].map(lambda v: "-" if pd.isna(v) else f"{100 * v:.1f}")
+    tables.write_table(display, numbers, out / "spend", caption=f"Where each arm's {unit} went, over all seeds")
+    doc.heading("Where the compute went")
+    doc.text(f"Each arm's {unit} over all its seeds, split by why a trial ran: search (a new candidate), screen "
+             "(a rung shorter than the whole budget), baseline (noise seeds), confirm (the keep rule's paired "
+             "re-runs), rerun (re-runs the agent asked for); no score: the share spent on trials that ended "
+             "without one (crash, timeout, oom, cancelled, ...).")
+    doc.table(display)
 
 
 def _pairwise_display(pairs: pd.DataFrame) -> pd.DataFrame:

@@ -75,7 +75,8 @@ def trial_tags(trial: Trial, result: Result, study_id: str, searcher: str,
         "budget_kind": str(result.budget_kind or trial.objective.get("budget_kind", "")),
         DESCRIPTION_TAG: trial_description(trial, result, baseline_knobs),
     }
-    for key, tag in (("hybrid_side", "proposer"), ("code_base", "code_base")):  # searcher=hybrid
+    # why the trial ran (searcher=claude: baseline, agent, confirm, rerun); who proposed it (hybrid)
+    for key, tag in (("role", "role"), ("hybrid_side", "proposer"), ("code_base", "code_base")):
         if key in trial.candidate.meta:
             tags[tag] = str(trial.candidate.meta[key])
     if result.reason:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from analysis import curves, hardware, phases, report, speedup, tables
+from analysis import curves, hardware, phases, report, spend, speedup, tables
 from analysis.load import AnalysisError, load
 
 EXPERIMENT = "hand-built"
@@ -46,7 +47,7 @@ PAR1 = [
 
 
 def log_study(client, exp_id, study_id, slots, seed, trials, time_mode, study_metrics=None, trial_usd=None,
-              objective="cpu", searcher="tpe", kinds=None):
+              objective="cpu", searcher="tpe", kinds=None, roles=None):
     if kinds is None:
         kinds = {"H100": {"count": slots}} if slots == 1 else {"H100": {"count": slots - 1}, "H200": {"count": 1}}
     tags = {
@@ -62,6 +63,8 @@ def log_study(client, exp_id, study_id, slots, seed, trials, time_mode, study_me
             "mlflow.parentRunId": parent, "status": status, "device_kind": kind, "device": "cpu", "host": "h",
             "slot": f"s{i % slots}", "source_sha": sha,
         }
+        if roles:
+            trial_tags["role"] = roles[i]
         numbers = {"t_submitted": sub, "t_started": start, "t_finished": fin, "training_seconds": fin - start - 1}
         if val is not None:
             numbers["val_bpb"] = val
@@ -88,7 +91,8 @@ def store(tmp_path_factory):
     exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     log_study(client, exp_id, "seq", 1, 0, SEQ, "simulated")
     log_study(client, exp_id, "par0", 4, 0, PAR0, "simulated", trial_usd=0.1)
-    log_study(client, exp_id, "par1", 4, 1, PAR1, "simulated", study_metrics={"agent_usd_total": 1.2})
+    log_study(client, exp_id, "par1", 4, 1, PAR1, "simulated", study_metrics={"agent_usd_total": 1.2},
+              roles=["baseline", "agent", "agent", "confirm"])
     return uri
 
 
@@ -120,6 +124,28 @@ def test_load_rejects_unknown_experiment_and_study(store):
         load(store, EXPERIMENT, ["par0", "ghost"])
     studies, trials = load(store, EXPERIMENT, ["par0"])
     assert list(studies["study_id"]) == ["par0"] and set(trials["study_id"]) == {"par0"}
+
+
+def test_spend_splits_each_arms_slot_hours_by_why_its_trials_ran(loaded):
+    _, trials = loaded
+    got = spend.by_purpose(trials)
+    assert list(got.columns) == ["slot_hours", "search_share", "baseline_share", "confirm_share", "no_score_share"]
+    assert got.loc[X1, "slot_hours"] == pytest.approx(300 / 3600)  # seq: 3 x 100 s of search, all scored
+    assert got.loc[X1, "search_share"] == 1.0 and got.loc[X1, "no_score_share"] == 0.0
+    # par0: 340 s of search (80 of them crashed); par1: 50 baseline, 90 + 100 (oom) agent, 70 confirm
+    four = got.loc[X4]
+    assert four["slot_hours"] == pytest.approx(650 / 3600)
+    assert (four["search_share"], four["baseline_share"], four["confirm_share"]) == pytest.approx(
+        (530 / 650, 50 / 650, 70 / 650))
+    assert four["no_score_share"] == pytest.approx(180 / 650)
+
+
+def test_spend_counts_a_shortened_rung_as_screening():
+    trials = pd.DataFrame({"arm": ["a", "a", "a"], "slot_seconds": [100.0, 50.0, None], "status": ["ok", "ok", "cancelled"],
+                           "budget_fraction": [1.0, 0.25, float("nan")]})
+    got = spend.by_purpose(trials).loc["a"]
+    assert got["slot_hours"] == pytest.approx(150 / 3600)
+    assert (got["search_share"], got["screen_share"], got["no_score_share"]) == pytest.approx((2 / 3, 1 / 3, 0.0))
 
 
 def test_staircase_against_wall_trials_and_gpu_hours(loaded):
@@ -231,10 +257,14 @@ def test_report_writes_plots_tables_summary_and_logs_them_to_every_parent_run(st
     assert report.main(["--tracking-uri", store, "--experiment", EXPERIMENT, "--out", str(out)]) == 0
     for stem in ("progress_wall", "progress_trials", "progress_gpu_hours", "speedup"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
-    for stem in ("searchers", "speedups"):
+    for stem in ("searchers", "speedups", "spend"):
         assert all((out / f"{stem}.{ext}").exists() for ext in ("md", "tex", "csv"))
     summary = (out / "summary.md").read_text()
     assert "Time is SIMULATED" in summary
+    assert "## Where the compute went" in summary
+    # 650 slot-s over par0 and par1: search, baseline, confirm, no score
+    assert f"| {X4} | 0.181 | 81.5 | 7.7 | 10.8 | 27.7 |" in re.sub(" +", " ", summary)
+    assert r"confirm \%" in (out / "spend.tex").read_text()
     assert "study par1 mixes device kinds" in summary
     pairs = pd.read_csv(out / "speedups_per_pair.csv").set_index("parallel")
     assert pairs.loc["par0", "speedup_measured"] == pytest.approx(3.0)

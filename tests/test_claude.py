@@ -813,6 +813,7 @@ def test_two_waves_end_to_end_with_real_training(tmp_path, monkeypatch):
     assert parent.data.metrics["agent_usd_total"] == pytest.approx(total) and total > 0
     not_run = searcher.summary()["agent_usd_not_run"]  # the model kept thinking while the last trials ran
     assert sum(r.data.metrics.get("agent_usd", 0) for r in children) + not_run == pytest.approx(total)
+    assert sorted(r.data.tags["role"] for r in children) == roles  # analysis.spend splits slot-hours by it
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "agent")}
     assert "agent/wave_0001.json" in artifacts and "agent/costs.jsonl" in artifacts
 
