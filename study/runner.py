@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +104,8 @@ def validate(cfg: DictConfig) -> StudyPlan:
     space = check_space(conf.get("space") or {}, baseline)
     study_dir = Path(conf["study"]["dir"]).resolve()
     try:
-        rules = StopRules(max_trials=conf["study"].get("max_trials"), max_hours=conf["study"].get("max_hours"),
-                          target_val_bpb=conf["study"].get("target_val_bpb"),
-                          on_stop=conf["study"].get("on_stop", "cancel"),
-                          max_attempts=conf["study"].get("max_attempts", 3))
+        # StopRules holds the defaults; a setting the config leaves out takes them
+        rules = StopRules(**{f.name: conf["study"][f.name] for f in fields(StopRules) if f.name in conf["study"]})
     except ValueError as e:
         raise ConfigError(str(e)) from None
     header = study_header(conf, objective, space)
