@@ -228,7 +228,7 @@ def _spend_section(doc: Document, trials: pd.DataFrame, out: Path, unit: str) ->
     numbers = spend.by_purpose(trials)
     display = pd.DataFrame(index=numbers.index)
     display[unit] = numbers["slot_hours"].map(lambda v: f"{v:.3g}")
-    for col in numbers.columns[1:]:
+    for col in [c for c in numbers.columns if c.endswith("_share")]:
         name = "no score" if col == "no_score_share" else col.removesuffix("_share")
         display[f"{name} %"] = numbers[col].map(lambda v: "-" if pd.isna(v) else f"{100 * v:.1f}")
     tables.write_table(display, numbers, out / "spend", caption=f"Where each arm's {unit} went, over all seeds")

@@ -30,12 +30,12 @@ def by_purpose(trials: pd.DataFrame) -> pd.DataFrame:
     hours = trials["slot_seconds"].fillna(0.0) / 3600.0
     t = trials.assign(purpose=purposes(trials), hours=hours)
     total = t.groupby("arm")["hours"].sum()
+    spent = total.where(total > 0)  # an arm that spent nothing has no shares, not a division by zero
     shares = t.pivot_table(index="arm", columns="purpose", values="hours", aggfunc="sum", fill_value=0.0)
     shares = shares.reindex(columns=[p for p in PURPOSES if p == "search" or p in shares.columns], fill_value=0.0)
-    shares = shares.div(total.where(total > 0), axis=0)
     unscored = t[t["status"] != "ok"].groupby("arm")["hours"].sum().reindex(total.index, fill_value=0.0)
-    out = shares.add_suffix("_share")
+    out = shares.div(spent, axis=0).add_suffix("_share")
     out.insert(0, "slot_hours", total)
-    out["no_score_share"] = unscored / total.where(total > 0)
+    out["no_score_share"] = unscored / spent
     out.columns.name = None
     return out
