@@ -50,6 +50,10 @@ class StudyLock:
         _HELD.add(self.path)
         return self
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         """Closing the descriptor drops the lock; the file stays (unlinking it would let a waiting
         opener lock an orphaned inode while a third process creates a new one)."""
@@ -66,10 +70,16 @@ class StudyLock:
         self.release()
 
 
-def owner(path: Path) -> str:
-    """'host H, pid P (since T)' from the lock file, for the refusal message."""
-    try:
-        info = json.loads(path.read_text())
-        return f"another run of this study (host {info['host']}, pid {info['pid']}, since {info['since']})"
-    except (OSError, ValueError, KeyError):
-        return "another run of this study (its owner has not written its name yet)"
+def owner(path: Path, wait_s: float = 2.0) -> str:
+    """'host H, pid P (since T)' from the lock file, for the refusal message. The owner writes its
+    name just after it takes the lock, so a copy started at the same instant may find the file empty
+    or half-written: it waits a moment for the name rather than refuse without one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info = json.loads(path.read_text())
+            return f"another run of this study (host {info['host']}, pid {info['pid']}, since {info['since']})"
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() >= deadline:
+                return "another run of this study (its owner has not written its name yet)"
+            time.sleep(0.05)

@@ -148,7 +148,7 @@ def build(plan: StudyPlan, lock: StudyLock, searcher: Searcher | None = None,
         baseline_source=plan.baseline, baseline_knobs=read_knobs(plan.baseline), space=plan.space,
         seed=int(conf["seed"]), study_dir=str(study_dir), objective=plan.objective)
     with _removed_if_setup_fails(study_dir, conf["mlflow"]["tracking_uri"] if conf["mlflow"].get("enabled", True)
-                                 else None):
+                                 else None, lock):
         mirror = _set_up(conf, plan.header, plan.baseline, searcher, launcher, ctx, study_dir, plan.rungs, lock)
     if mirror:
         mirror.tags = parent_tags(conf, plan.header, launcher, launcher.slots())
@@ -239,9 +239,11 @@ def _own(study_dir: Path, lock: StudyLock) -> None:
 
 
 @contextlib.contextmanager
-def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None):
+def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None, lock: StudyLock):
     """Bad input found while setting up leaves nothing behind: not the study folder, not a
-    local MLflow database, when this run created them."""
+    local MLflow database, when this run created them. Only the lock's holder cleans up: a copy
+    started at the same instant as the owner saw no folder yet, then lost the race for the lock, and
+    removing "its" folder would delete the owner's lock file (and with it the one-owner guarantee)."""
     had_dir = study_dir.exists()
     from study.mirror import local_database
 
@@ -250,6 +252,8 @@ def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None):
     try:
         yield
     except BaseException:
+        if not lock.held:
+            raise
         if not had_dir:
             shutil.rmtree(study_dir, ignore_errors=True)
             _remove_empty_parents(study_dir.parent)

@@ -176,6 +176,52 @@ def test_a_second_copy_refuses_naming_the_owner_and_a_dead_owner_never_blocks(tm
     assert sorted(c.data.tags["arena.trial_id"] for c in children) == sorted(js.results)
 
 
+def test_a_copy_that_loses_the_race_for_a_new_folder_leaves_the_owners_lock_alone(tmp_path):
+    """Two copies started at once both see no folder; the loser must not clean up "its" new folder,
+    which is the owner's: deleting owner.lock let a third copy in beside the live owner."""
+    from study.lock import StudyLock, StudyLocked
+    from study.runner import ConfigError, _own, _removed_if_setup_fails
+
+    study_dir = tmp_path / "studies" / "s"
+    hold = (f"import pathlib, time\nfrom study.lock import StudyLock\n"
+            f"pathlib.Path({str(study_dir)!r}).mkdir(parents=True)\n"
+            f"lock = StudyLock({str(study_dir)!r}).acquire()\nprint('owned', flush=True)\ntime.sleep(120)")
+    owner, loser = None, StudyLock(study_dir)
+    try:
+        with pytest.raises(ConfigError, match="in use by another run"):
+            # the loser saw no folder and no database, then the owner made and locked the folder
+            with _removed_if_setup_fails(study_dir, sqlite_uri(tmp_path), loser):
+                owner = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                assert owner.stdout.readline().strip() == "owned"
+                _own(study_dir, loser)
+        assert (study_dir / "owner.lock").exists(), "the loser removed the owner's folder"
+        with pytest.raises(StudyLocked, match=f"pid {owner.pid}"):
+            StudyLock(study_dir).acquire()
+    finally:
+        if owner:
+            owner.kill()
+            owner.wait()
+
+
+def test_a_copy_started_as_the_owner_takes_the_lock_still_names_it(tmp_path):
+    """The owner writes its name just after it locks; a refusal in between waits for the name."""
+    from study.lock import StudyLock, StudyLocked
+
+    hold = ("import fcntl, json, os, socket, sys, time\n"
+            f"fd = os.open({str(tmp_path / 'owner.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(0.5)\n"
+            "os.pwrite(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'since': 'now'}).encode(), 0)\n"
+            "time.sleep(120)")
+    owner = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        with pytest.raises(StudyLocked, match=f"host {socket.gethostname()}, pid {owner.pid}"):
+            StudyLock(tmp_path).acquire()
+    finally:
+        owner.kill()
+        owner.wait()
+
+
 # -- 3. Ctrl-C: a cancelled trial is run again and is not a measurement -------------------------------
 @pytest.mark.slow
 def test_a_trial_cancelled_by_ctrl_c_runs_again_on_resume(tmp_path):
