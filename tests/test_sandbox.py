@@ -378,10 +378,10 @@ def test_a_trial_signals_nothing_outside_it(world, outsider, level):
 
     ran = world.run(level, attack)
     assert ran.code == 0
-    time.sleep(0.1)
     if level == "none":
-        assert outsider.poll() is not None
+        outsider.wait(timeout=10)  # the kill landed (a loaded machine may take a moment to reap it)
     else:
+        time.sleep(0.1)
         assert outsider.poll() is None
         assert all(v.startswith("denied") for v in ran.report.values()), ran.report
 
