@@ -406,3 +406,39 @@ def test_cancelling_the_harness_kills_its_worker(tmp_path):
         assert not _alive(worker)
     finally:
         harness.kill()
+
+
+def _tmpfs_mounts_under(folder: Path) -> list[str]:
+    prefix = str(folder.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [fields[4] for fields in map(str.split, f)
+                if fields[4].startswith(prefix) and fields[fields.index("-") + 1] == "tmpfs"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the scratch is a tmpfs only as root")
+def test_a_harness_killed_outright_leaves_no_scratch_mounted_past_the_next_trial(tmp_path):
+    """SIGKILL (the launcher's backstop, a Slurm cancel, the OOM killer) gives the harness no chance
+    to unmount its worker's tmpfs; the next harness on the host removes it before making its own."""
+    from train.sandbox import Scratch
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    trial = tmp_path / "trial"
+    write_trial(trial, _in_train(TINY, "    __import__('time').sleep(600)\n"))  # the strongest sandbox
+    harness = subprocess.Popen([sys.executable, "-m", "train.harness", str(trial)], env={**_env(), "TMPDIR": str(tmp)})
+    try:
+        deadline = time.time() + 120
+        while not _tmpfs_mounts_under(tmp):
+            assert harness.poll() is None and time.time() < deadline, "the worker's scratch never became a tmpfs"
+            time.sleep(0.1)
+        (mounted,) = _tmpfs_mounts_under(tmp)
+    finally:
+        harness.kill()
+        harness.wait()
+    time.sleep(0.5)  # the worker dies of its parent's death (PDEATHSIG)
+    assert _tmpfs_mounts_under(tmp) == [mounted], "the control: a killed harness leaves its tmpfs behind"
+
+    with Scratch("worker", tmp) as fresh:  # what the next harness does first
+        assert _tmpfs_mounts_under(tmp) == [] and not Path(mounted).exists()
+        assert sorted(p.name for p in tmp.iterdir()) == sorted([fresh.path.name, fresh.owner.name])
+    assert list(tmp.iterdir()) == []

@@ -885,3 +885,47 @@ def test_an_unprivileged_parent_holds_processes_disk_and_counts_cpu(open_world, 
     filled = results["fill"]
     assert filled["killed_for"] == "disk" or filled["report"]["stopped"] is not None  # EFBIG at 16 MB
     assert 0.8 <= results["burn"]["cpu"] <= 10.0
+
+
+# -- scratch folders: a dead maker's are swept, nothing else is ------------------------------------------
+def test_a_sweep_removes_only_the_scratches_of_dead_makers(tmp_path):
+    from train.sandbox.scratch import Scratch, sweep
+
+    hold = ("import sys, time\nfrom train.sandbox.scratch import Scratch\n"
+            f"s = Scratch(sys.argv[1], {str(tmp_path)!r})\n(s.path / 'weights').write_bytes(b'x' * 4096)\n"
+            "print(s.path, flush=True)\ntime.sleep(120)")
+    makers = {role: subprocess.Popen([sys.executable, "-c", hold, role], cwd=REPO, stdout=subprocess.PIPE, text=True)
+              for role in ("dead", "alive")}
+    try:
+        folders = {role: Path(p.stdout.readline().strip()) for role, p in makers.items()}
+        makers["dead"].kill()
+        makers["dead"].wait()
+        assert sweep(tmp_path) == [folders["dead"]]
+        assert not folders["dead"].exists() and not folders["dead"].with_name(folders["dead"].name + ".owner").exists()
+        assert (folders["alive"] / "weights").exists(), "a live maker's scratch was touched"
+        with Scratch("mine", tmp_path) as mine:
+            assert sweep(tmp_path) == [] and mine.path.is_dir()
+        assert not mine.path.exists() and not mine.owner.exists()
+    finally:
+        for p in makers.values():
+            p.kill()
+            p.wait()
+
+
+@needs_root
+def test_a_sweep_never_follows_a_name_another_user_planted(tmp_path):
+    """/tmp is everyone's: an owner file someone else made, or a folder name that is a symlink, is
+    left alone (a root sweep that followed one would remove, or unmount, what the link points at)."""
+    from train.sandbox.scratch import sweep
+
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    (tmp_path / "arena-link.owner").write_text("")
+    (tmp_path / "arena-link").symlink_to(target)
+    (tmp_path / "arena-theirs").mkdir()
+    (tmp_path / "arena-theirs" / "keep").write_text("x")
+    (tmp_path / "arena-theirs.owner").write_text("")
+    os.chown(tmp_path / "arena-theirs.owner", 65534, 65534)
+    assert sweep(tmp_path) == []
+    assert (target / "keep").exists() and (tmp_path / "arena-theirs" / "keep").exists()

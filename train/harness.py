@@ -31,7 +31,6 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -178,7 +177,8 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     log = lambda line: _log(trial_dir, line)  # noqa: E731
 
-    code_dir = Path(tempfile.mkdtemp(prefix="arena-code-"))  # read-only to the sandbox; later the weights too
+    code = sandbox.Scratch("code")  # read-only to the sandbox; later the weights too
+    code_dir = code.path
     try:
         os.chmod(code_dir, 0o755)
         for name in (TRAIN_FILE, TRIAL_FILE):  # the candidate may read its own spec: seed, budget, trial id
@@ -201,7 +201,7 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
         finally:
             pool.close()
     finally:
-        shutil.rmtree(code_dir, ignore_errors=True)
+        code.close()
     if not math.isfinite(scores["val_bpb"]):
         raise TrialFailed("nan", f"val_bpb is {scores['val_bpb']}")
     result.update(val_bpb=scores["val_bpb"], eval_seq_len=ledger.seq_len, eval_seconds=scores["eval_seconds"],
@@ -216,13 +216,15 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
     from train.processes import Confined, readable_paths
     from train.trainer import Ledger, WorkerFailed, WorkerGone, serve_training, warmup_limit
 
-    scratch = Path(tempfile.mkdtemp(prefix="arena-worker-"))  # empty: the sandbox mounts a tmpfs of disk_mb on it
+    owned = sandbox.Scratch("worker")  # empty: the sandbox mounts a tmpfs of disk_mb on it
+    scratch = owned.path
     devices = sandbox.gpu_devices() if config["device"] == "cuda" else ()
     policy = sandbox.Policy(scratch=scratch, readable=readable_paths(config["code_dir"]),
                             env=sandbox.allowed_env(scratch, env), memory_mb=objective.get("memory_mb"),
                             devices=devices)
-    worker = Confined("worker", policy, level, trial_dir / LOG_FILE, config, fork)
+    worker = None
     try:
+        worker = Confined("worker", policy, level, trial_dir / LOG_FILE, config, fork)
         ledger = Ledger(objective["budget_kind"], objective["budget"], objective["warmup_steps"], config["vocab_size"],
                         cpu_seconds=worker.tree.cpu_seconds, warmup_limit_s=warmup_limit(objective))
         log(f"harness: sandbox {level}, budget {objective['budget']} {objective['budget_kind']}, "
@@ -241,8 +243,9 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
             result.update(ledger.stats(), peak_memory_mb=_peak_memory_mb(worker))
         return scorer.load_weights(scratch / WEIGHTS_FILE, max_bytes=policy.disk_mb << 20), ledger
     finally:
-        worker.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if worker:
+            worker.close()
+        owned.close()
 
 
 def _verify_cache(data, objective: dict, which: tuple[str, ...]) -> None:

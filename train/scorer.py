@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import stat
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,10 +88,11 @@ class ServerPool:
         torch.save(weights, code_dir / WEIGHTS_FILE)  # written here: whatever the worker's file held is gone
         os.chmod(code_dir / WEIGHTS_FILE, 0o644)
         devices = sandbox.gpu_devices() if config["device"] == "cuda" else ()
-        self.servers, self.calls = [], 0
+        self.servers, self.scratches, self.calls = [], [], 0
         try:
             for _ in range(count):
-                scratch = Path(tempfile.mkdtemp(prefix="arena-server-"))
+                self.scratches.append(sandbox.Scratch("server"))
+                scratch = self.scratches[-1].path
                 policy = sandbox.Policy(scratch=scratch, readable=readable_paths(code_dir),
                                         env=sandbox.allowed_env(scratch, base_env), devices=devices)
                 self.servers.append(Confined("server", policy, level, log_path,
@@ -140,12 +139,10 @@ class ServerPool:
     def close(self) -> None:
         """Every server's tree closed at once: each waits a moment for the kernel to empty its
         cgroup, and one after another that added seconds to a trial."""
-        def close(server):
-            server.close()
-            shutil.rmtree(server.policy.scratch, ignore_errors=True)
-
         with ThreadPoolExecutor(max_workers=max(1, len(self.servers))) as pool:
-            list(pool.map(close, self.servers))
+            list(pool.map(lambda server: server.close(), self.servers))
+        for scratch in self.scratches:  # a server that never started still left its folder
+            scratch.close()
 
 
 def _from_memfd(fds: list[int], shape: list[int], dtype):

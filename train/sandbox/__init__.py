@@ -36,9 +36,10 @@ from . import landlock, limits, namespaces, procfs, seccomp
 from .cgroup import Cgroup
 from .kernel import (PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAPBSET_DROP, PR_SET_DUMPABLE, PR_SET_PDEATHSIG,
                      prctl)
+from .scratch import Scratch
 from .tree import ProcessTree, become_subreaper
 
-__all__ = ["LEVELS", "Policy", "ProcessTree", "SandboxUnavailable", "allowed_env", "available_level",
+__all__ = ["LEVELS", "Policy", "ProcessTree", "SandboxUnavailable", "Scratch", "allowed_env", "available_level",
            "become_subreaper", "check_level", "confine", "gpu_devices", "harden_orchestrator",
            "python_readable"]
 
