@@ -7,6 +7,7 @@ parent run per study, one child run per trial; the layout is what `analysis/` re
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -43,6 +44,18 @@ def local_database(tracking_uri: str | None) -> Path | None:
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri[len("sqlite:///"):])
     return None
+
+
+def holds_runs(db: Path) -> bool:
+    """Whether a local MLflow database has any run in it: one that does is some study's record,
+    whoever made the file."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as con:
+            return con.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    except sqlite3.OperationalError as e:
+        return "no such table" not in str(e)  # an empty or half-made file holds none; a locked one may
 
 
 class Mirror(StudyObserver):

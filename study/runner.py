@@ -245,7 +245,7 @@ def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None, lock: Stu
     started at the same instant as the owner saw no folder yet, then lost the race for the lock, and
     removing "its" folder would delete the owner's lock file (and with it the one-owner guarantee)."""
     had_dir = study_dir.exists()
-    from study.mirror import local_database
+    from study.mirror import holds_runs, local_database
 
     db = local_database(tracking_uri)
     had_db = db is None or db.exists()
@@ -257,7 +257,7 @@ def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None, lock: Stu
         if not had_dir:
             shutil.rmtree(study_dir, ignore_errors=True)
             _remove_empty_parents(study_dir.parent)
-        if not had_db:
+        if not had_db and not holds_runs(db):  # another study may have made it meanwhile
             db.unlink(missing_ok=True)
         raise
 

@@ -155,6 +155,25 @@ def test_a_missing_slurm_leaves_no_study_folder_and_no_mlflow_database(tmp_path)
     assert not (tmp_path / "studies").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_failed_setup_keeps_a_database_another_study_made_and_wrote_meanwhile(tmp_path):
+    """Two studies started at once on one local store: the one whose setup fails saw no database
+    when it began, but by then the other had made it and started its runs; those are kept."""
+    from study.lock import StudyLock
+    from study.runner import ConfigError, _removed_if_setup_fails
+
+    uri = sqlite_uri(tmp_path)
+    with StudyLock(tmp_path / "studies" / "failing") as lock, pytest.raises(ConfigError):
+        with _removed_if_setup_fails(tmp_path / "studies" / "failing", uri, lock):
+            lock.path.parent.mkdir(parents=True)
+            lock.acquire()
+            other = mlflow.MlflowClient(uri)  # the other study, meanwhile
+            run_id = other.create_run(other.create_experiment("other")).info.run_id
+            raise ConfigError("launcher slurm: no cluster")
+    assert (tmp_path / "mlflow.db").exists(), "the other study's runs were deleted"
+    assert mlflow.MlflowClient(uri).get_run(run_id).info.run_id == run_id
+    assert not (tmp_path / "studies").exists()
+
+
 # -- the pieces, without a study ---------------------------------------------------------------
 
 def test_knob_changes_show_old_and_new_values_shortest_first():
