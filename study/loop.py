@@ -95,12 +95,14 @@ class StudyLoop:
         self.reruns: list[Trial] = []  # measured by nobody yet (cancelled, lost, orphaned): run again first
         self._session_attempts: dict[str, int] = {}
         self.untold: list[tuple[Trial, Result]] = []
-        self.next_index = 0
+        self.next_index = 0  # the next trial id; ids a kill left unused are skipped, never reused
+        self.submitted = 0  # distinct trials submitted: what max_trials counts (a skipped id is no trial)
         self.clock_origin = 0.0
         self._ask_future: Future | None = None
         self._ask_started = 0.0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="searcher-ask")
-        self._interrupts = 0
+        self._interrupts = 0  # Ctrl-Cs received (the handler counts them) ...
+        self._interrupts_taken = 0  # ... and acted on (the loop, at its next turn)
         self._stop_submitting = False
 
     # -- public ---------------------------------------------------------------------------------
@@ -154,6 +156,7 @@ class StudyLoop:
         # Ids are never reused, even when the journal lost a line: the trials/ folder counts too.
         self.next_index = 1 + max([t.index for t in js.trials.values()] + _folder_indices(self.study_dir),
                                   default=-1)
+        self.submitted = len(js.trials)
         for trial, result in js.finished():
             self._record(trial, result, notify=False)
         self.observers.on_start(self.state, [(t, r, self._times(t, r)) for t, r in self.state.history])
@@ -214,7 +217,7 @@ class StudyLoop:
     def _budget_left(self) -> int:
         if self.rules.max_trials is None:
             return 1 << 30
-        return max(0, self.rules.max_trials - self.next_index)
+        return max(0, self.rules.max_trials - self.submitted)
 
     def _fill_slots(self) -> None:
         # Re-read: a launcher may drop a slot for good (a cluster that cannot be relaunched).
@@ -267,6 +270,7 @@ class StudyLoop:
     def _submit(self, candidate: Candidate, slot: Slot) -> None:
         index = self.next_index
         self.next_index += 1
+        self.submitted += 1
         objective = self.objective
         if candidate.budget_fraction is not None:
             objective = scaled_objective(objective, candidate.budget_fraction)
@@ -409,6 +413,7 @@ class StudyLoop:
 
     # -- stopping -------------------------------------------------------------------------------
     def _check_stop(self) -> None:
+        self._take_interrupts()
         if self._stop_submitting:
             return
         r = self.rules
@@ -450,8 +455,18 @@ class StudyLoop:
             self.state.stop, self.state.stop_reason = kind, reason
 
     def _on_sigint(self, signum, frame) -> None:
+        """Only counted here; the loop acts on it at its next turn (`_take_interrupts`). Acting in
+        the handler, which runs wherever the main thread happens to be, cancelled nothing of a
+        trial the launcher was still starting (it did not know the trial yet), so that trial ran
+        to the end and counted, and cleared the pending list under a loop that was reading it."""
         self._interrupts += 1
-        if self._interrupts == 1 and not self._stop_submitting:
+
+    def _take_interrupts(self) -> None:
+        if self._interrupts == self._interrupts_taken:
+            return
+        first = self._interrupts_taken == 0 and self._interrupts == 1 and not self._stop_submitting
+        self._interrupts_taken = self._interrupts
+        if first:
             self._stop(StopKind.INTERRUPTED, "interrupted (Ctrl-C)", cancel=self.rules.on_stop == "cancel")
         else:
             self._stop(StopKind.INTERRUPTED, "interrupted twice (Ctrl-C): cancelling", cancel=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import threading
 
 import pytest
@@ -66,11 +67,40 @@ def test_target_stops_and_cancels_trials_in_flight(tmp_path):
     assert len(state.history) < 100
 
 
+def test_a_ctrl_c_while_the_launcher_is_starting_a_trial_still_cancels_that_trial(tmp_path):
+    """The signal lands inside submit(), before the launcher knows the trial (a local launcher's
+    fork window): the cancel must still reach it, not let it run to the end and count."""
+    class CtrlCInSubmit(InstantLauncher):
+        def submit(self, trial, slot):
+            if trial.trial_id == "t0001":
+                signal.raise_signal(signal.SIGINT)  # the handler runs here, before the trial is registered
+            super().submit(trial, slot)
+
+    launcher = CtrlCInSubmit(2, duration=30.0)
+    state = make_loop(tmp_path, ListSearcher(limit=10), launcher, max_trials=10).run({"study_id": "s"})
+    assert state.stop is StopKind.INTERRUPTED
+    assert sorted(launcher.cancelled) == ["t0000", "t0001"], launcher.cancelled
+
+
 def test_max_trials_counts_submissions_exactly(tmp_path):
     searcher = ListSearcher(limit=100)
     loop = make_loop(tmp_path, searcher, InstantLauncher(4), max_trials=7)
     state = loop.run({"study_id": "s"})
     assert len(state.history) == 7 and state.stop is StopKind.MAX_TRIALS and "max_trials" in state.stop_reason
+
+
+def test_a_trial_folder_a_kill_left_unsubmitted_skips_its_id_but_not_a_trial(tmp_path):
+    """An orchestrator killed while writing t0002's folder (before it journalled the submission)
+    leaves the folder: the resume never reuses the id, and still runs max_trials trials."""
+    make_loop(tmp_path, ListSearcher(limit=2), InstantLauncher(2), max_trials=2).run({"study_id": "s"})
+    orphan = tmp_path / "trials" / "t0002"
+    orphan.mkdir()
+    (orphan / "trial.json.tmp").write_text("")
+    launcher = InstantLauncher(2)
+    state = make_loop(tmp_path, ListSearcher(limit=10), launcher, max_trials=5).run({"study_id": "s"})
+    js = JournalState.load(tmp_path / "journal.jsonl")
+    assert sorted(js.results) == ["t0000", "t0001", "t0003", "t0004", "t0005"]
+    assert len(launcher.submits) == 3 and state.stop is StopKind.MAX_TRIALS
 
 
 def test_a_searcher_that_runs_dry_ends_the_study(tmp_path):
