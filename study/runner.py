@@ -32,7 +32,7 @@ from study.observers import Observers, StudyEnd, StudyObserver
 from study.rungs import Rung, check_rung_kinds, parse_rungs
 from study.space import validate_space
 from train import sandbox
-from train.contract import BUDGET_KINDS, DEFAULT_SANDBOX, TRAIN_FILE
+from train.contract import BUDGET_KINDS, DEFAULT_SANDBOX, EVAL_LIMIT_KEYS, TRAIN_FILE
 from train.knobs import KnobError, read_knobs, write_knobs
 
 log = logging.getLogger("arena")
@@ -286,12 +286,25 @@ def check_objective(o: dict) -> dict:
         raise ConfigError(f"objective.budget_kind must be one of {BUDGET_KINDS}, not {o.get('budget_kind')!r}")
     if o.get("hard_limit_s") is None and o.get("hard_limit_per_unit_s"):
         o["hard_limit_s"] = derived_hard_limit(o)
-    for key in ("budget", "hard_limit_s", "eval_tokens"):
+    for key in ("budget", "hard_limit_s"):
         value = o.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"objective.{key} must be a number > 0, not {value!r}")
     if o["budget_kind"] == "seconds" and o["hard_limit_s"] <= o["budget"]:
         raise ConfigError(f"objective.hard_limit_s ({o['hard_limit_s']}) must exceed a seconds budget ({o['budget']})")
+    for key in ("eval_tokens", "eval_seq_len", "eval_batch_size"):  # the evaluation's geometry: the objective's
+        value = o.get(key)
+        if type(value) is not int or not 0 < value <= 1 << 30:
+            raise ConfigError(f"objective.{key} must be a positive int, not {value!r}")
+    if o["eval_seq_len"] < 2:
+        raise ConfigError(f"objective.eval_seq_len must be at least 2 (a row needs a position to cut after), "
+                          f"not {o['eval_seq_len']}")
+    limits = o.get("eval_limits") or {}
+    unknown = sorted(set(limits) - set(EVAL_LIMIT_KEYS)) if isinstance(limits, dict) else None
+    if unknown is None or unknown or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                             for v in limits.values()):
+        raise ConfigError(f"objective.eval_limits must map some of {', '.join(EVAL_LIMIT_KEYS)} to numbers > 0, "
+                          f"not {limits!r}")
     o["cache_dir"] = str(Path(o["cache_dir"]).expanduser().resolve())
     try:  # every trial runs sandboxed at least this well, or the study does not start
         o["sandbox"] = o.get("sandbox") or DEFAULT_SANDBOX

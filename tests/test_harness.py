@@ -33,7 +33,8 @@ def objective(**overrides) -> dict:
     return {
         "preset": "test", "corpus": CPU_PRESET.corpus, "vocab_size": CPU_PRESET.vocab_size,
         "budget_kind": "steps", "budget": STEPS, "hard_limit_s": 120, "warmup_steps": 1,
-        "eval_tokens": 512, "eval_batch_size": 8, "cache_dir": os.environ.get("ARENA_CACHE"), **overrides,
+        "eval_tokens": 512, "eval_seq_len": 32, "eval_batch_size": 8, "cache_dir": os.environ.get("ARENA_CACHE"),
+        **overrides,
     }
 
 
@@ -190,14 +191,19 @@ def test_the_warm_harness_runs_each_trial_in_a_fork_that_cannot_reach_the_next(h
     assert '"status": "ok"' in (clean / "stdout.log").read_text()  # the harness's own summary line
 
 
-@pytest.mark.parametrize("old, new", [
-    ("is_causal=True", "is_causal=False"),  # attends to later tokens
-    ("x = x0 = norm(self.wte(idx))", "x = x0 = norm(self.wte(idx) + self.wte(idx).mean(0))"),  # reads other rows
-], ids=["future-tokens", "other-rows"])
-def test_a_model_that_peeks_is_invalid(tmp_path, old, new):
-    result = run_trial(tmp_path / "trial", _edit(TINY, old, new))
+def test_a_model_that_attends_to_later_tokens_is_invalid(tmp_path):
+    result = run_trial(tmp_path / "trial", _edit(TINY, "is_causal=True", "is_causal=False"))
     assert result["status"] == "invalid" and result["val_bpb"] is None
     assert "not causal" in result["error"]
+
+
+def test_a_model_that_mixes_the_rows_of_its_batch_is_scored_one_row_at_a_time(tmp_path):
+    """Trained to lean on the batch's other rows, it is exported at batch 1 and evaluated under
+    vmap: at scoring time the batch is the one row, so reading others cannot reach any text."""
+    mixing = _edit(TINY, "x = x0 = norm(self.wte(idx))", "x = x0 = norm(self.wte(idx) + self.wte(idx).roll(1, 0))")
+    result = run_trial(tmp_path / "trial", mixing)
+    assert result["status"] == "ok", result["error"]
+    assert "rows of 32" in (tmp_path / "trial" / "run.log").read_text()
 
 
 # ----------------------------------------------------------------------------------------------

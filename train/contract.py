@@ -13,7 +13,7 @@ A trial folder, written by the study before the trial starts and by the trusted 
     running.lock  locked while any process of the trial lives (see RUNNING_LOCK)
 
 The candidate never sees this folder: it runs in a sandbox whose only writable place is a private
-scratch folder, and hands its weights over from there.
+scratch folder, and hands its trained model over from there, as data (MODEL_FILE).
 """
 from __future__ import annotations
 
@@ -30,13 +30,16 @@ RUNNING_LOCK = "running.lock"
 # holds whatever the candidate prints, step lines it forged included.
 STEPS_FILE = "steps.log"
 STDOUT_FILE = "stdout.log"  # a warm-forked harness's own output (its summary line, or its traceback)
-WEIGHTS_FILE = "weights.pt"  # in the worker's scratch, then a clean copy the model servers read
+MODEL_FILE = "model.arena"  # in the worker's scratch: the trained model as a tensor program (train/graph.py)
 RESULT_KEY_FILE = ".result-key"  # in the study folder: the HMAC key results are signed with
 SIGNATURE_FIELD = "signature"
 
 # What a budget counts. `seconds` is wall-clock training time after the warm-up steps;
 # `cpu_seconds` is the CPU time of the worker's whole process tree after them, read from the kernel.
 BUDGET_KINDS = ("seconds", "steps", "tokens", "cpu_seconds")
+
+# What objective.eval_limits may bound for one exported model (train/graph.py Limits).
+EVAL_LIMIT_KEYS = ("max_nodes", "max_work_per_token", "max_memory_mb")
 
 # Sandbox levels a study may ask for (objective.sandbox); "strongest" takes the best this machine has.
 DEFAULT_SANDBOX = "strongest"

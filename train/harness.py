@@ -5,13 +5,15 @@
 reads TRIAL_DIR/trial.json and TRIAL_DIR/train.py, writes TRIAL_DIR/run.log and, last and
 atomically, TRIAL_DIR/result.json. No searcher edits this file.
 
-This process is the trusted side and never imports or runs train.py. The candidate runs only in
-sandboxed children (processes.py) that see their own scratch folder and nothing of the study: a
-worker that trains on batches this process serves and counts (trainer.py), then one fresh model
-server per evaluation call whose logits this process scores with prepare.py's fixed metric
-(scorer.py). Every figure in the result is measured here or read from the kernel; every status
-comes from evidence this side holds (`oom` from the kernel, `cancelled` from a signal this process
-received); the result is signed with the study's key, read only after the last child is gone.
+This process is the trusted side and never imports or runs train.py. The candidate runs only in a
+sandboxed child (processes.py) that sees its own scratch folder and nothing of the study: a worker
+that trains on batches this process serves and counts (trainer.py) and then exports its model as a
+pure tensor program (export.py). Once the worker's whole tree is dead, this process checks that
+program (graph.py) and scores it itself with prepare.py's fixed metric (scorer.py): validation
+tokens are read only here, and only then. Every figure in the result is measured here or read from
+the kernel; every status comes from evidence this side holds (`oom` from the kernel, `cancelled`
+from a signal this process received); the result is signed with the study's key, read only after
+the last child is gone.
 
     python -m train.harness --serve
 
@@ -37,14 +39,15 @@ import traceback
 from pathlib import Path
 
 from train import integrity, sandbox
-from train.contract import (BUDGET_KINDS, DEFAULT_SANDBOX, LOG_FILE, RESULT_FILE, RUNNING_LOCK, STDOUT_FILE, STEPS_FILE,
-                            TRAIN_FILE, TRIAL_FILE, WEIGHTS_FILE, TrialFailed)
+from train.contract import (BUDGET_KINDS, DEFAULT_SANDBOX, LOG_FILE, MODEL_FILE, RESULT_FILE, RUNNING_LOCK,
+                            STDOUT_FILE, STEPS_FILE, TRAIN_FILE, TRIAL_FILE, TrialFailed)
+from train.runlog import RunLog
 
 OBJECTIVE_KEYS = ("corpus", "vocab_size", "budget_kind", "budget", "hard_limit_s", "warmup_steps",
-                  "eval_tokens", "eval_batch_size")
+                  "eval_tokens", "eval_seq_len", "eval_batch_size")
 RESULT_FIELDS = ("status", "val_bpb", "training_seconds", "total_seconds", "num_steps", "tokens", "num_params",
                  "peak_memory_mb", "mfu", "tokens_per_second", "device", "host", "torch_version", "budget_kind",
-                 "budget", "error", "sandbox_level", "cpu_seconds")
+                 "budget", "error", "sandbox_level", "cpu_seconds", "trusted_cpu_seconds")
 SIGNAL_GRACE_S = 2.0  # a worker killed by a signal: how long to wait for the arena's own signal to reach us
 # Dense bf16 peak of the device, for MFU; matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
@@ -84,6 +87,7 @@ def run_trial(trial_dir) -> dict:
             signal.signal(sig, signal.SIG_IGN)
     try:
         result["total_seconds"] = round(time.time() - started, 3)
+        result["trusted_cpu_seconds"] = _own_cpu_seconds()
         _log(trial_dir, f"harness: status={result['status']} val_bpb={result['val_bpb']}"
                         + (f" error={result['error'].splitlines()[-1]}" if result.get("error") else ""))
         return integrity.write_signed_result(trial_dir, result)
@@ -127,6 +131,11 @@ def _read_spec(trial_dir: Path) -> dict:
             raise ValueError(f"budget_kind must be one of {BUDGET_KINDS}, got {objective['budget_kind']!r}")
         if not objective["budget"] > 0:
             raise ValueError(f"budget must be > 0, got {objective['budget']!r}")
+        for key in ("eval_tokens", "eval_seq_len", "eval_batch_size"):
+            if type(objective[key]) is not int or not 0 < objective[key] <= 1 << 30:
+                raise ValueError(f"{key} must be a positive int, got {objective[key]!r}")
+        if objective["eval_seq_len"] < 2:
+            raise ValueError(f"eval_seq_len must be at least 2, got {objective['eval_seq_len']}")
         spec["seed"] = int(spec.get("seed") or 0)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TrialFailed("crash", f"bad {TRIAL_FILE} in {trial_dir}: {e}") from None
@@ -155,7 +164,7 @@ def _preflight(path: Path) -> None:
 def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) -> None:
     import torch
 
-    from train import prepare, scorer
+    from train import graph, prepare, scorer
     from train.processes import fork_safe
 
     objective, seed = spec["objective"], spec["seed"]
@@ -173,45 +182,42 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
     threads = int(threads) if threads else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch_version=torch.__version__)
-    fork = fork_safe()
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
-    log = lambda line: _log(trial_dir, line)  # noqa: E731
+    log = RunLog(trial_dir / LOG_FILE)
 
-    code = sandbox.Scratch("code")  # read-only to the sandbox; later the weights too
-    code_dir = code.path
+    code = sandbox.Scratch("code")  # read-only to the sandbox: the candidate's train.py and trial.json
     try:
-        os.chmod(code_dir, 0o755)
+        os.chmod(code.path, 0o755)
         for name in (TRAIN_FILE, TRIAL_FILE):  # the candidate may read its own spec: seed, budget, trial id
-            shutil.copyfile(trial_dir / name, code_dir / name)
-            os.chmod(code_dir / name, 0o644)
+            shutil.copyfile(trial_dir / name, code.path / name)
+            os.chmod(code.path / name, 0o644)
         config = {"seed": seed, "vocab_size": data.vocab_size, "device": device, "threads": threads,
-                  "code_dir": str(code_dir), "cuda_ipc": os.environ.get("ARENA_CUDA_IPC") == "1"}
-        weights, ledger = _train(trial_dir, objective, level, config, env, fork, result, started, data, log)
-        result["num_params"], matmul_params = scorer.count_params(weights, data.vocab_size)
-        # Every model server exists before this process reads a validation token.
-        pool = scorer.ServerPool(
-            scorer.eval_calls(objective, ledger.seq_len), code_dir=code_dir, weights=weights, level=level,
-            base_env=env, config={**config, "max_input_bytes": 8 * objective["eval_batch_size"] * ledger.seq_len},
-            log_path=trial_dir / LOG_FILE, fork=fork, timeout_s=max(60.0, float(objective["hard_limit_s"])))
-        try:
-            if threads:
-                torch.set_num_threads(threads)
-            _verify_cache(data, objective, ("val",))
-            scores = scorer.evaluate(pool, data, objective, ledger.seq_len, device, log)
-        finally:
-            pool.close()
+                  "code_dir": str(code.path), "eval_seq_len": objective["eval_seq_len"]}
+        raw, max_bytes, ledger = _train(trial_dir, objective, level, config, env, fork_safe(), result, started,
+                                        data, log)
     finally:
         code.close()
+        log.close()
+    # The worker's whole tree is dead and its scratch gone: from here on this process alone holds
+    # anything, and only now does it look at the validation split.
+    program = scorer.load_program(raw, objective, data.vocab_size, max_bytes)
+    del raw
+    result["num_params"], matmul_params = graph.count_params(program, data.vocab_size)
+    if threads:
+        torch.set_num_threads(threads)
+    _verify_cache(data, objective, ("val",))
+    scores = scorer.evaluate(program, data, objective, device, log.line)
     if not math.isfinite(scores["val_bpb"]):
         raise TrialFailed("nan", f"val_bpb is {scores['val_bpb']}")
-    result.update(val_bpb=scores["val_bpb"], eval_seq_len=ledger.seq_len, eval_seconds=scores["eval_seconds"],
-                  mfu=_mfu(result, matmul_params, device))
+    result.update(val_bpb=scores["val_bpb"], eval_seq_len=objective["eval_seq_len"],
+                  eval_seconds=scores["eval_seconds"], causality_checks=scores["causality_checks"],
+                  eval_work_per_token=round(program.work_per_token), mfu=_mfu(result, matmul_params, device))
 
 
 def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict, fork: bool, result: dict,
-           started: float, data, log):
-    """The sandboxed worker trains on what this process serves; returns its checked weights and
-    this side's ledger of the training."""
+           started: float, data, log: RunLog):
+    """The sandboxed worker trains on what this process serves and exports its model; returns the
+    exported model's bytes (unchecked), their bound, and this side's ledger of the training."""
     from train import scorer
     from train.processes import Confined, readable_paths
     from train.trainer import Ledger, WorkerFailed, WorkerGone, serve_training, warmup_limit
@@ -224,15 +230,16 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
                             devices=devices)
     worker = None
     try:
-        worker = Confined("worker", policy, level, trial_dir / LOG_FILE, config, fork)
+        worker = Confined("worker", policy, level, log.pipe(), config, fork)
         ledger = Ledger(objective["budget_kind"], objective["budget"], objective["warmup_steps"], config["vocab_size"],
                         cpu_seconds=worker.tree.cpu_seconds, warmup_limit_s=warmup_limit(objective))
-        log(f"harness: sandbox {level}, budget {objective['budget']} {objective['budget_kind']}, "
-            f"worker ready to start {time.time() - started:.2f} s after the harness started")
+        log.line(f"harness: sandbox {level}, budget {objective['budget']} {objective['budget_kind']}, "
+                 f"worker ready to start {time.time() - started:.2f} s after the harness started")
         device_memory = _DeviceMemory(config["device"])
         try:
-            serve_training(worker, ledger, data.train_tokens(), config["seed"], started + objective["hard_limit_s"], log,
-                           watch=device_memory, log_step=lambda line: (log(line), _log(trial_dir, line, STEPS_FILE)),
+            serve_training(worker, ledger, data.train_tokens(), config["seed"], started + objective["hard_limit_s"],
+                           log.line, watch=device_memory,
+                           log_step=lambda line: (log.line(line), _log(trial_dir, line, STEPS_FILE)),
                            limit_s=objective["hard_limit_s"])
         except WorkerGone:
             raise _why_the_worker_ended(worker) from None
@@ -241,7 +248,8 @@ def _train(trial_dir: Path, objective: dict, level: str, config: dict, env: dict
         finally:
             worker.end()
             result.update(ledger.stats(), peak_memory_mb=_peak_memory_mb(worker))
-        return scorer.load_weights(scratch / WEIGHTS_FILE, max_bytes=policy.disk_mb << 20), ledger
+        max_bytes = policy.disk_mb << 20
+        return scorer.read_model(scratch / MODEL_FILE, max_bytes), max_bytes, ledger
     finally:
         if worker:
             worker.close()
@@ -321,6 +329,13 @@ class _DeviceMemory:
         return self.least_free is not None and self.least_free < self.FULL
 
 
+def _own_cpu_seconds() -> float:
+    """CPU time of this process (the trusted side of the trial: serving batches, checking and scoring
+    the model), from the kernel; a fork of the warm harness starts its own account at zero."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 3)
+
+
 def _peak_memory_mb(worker) -> float | None:
     peak = worker.tree.peak_memory_mb()
     if peak is None:  # the kernel's high-water mark of the children this process reaped (KiB on Linux)
@@ -343,12 +358,13 @@ def serve() -> None:
     tokens or result keys, so a trial cannot reach the next one through it. EOF on stdin ends it."""
     import torch  # noqa: F401 - the point of a warm harness
 
-    from train import prepare, scorer, trainer  # noqa: F401
+    from train import graph, prepare, scorer, trainer  # noqa: F401
     from train.processes import fork_safe
 
     if not fork_safe():
         sys.exit("error: --serve forks trials, which a GPU runtime does not survive: "
                  "run `python -m train.harness TRIAL_DIR` per trial instead")
+    _warm_up()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the launcher watches the trials; nobody reaps them here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("ready", flush=True)
@@ -374,6 +390,33 @@ def serve() -> None:
                 os._exit(code)
         os.close(running)  # the fork holds it now, for as long as the trial lives (it outlives its children)
         print(pid, flush=True)
+
+
+def _warm_up() -> None:
+    """Pay here, once per slot, what every trial would otherwise pay at its first export and its
+    first scoring (importing torch.export and its tracer, the first trace, the flop counter, vmap):
+    about 2 s of a tiny trial. The model is a fixed one of ours, no candidate's. One thread only, so
+    no OpenMP pool exists when the trials are forked (GNU OpenMP does not survive a fork)."""
+    import tempfile
+
+    import torch
+
+    from train import graph
+    from train.export import export_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8))
+        with tempfile.TemporaryDirectory(prefix="arena-warm-") as folder:
+            path = Path(folder) / "model"
+            export_model(model, 4, path)
+            program = graph.load(path.read_bytes(), graph.Limits(), vocab_size=8, seq_len=4)
+        program.check_lengths([2, 3])
+        with torch.no_grad():
+            torch.vmap(program)(torch.zeros(2, 1, 4, dtype=torch.int64))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def hold_running_lock(trial_dir: str | os.PathLike) -> int:

@@ -1,12 +1,13 @@
-"""Starting and ending the trial's sandboxed processes: the training worker and the model servers.
+"""Starting and ending the trial's sandboxed process: the training worker.
 
-Each is a child in its own session, connected to the trusted harness by one socket and nothing
-else: a fork of the harness where that is safe (CPU: torch is already imported, a child starts in
-milliseconds) or a fresh interpreter (a CUDA runtime does not survive a fork). Either way the child
-closes every other descriptor, waits for the harness's `go` (the harness first puts it under a
-sandbox.ProcessTree), enters the sandbox with sandbox.confine, and only then touches candidate
-code. The harness never forks one after it has read validation tokens or the result key, so no
-child holds either in its memory.
+It is a child in its own session, connected to the trusted harness by one socket and an output pipe
+and nothing else: a fork of the harness where that is safe (CPU: torch is already imported, a child
+starts in milliseconds) or a fresh interpreter (a CUDA runtime does not survive a fork). Either way
+the child closes every other descriptor, waits for the harness's `go` (the harness first puts it
+under a sandbox.ProcessTree), enters the sandbox with sandbox.confine, and only then touches
+candidate code. The harness forks it before it has read validation tokens or the result key and
+reads them only after the child's whole tree is dead, so no process that runs candidate code holds
+either.
 """
 from __future__ import annotations
 
@@ -44,15 +45,16 @@ def readable_paths(*extra) -> tuple[Path, ...]:
 
 
 class Confined:
-    """One sandboxed child running `role` ("worker" or "server"): `sock` talks to it. Its scratch
-    (policy.scratch) stays readable here after end() and is unmounted by close()."""
+    """One sandboxed child running `role` ("worker"): `sock` talks to it, `output_fd` (the write end
+    of a pipe the harness drains, runlog.RunLog.pipe) takes its stdout and stderr and is closed
+    here. Its scratch (policy.scratch) stays readable here after end() and is unmounted by close()."""
 
-    def __init__(self, role: str, policy: sandbox.Policy, level: str, log_path: Path, config: dict, fork: bool):
+    def __init__(self, role: str, policy: sandbox.Policy, level: str, output_fd: int, config: dict, fork: bool):
         ours, theirs = socket.socketpair()
         policy = dataclasses.replace(policy, keep_fds=(theirs.fileno(),))
         self.role, self.policy, self.level = role, policy, level
         self.sock, self.code, self.popen = ours, None, None
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        log_fd = output_fd
         try:
             if fork:
                 sys.stdout.flush()
@@ -124,14 +126,11 @@ def _child(fd: int, log_fd: int | None) -> None:
         go, _, _ = wire.recv(sock)
         sandbox.confine(sandbox.Policy.from_json(go["policy"]), go["level"])
         _fresh_randomness()
-        if go["role"] == "worker":
-            from train.worker import worker_main
+        if go["role"] != "worker":
+            raise ValueError(f"unknown role {go['role']!r}")
+        from train.worker import worker_main
 
-            worker_main(sock, go)
-        else:
-            from train.modelserver import server_main
-
-            server_main(sock, go)
+        worker_main(sock, go)
         code = 0
     except BaseException:  # noqa: BLE001 - the harness reads the outcome from the socket, not from here
         traceback.print_exc()

@@ -2,11 +2,12 @@
 
     run.device              torch.device to train on
     run.vocab_size          the tokenizer's vocabulary size
+    run.eval_seq_len        the sequence length val_bpb is measured at (the objective's, fixed): the
+                            model must take any length from 2 to this one
     run.batches(batch_size, seq_len)
                             an endless iterator of (inputs, targets) LongTensors [batch_size, seq_len]
                             on run.device: random windows of the train split, targets shifted by one.
-                            The same sequence for the same seed and call order. The longest seq_len
-                            asked for is the one val_bpb is measured at.
+                            The same sequence for the same seed and call order.
     run.step(loss) -> bool  count one optimizer step; True once the budget is spent: return then.
     run.progress            0..1 of the budget spent (seconds, steps, tokens or CPU seconds): the
                             clock for learning-rate schedules
@@ -17,7 +18,14 @@
 Every figure comes from the trusted harness, which serves the batches and keeps the clock: train()
 runs in a sandbox that sees only its own scratch folder, so it can neither read the validation
 split nor report its own step counts. After the budget is spent no more batches are served, and
-train() must return within a few seconds (the weights are then saved and scored in fresh processes).
+train() must return within a few seconds.
+
+Then the model leaves the sandbox as data: it is exported with torch.export (batch 1, any length
+from 2 to run.eval_seq_len) and the trusted scorer evaluates that tensor program itself, each
+validation row on its own. So forward must be exportable: tensor operations only (no .item(), no
+Python branch on a tensor's values, no print, no file or random number), returning the logits
+tensor and changing no state of the model. A model that does not export is `invalid`, with
+torch.export's reason in the trial's error.
 """
 from __future__ import annotations
 
@@ -34,10 +42,11 @@ class BudgetSpent(RuntimeError):
 
 
 class Run:
-    def __init__(self, sock: socket.socket, device: str, vocab_size: int, seed: int):
+    def __init__(self, sock: socket.socket, device: str, vocab_size: int, seed: int, eval_seq_len: int):
         self.device = torch.device(device)
         self.vocab_size = vocab_size
         self.seed = seed
+        self.eval_seq_len = eval_seq_len
         self._sock = sock
 
     def _ask(self, header: dict, max_payload: int = 0) -> tuple[dict, bytearray]:

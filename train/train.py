@@ -5,17 +5,20 @@ fixed harness runs it in a sandbox (its own scratch folder, no network, no view 
 validation data) and relies on two functions:
 
     build_model(vocab_size) -> nn.Module   forward(idx: LongTensor[B, T]) -> logits [B, T, vocab_size].
-        It must be causal (logits at t may depend on idx[:, :t+1] only, and on nothing in other rows)
-        and its state_dict must be all it takes to rebuild the trained model.
+        It must be causal (logits at t may depend on idx[:, :t+1] only) and exportable: after
+        train() the harness exports it with torch.export at batch 1 and any length T from 2 to
+        run.eval_seq_len, so forward is tensor operations only (no .item(), no Python branch on a
+        tensor's values, no randomness), returns the logits and changes no state of the model.
     train(model, run) -> None               train `model` in place and return once run.step(loss)
         says the budget is spent.
 
-`run` is train/run.py (the one other file to read): run.device, run.vocab_size, run.batches(batch_size,
-seq_len) (train split only), run.step(loss) -> bool, run.progress (0..1 of the budget: seconds, steps,
-tokens or CPU seconds), run.autocast(), run.compile(model), run.log(**values). The harness serves the
-batches and counts the steps, tokens and time itself, then scores the saved weights with prepare.py's
-val_bpb at the longest seq_len train() asked batches for, each evaluation batch in a fresh process;
-nothing printed, returned or written here counts.
+`run` is train/run.py (the one other file to read): run.device, run.vocab_size, run.eval_seq_len,
+run.batches(batch_size, seq_len) (train split only), run.step(loss) -> bool, run.progress (0..1 of
+the budget: seconds, steps, tokens or CPU seconds), run.autocast(), run.compile(model),
+run.log(**values). The harness serves the batches and counts the steps, tokens and time itself,
+then scores the exported model (a pure tensor program, evaluated by the trusted side, each row on
+its own) with prepare.py's val_bpb at the objective's eval_seq_len; nothing printed, returned or
+written here counts.
 
 The values below are the gpu preset (~50M parameters for an 8192 vocab, one H100, 300 s);
 conf/objective/cpu.yaml writes the cpu preset's values over them. No SEED knob: the seed belongs
@@ -118,7 +121,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size, depth, dim, head_dim, max_seq_len):
+    def __init__(self, vocab_size, depth, dim, head_dim):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, dim)
         self.blocks = nn.ModuleList(Block(dim, head_dim) for _ in range(depth))
@@ -126,9 +129,7 @@ class GPT(nn.Module):
         # Each block reads a learned mix of the residual stream and the first layer's input.
         self.resid_lambdas = nn.Parameter(torch.ones(depth))
         self.x0_lambdas = nn.Parameter(torch.full((depth,), 0.1))
-        cos, sin = rotary_tables(max_seq_len, head_dim)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.head_dim = head_dim
         self.init_weights(dim)
 
     @torch.no_grad()
@@ -144,8 +145,10 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx):
-        T = idx.size(1)
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        # The rotary tables are made for the length at hand, so any length scores (val_bpb is
+        # measured at the objective's eval_seq_len, and the causality check runs shorter rows).
+        cos, sin = rotary_tables(idx.size(1), self.head_dim)
+        cos, sin = cos.to(idx.device), sin.to(idx.device)
         x = x0 = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
             x = block(self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0, cos, sin)
@@ -155,7 +158,7 @@ class GPT(nn.Module):
 
 def build_model(vocab_size):
     dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
-    return GPT(vocab_size, DEPTH, dim, HEAD_DIM, SEQ_LEN)
+    return GPT(vocab_size, DEPTH, dim, HEAD_DIM)
 
 
 def newton_schulz(g, steps=5):

@@ -18,7 +18,7 @@ from train import wire
 from train.contract import TrialFailed
 
 EXPLODING_STEPS = 10  # consecutive steps with a loss above 3x a uniform guess's end the trial as nan
-HANDOVER_S = 10.0  # from the budget being spent to train() returning and the weights being saved
+HANDOVER_S = 10.0  # from the budget being spent to train() returning and the model being exported
 # The allowance for what a time budget does not count (starting the worker, importing train.py,
 # build_model, compiling, the warm-up steps): at most this fraction of the budget, and this many
 # seconds. Without a cap it was free training time: a warm-up step that trains for minutes on the
@@ -205,14 +205,14 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             if not said_started:
                 log("harness: worker: the model is built, train() starts")
             said_started = True
+        elif op == "exporting":  # the worker's word again: a log line, and the hand-over clock runs on
+            log("harness: worker: train() returned, exporting the model")
         elif op == "batches":
             batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
-            # seq_len 1 is refused: val_bpb is measured at the longest seq_len asked for, and at 1 the
-            # causality probe has no position to cut at, so a model could read every other row.
-            if not all(isinstance(v, int) and v >= 1 for v in (batch_size, seq_len)) or seq_len < 2 \
+            if not all(type(v) is int and v >= 1 for v in (batch_size, seq_len)) \
                     or batch_size * (seq_len + 1) > MAX_BATCH_TOKENS:
                 raise TrialFailed("invalid", f"run.batches({batch_size!r}, {seq_len!r}): need positive ints, "
-                                             f"seq_len at least 2, at most {MAX_BATCH_TOKENS} tokens a batch")
+                                             f"at most {MAX_BATCH_TOKENS} tokens a batch")
             if seq_len + 1 > len(train_tokens):
                 raise TrialFailed("invalid", f"seq_len {seq_len} is longer than the train split "
                                              f"({len(train_tokens)} tokens)")

@@ -1,8 +1,9 @@
 """Inside the sandbox: build train.py's model, train it with a `run` whose batches and clock come
-from the trusted harness, save the weights into the scratch folder. What this process says about
-itself is never a figure: the harness counts steps, tokens and time, recounts the parameters from
-the weights, and takes only failures (crash, invalid, nan) from here, since claiming one can only
-lose a trial.
+from the trusted harness, then export it as a pure tensor program into the scratch folder
+(train/export.py): the only form in which the model leaves. What this process says about itself is
+never a figure: the harness counts steps, tokens and time, recounts the parameters from the exported
+tensors, and takes only failures (crash, invalid, nan) from here, since claiming one can only lose a
+trial.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from train import wire
-from train.contract import TRAIN_FILE, WEIGHTS_FILE
+from train.contract import MODEL_FILE, TRAIN_FILE
 
 
 class Invalid(Exception):
@@ -22,6 +23,7 @@ class Invalid(Exception):
 def worker_main(sock, go: dict) -> None:
     import torch
 
+    from train.export import Unexportable, export_model
     from train.run import BudgetSpent, Run
 
     report = {"op": "finished"}
@@ -29,17 +31,18 @@ def worker_main(sock, go: dict) -> None:
         set_threads(torch, go.get("threads"))
         module = load_train_module(Path(go["code_dir"]) / TRAIN_FILE)
         model = build(module, go["vocab_size"], go["seed"], go["device"])
-        run = Run(sock, go["device"], go["vocab_size"], go["seed"])
+        run = Run(sock, go["device"], go["vocab_size"], go["seed"], go["eval_seq_len"])
         wire.send(sock, {"op": "started"})
         module.train(model, run)  # its return value is ignored
-        weights = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
-        torch.save(weights, WEIGHTS_FILE)
+        wire.send(sock, {"op": "exporting"})
+        export_model(model, go["eval_seq_len"], Path(MODEL_FILE))
     except BaseException as e:  # noqa: BLE001 - every way train.py can end is a report
         text = traceback.format_exc()
         print(text, flush=True)
-        status = "invalid" if isinstance(e, (Invalid, SyntaxError)) else "budget" if isinstance(e, BudgetSpent) \
-            else "oom" if _looks_like_oom(e) else "crash"
-        report = {"op": "failed", "status": status, "error": str(e) if isinstance(e, Invalid) else text[-4000:]}
+        status = "invalid" if isinstance(e, (Invalid, Unexportable, SyntaxError)) else "budget" \
+            if isinstance(e, BudgetSpent) else "oom" if _looks_like_oom(e) else "crash"
+        report = {"op": "failed", "status": status,
+                  "error": str(e) if isinstance(e, (Invalid, Unexportable)) else text[-4000:]}
     wire.send(sock, report)
     os._exit(0)
 
@@ -62,8 +65,7 @@ def load_train_module(path: Path):
 
 
 def build(module, vocab_size: int, seed: int, device: str):
-    """build_model under the trial's seed, on the device: the worker and every model server build
-    the same module the same way, so the weights fit."""
+    """build_model under the trial's seed, on the device."""
     import torch
 
     torch.manual_seed(seed)
