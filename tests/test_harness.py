@@ -448,3 +448,34 @@ def test_a_harness_killed_outright_leaves_no_scratch_mounted_past_the_next_trial
         assert _tmpfs_mounts_under(tmp) == [] and not Path(mounted).exists()
         assert sorted(p.name for p in tmp.iterdir()) == sorted([fresh.path.name, fresh.owner.name])
     assert list(tmp.iterdir()) == []
+
+
+def test_validation_tokens_are_read_only_after_every_sandboxed_process_is_gone(tmp_path):
+    """The order the harness keeps, observed from inside it: the worker (the one process that runs
+    candidate code) is forked, killed whole and reaped, and only then is the validation split read."""
+    trial = write_trial(tmp_path / "trial", TINY)
+    probe = f"""
+import json, os, sys
+from train import harness, prepare, processes
+events, children = [], []
+_init, _close, _val = processes.Confined.__init__, processes.Confined.close, prepare.DataSpec.val_tokens
+def init(self, *a, **k):
+    _init(self, *a, **k)
+    children.append(self.pid)
+    events.append("worker started")
+def close(self):
+    _close(self)
+    events.append("worker closed")
+def val(self):
+    alive = [pid for pid in children if os.path.exists(f"/proc/{{pid}}")]
+    events.append(f"validation read, sandboxed processes alive: {{alive}}")
+    return _val(self)
+processes.Confined.__init__, processes.Confined.close, prepare.DataSpec.val_tokens = init, close, val
+result = harness.run_trial({str(trial)!r})
+print(json.dumps({{"status": result["status"], "events": events}}))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["status"] == "ok"
+    assert report["events"][:3] == ["worker started", "worker closed", "validation read, sandboxed processes alive: []"]

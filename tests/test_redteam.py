@@ -2,26 +2,29 @@
 
 Each end-to-end attack is the tiny baseline plus a few lines an adversarial agent could write, run
 through the real harness (`python -m train.harness TRIAL_DIR`, as Slurm runs it) and read back as
-the launchers read it (signature checked). Every one of them got through once; the commit named in
-each comment closed it, and the test keeps it closed:
+the launchers read it (signature checked). Every one of them, or the class it stands for, got
+through once; the comment names what closed it, and the test keeps it closed:
 
-- a model server answering the causality probe from its pair partner's batch, passed on through a
-  channel that outlives a process (System V shared memory at the `landlock` level) or through one
-  that needs candidate code in an idle server (POSIX record locks, the GPU path's servers imported
-  train.py before their batch): a next-token peek then scored 0.23 bits per byte, status ok;
-- a weights.pt that is a symlink (to any file of the host, which the trusted harness read as its
-  own) or a FIFO (the harness blocked on it);
-- a model server shrinking its memfd while the harness reads the logits (a mapped page past the
-  end is a SIGBUS that kills the trusted harness);
+- model servers that were handed validation batches talked to each other (System V shared memory,
+  POSIX record locks, page-cache residency, holes in an inherited log descriptor) and answered the
+  causality probe from the partner's batch: a next-token peek scored 0.12-0.23 bits per byte, status
+  ok. No process that runs candidate code holds validation text any more: the model crosses to the
+  scorer as a pure tensor program, and Python in forward (the channel's code) does not export;
+- a model file that is a symlink (to any file of the host, which the trusted harness read as its
+  own), a FIFO (the harness blocked on it), a file declaring a multi-GB tensor in a few bytes (the
+  harness allocated it and died), or one rewritten by a survivor while it is read;
 - step lines printed into run.log, which the live display and MLflow's loss curve read as the
   harness's (they now read steps.log, which only the harness writes);
+- a candidate training at sequence length 4, which made the harness fork 256 model servers;
 - training the clock does not see: in a warm-up step on the batches drawn before it, and after the
   last step before train() returns (the ledger tests below, with the ledger's own clock).
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -38,14 +41,14 @@ from train.contract import LOG_FILE, RESULT_FILE
 from train.integrity import ensure_study_key
 from train.trainer import HANDOVER_S, Ledger, warmup_limit
 
-EVAL = {"eval_tokens": 512}  # one batch of 8 x 64: two model servers, the real batch and its probe
+EVAL = {"eval_tokens": 512}  # 8 rows of 64
 HARNESS_TIMEOUT_S = 600  # a hang of the trusted harness is a failure, not a stuck suite
 
 
 def _in_forward(objective: dict, code: str, at_import: str = "") -> str:
-    """`code` runs at each forward call (training and every model server); `idx` is the batch, and
-    a non-None `_logits` it sets replaces the model's output. `at_import` runs when train.py is
-    imported."""
+    """`code` runs at each forward call (training, and once when the worker exports the model);
+    `idx` is the batch, and a non-None `_logits` it sets replaces the model's output. `at_import`
+    runs when train.py is imported."""
     source = tiny_source(objective)
     forward = "    def forward(self, idx):\n"
     body = "".join(f"        {line}\n" for line in ("_logits = None\n" + code.strip("\n")).splitlines())
@@ -53,15 +56,21 @@ def _in_forward(objective: dict, code: str, at_import: str = "") -> str:
     return source + "\n" + at_import
 
 
-def _before_save(objective: dict, code: str) -> str:
-    """`code` runs at the start of train(); it may replace torch.save, which the worker calls next."""
+def _in_train(objective: dict, code: str) -> str:
+    """`code` runs at the start of train()."""
     return tiny_source(objective, hook=code)
 
 
-# The forgery both channels carry: logits that put 25 nats on the next token of the row (the
-# target, read from the input). A server that knows its pair partner's batch answers every
-# position the two batches share from the partner's batch, so the probe's kept positions match
-# whichever of the two is the real one.
+def _exporting(code: str) -> str:
+    """train() code that makes the worker's exporter run `code` (a lambda body over `path`) instead
+    of writing the model: the candidate owns its process, the exporter included."""
+    return ("import builtins as _b, train.export as _E\n"
+            f"_b._arena_write = lambda path: {code}\n"
+            "_E.export_model.__code__ = (lambda model, seq_len, path: _arena_write(path)).__code__\n")
+
+
+# The forgery a pair of model servers once carried: logits that put 25 nats on the next token of
+# the row (the target, read from the input), answered from a partner's batch where the two share it.
 PEEK = """
 if not self.training:
     import numpy as _np
@@ -108,72 +117,37 @@ def _publish(me):
         mem[0] = n + 1
 """
 
-LOCKS_CHANNEL = """
-import fcntl as _f, inspect as _i, os as _o, struct as _s, threading as _th, time as _tm
-_FMT, _BASE, _READY, _N = "hhqqi", 4096, 16, 8 * 64
-_SEEN = []
-def _bit(fd, off):
-    return _s.unpack(_FMT, _f.fcntl(fd, _f.F_GETLK, _s.pack(_FMT, _f.F_WRLCK, 0, off, 1, 0)))[0] != _f.F_UNLCK
-def _listen():
-    fd = _o.open(__file__, _o.O_RDONLY)
-    while True:
-        if _bit(fd, _READY):
-            toks = [sum(_bit(fd, _BASE + k * 16 + b) << b for b in range(16)) for k in range(_N)]
-            if toks not in _SEEN:
-                _SEEN.append(toks)
-        _tm.sleep(0.02)
-def _find_partner(me):
-    import numpy as _np
-    for prev in list(_SEEN):
-        prev = _np.asarray(prev, dtype=_np.int64).reshape(me.shape)
-        if (prev[:, 0] == me[:, 0]).all():
-            return prev
-    return None
-def _publish(me):
-    fd = _o.open(__file__, _o.O_RDONLY)
-    for k, v in enumerate(me.reshape(-1).tolist()):
-        for b in range(16):
-            if v >> b & 1:
-                _f.fcntl(fd, _f.F_SETLK, _s.pack(_FMT, _f.F_RDLCK, 0, _BASE + k * 16 + b, 1, 0))
-    _f.fcntl(fd, _f.F_SETLK, _s.pack(_FMT, _f.F_RDLCK, 0, _READY, 1, 0))
-    _tm.sleep(3)  # long enough for an idle server's thread to read it all
-if any(frame.function == "server_main" for frame in _i.stack()):
-    _th.Thread(target=_listen, daemon=True).start()
-"""
-
-WEIGHTS_SYMLINK = """
-import os as _o
-torch.save = lambda obj, path, *a, **k: _o.symlink(STOLEN, path)
-"""
-
-WEIGHTS_FIFO = """
-import os as _o
-torch.save = lambda obj, path, *a, **k: _o.mkfifo(path)
-"""
-
 # What the live display and MLflow's loss curve would have drawn: a loss no model of this size gets.
 FORGED_STEPS = """
 for _step in (1, 500, 999):
     print(f"step={_step} loss=0.01 progress={_step / 999:.3f} training_seconds=0.01", flush=True)
 """
 
-# Shrink the memfd to nothing and back, again and again, while the harness copies the logits.
-MEMFD_SHRINK = """
-if not self.training:
-    import os as _o, time as _tm, train.modelserver as _ms
-    _send = _ms.wire.send
-    def _racing_send(sock, header, payload=b"", fds=()):
-        _send(sock, header, payload, fds)
-        if fds:
-            _fd, _n, _end = fds[0], _o.fstat(fds[0]).st_size, _tm.time() + 5
-            while _tm.time() < _end:
-                _t = _tm.perf_counter()
-                while _tm.perf_counter() - _t < 20e-6:
-                    pass
-                _o.ftruncate(_fd, 0)
-                _o.ftruncate(_fd, _n)
-    _ms.wire.send = _racing_send
+# A setsid'd grandchild that keeps truncating and rewriting the exported model while the harness
+# would read it: the harness kills the whole tree first, so what it reads holds still.
+SURVIVOR_REWRITES_THE_MODEL = """
+import os as _o, time as _tm
+if _o.fork() == 0:
+    _o.setsid()
+    if _o.fork() == 0:
+        _end = _tm.time() + 60
+        while _tm.time() < _end:
+            try:
+                with open("model.arena", "r+b") as _f:
+                    _f.truncate(12)
+                    _f.write(b"x" * 4096)
+            except OSError:
+                pass
+    _o._exit(0)
 """
+
+
+def _bomb_file() -> str:
+    """A model file of a few hundred bytes declaring an 8 GiB tensor."""
+    head = json.dumps({"format": "arena-graph/1", "inputs": [{"name": "idx", "input": True}], "nodes": [],
+                       "output": "idx", "tensors": {"w": {"dtype": "float32", "shape": [1 << 31],
+                                                          "offset": 0, "nbytes": 8 << 30}}}).encode()
+    return repr(struct.pack("<Q", len(head)) + head + b"\0" * 64)
 
 
 def _landlock_level() -> bool:
@@ -189,21 +163,24 @@ class Redteam:
     def __init__(self, study: Path, objective: dict):
         self.study = study
         ensure_study_key(study)
-        self.stolen = study / "stolen-weights.pt"
-        _save_uniform_weights(objective, self.stolen)
+        self.stolen = study / "stolen-model.arena"
+        _save_uniform_model(objective, self.stolen)
         constants = f"\nSEED = 1\nSTOLEN = {str(self.stolen)!r}\n"
         attacks = {  # name -> (source, objective overrides, harness environment)
-            "pair-forgery-sysv-landlock": (_in_forward(objective, PEEK, SYSV_CHANNEL + constants),
-                                           {"sandbox": "landlock"}, {}),
-            "pair-forgery-locks-spawned-servers": (_in_forward(objective, PEEK, LOCKS_CHANNEL),
-                                                   {}, {"ARENA_SPAWN_WORKER": "1"}),
-            "weights-symlink-to-a-host-file": (_before_save(objective, WEIGHTS_SYMLINK) + constants, {}, {}),
-            "weights-fifo": (_before_save(objective, WEIGHTS_FIFO), {}, {}),
-            "memfd-shrunk-while-read": (_in_forward(objective, MEMFD_SHRINK), {}, {}),
-            "forged-step-lines-in-run-log": (_before_save(objective, FORGED_STEPS), {}, {}),
+            "python-side-channel-in-forward-landlock": (_in_forward(objective, PEEK, SYSV_CHANNEL + constants),
+                                                        {"sandbox": "landlock"}, {}),
+            "python-side-channel-in-forward": (_in_forward(objective, PEEK, SYSV_CHANNEL + constants), {}, {}),
+            "model-symlink-to-a-host-file": (_in_train(objective, _exporting("__import__('os').symlink(STOLEN, path)"))
+                                             + constants, {}, {}),
+            "model-fifo": (_in_train(objective, _exporting("__import__('os').mkfifo(path)")), {}, {}),
+            "model-size-bomb": (_in_train(objective, _exporting(f"open(path, 'wb').write({_bomb_file()})")), {}, {}),
+            "model-rewritten-by-a-survivor": (_in_train(objective, SURVIVOR_REWRITES_THE_MODEL), {}, {}),
+            "forged-step-lines-in-run-log": (_in_train(objective, FORGED_STEPS), {}, {}),
+            "training-at-sequence-length-4": (tiny_source({**objective, "knobs": {**objective["knobs"], "SEQ_LEN": 4}}),
+                                              {}, {}),
         }
         if not _landlock_level():
-            del attacks["pair-forgery-sysv-landlock"]
+            del attacks["python-side-channel-in-forward-landlock"]
         self.trials, self.runs = {}, {}
         for index, (name, (source, overrides, env)) in enumerate(attacks.items()):
             trial = make_trial(study, index, objective, source, **EVAL, **overrides)
@@ -226,17 +203,19 @@ class Redteam:
         return read_result(trial.directory)
 
 
-def _save_uniform_weights(objective: dict, path: Path) -> None:
-    """A state_dict that fits the tiny model and scores exactly uniform (a zero unembedding), in a
-    file only the trusted side can read: if a trial scores this, the harness loaded a host file."""
+def _save_uniform_model(objective: dict, path: Path) -> None:
+    """An exported model that fits the tiny objective and scores exactly uniform (a zero unembedding),
+    in a file only the trusted side can read: if a trial scores this, the harness read a host file."""
     import torch
+
+    from train.export import export_model
 
     namespace: dict = {}
     exec(compile(tiny_source(objective), "train.py", "exec"), namespace)  # our own baseline
     model = namespace["build_model"](objective["vocab_size"])
     with torch.no_grad():
         model.lm_head.weight.zero_()
-    torch.save(model.state_dict(), path)
+    export_model(model, objective["eval_seq_len"], path)
     os.chmod(path, 0o600)
 
 
@@ -245,24 +224,31 @@ def redteam(tmp_path_factory, objective):
     return Redteam(tmp_path_factory.mktemp("redteam") / "study", objective)
 
 
-@pytest.mark.parametrize("name", ["pair-forgery-sysv-landlock", "pair-forgery-locks-spawned-servers"])
-def test_a_model_server_cannot_learn_its_pair_partners_batch(redteam, name):
+@pytest.mark.parametrize("name", ["python-side-channel-in-forward-landlock", "python-side-channel-in-forward"])
+def test_python_in_forward_that_once_carried_a_side_channel_does_not_cross_to_the_scorer(redteam, name):
     if name not in redteam.trials:
         pytest.skip("this host has no landlock level")
     result = redteam.result(name)
-    assert result.status == "invalid" and "not causal" in result.error, (result.status, result.error)
+    assert result.status == "invalid" and "torch.export could not export" in result.error, (result.status, result.error)
     assert result.val_bpb is None
 
 
-@pytest.mark.parametrize("name", ["weights-symlink-to-a-host-file", "weights-fifo"])
-def test_the_harness_reads_only_a_regular_weights_file_of_the_scratch(redteam, name):
+@pytest.mark.parametrize("name", ["model-symlink-to-a-host-file", "model-fifo"])
+def test_the_harness_reads_only_a_regular_model_file_of_the_scratch(redteam, name):
     result = redteam.result(name)
     assert result.status == "invalid" and "not a regular file of the scratch" in result.error, (result.status, result.error)
     assert result.val_bpb is None
 
 
-def test_a_shrinking_memfd_is_a_short_read_never_a_dead_harness(redteam):
-    result = redteam.result("memfd-shrunk-while-read")  # the harness wrote its signed result
+def test_a_model_file_declaring_gigabytes_in_a_few_bytes_is_invalid_and_allocates_nothing(redteam):
+    result = redteam.result("model-size-bomb")
+    assert result.status == "invalid" and "are not in the file" in result.error, (result.status, result.error)
+    assert json.loads((Path(redteam.trials["model-size-bomb"][0].directory) / RESULT_FILE).read_text())[
+        "trusted_cpu_seconds"] < 60  # a figure of the kernel's, not a timing assertion: nothing of 8 GiB was made
+
+
+def test_a_survivor_rewriting_the_model_is_dead_before_the_harness_reads_it(redteam):
+    result = redteam.result("model-rewritten-by-a-survivor")  # the harness wrote its signed result
     assert result.status in ("ok", "invalid"), (result.status, result.error)
     assert "harness error" not in (result.error or "")
 
@@ -278,6 +264,15 @@ def test_step_lines_the_candidate_prints_reach_no_display_and_no_loss_curve(redt
     assert curve and max(step for step, _, _ in curve) == trial.objective["budget"]  # the harness's own steps
     assert min(loss for _, loss, _ in curve) > 1.0
     assert trial_progress(trial.directory)["step"] == trial.objective["budget"]
+
+
+def test_training_at_sequence_length_4_changes_nothing_of_the_evaluation(redteam):
+    """The evaluation's geometry is the objective's: 8 rows of 64, whatever train() asked batches of."""
+    trial, _ = redteam.trials["training-at-sequence-length-4"]
+    result = redteam.result("training-at-sequence-length-4")
+    assert result.status == "ok", result.error
+    log = (Path(trial.directory) / LOG_FILE).read_text()
+    assert "batches of 4 x 4 tokens" in log and "8 rows of 64" in log
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -409,6 +404,22 @@ def test_a_knob_that_is_a_huge_power_is_no_knob_and_costs_no_time():
     assert read_knobs("DEPTH = 9**9**9\nBATCH = 2**19\nLR = 2.0**-0.5\n") == {"BATCH": 524288, "LR": 2.0 ** -0.5}
 
 
+def test_a_knob_made_of_huge_factors_is_no_knob_and_its_trial_folder_is_written(tmp_path, objective):
+    """2**4000 * 2**4000 * 2**4000 * 2**4000 passed the power bound factor by factor, and the
+    orchestrator died of a ValueError writing trial.json (JSON refuses ints of 4300+ digits)."""
+    from study.records import Candidate, Trial
+    from study.trialdir import write_trial_dir
+    from train.knobs import read_knobs
+
+    source = tiny_source(objective).replace("DEPTH = 1", "DEPTH = 2**4000 * 2**4000 * 2**4000 * 2**4000")
+    knobs = read_knobs(source)
+    assert "DEPTH" not in knobs and knobs["HEAD_DIM"] == 16
+    assert read_knobs("A = 2**62 + 2**62\nB = -(2**63)\nC = 2**62\n") == {"C": 2 ** 62}  # every value fits an int64
+    trial = Trial(trial_id="t0000", index=0, candidate=Candidate(source=source, knobs=knobs), objective=objective, seed=1)
+    directory = write_trial_dir(tmp_path / "trials" / "t0000", trial)
+    assert json.loads((directory / "trial.json").read_text())["trial_id"] == "t0000"
+
+
 def test_tokens_drawn_after_the_last_step_cannot_stretch_a_tokens_budget():
     """Step up to just under the budget, then draw DRAW_AHEAD steps' worth more, train on them and
     return without a run.step(): 1.9x the budget's tokens, status ok, until the ledger asked."""
@@ -491,26 +502,6 @@ def test_a_worker_cannot_make_the_harness_write_without_bound():
                            _time.time() + 120, lines.append)
         sender.join()
     assert len(lines) == 1
-
-
-def test_seq_len_one_which_turns_the_causality_check_off_is_refused():
-    import socket
-    import time as _time
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from train import wire
-    from train.contract import TrialFailed
-    from train.trainer import serve_training
-
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        wire.send(theirs, {"op": "batches", "batch_size": 64, "seq_len": 1})
-        with pytest.raises(TrialFailed, match="seq_len at least 2") as refused:
-            serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
-                           _time.time() + 120, lambda line: None)
-    assert refused.value.status == "invalid"
 
 
 def test_showing_the_end_of_a_gigabyte_run_log_reads_only_its_end(tmp_path):

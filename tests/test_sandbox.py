@@ -929,3 +929,75 @@ def test_a_sweep_never_follows_a_name_another_user_planted(tmp_path):
     os.chown(tmp_path / "arena-theirs.owner", 65534, 65534)
     assert sweep(tmp_path) == []
     assert (target / "keep").exists() and (tmp_path / "arena-theirs" / "keep").exists()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_trial_can_neither_evict_shared_pages_nor_ask_which_are_resident(world, level):
+    """Evicting pages of a file every trial reads, and asking which are resident, is how one trial
+    would leave bits for a later one in the page cache; both are refused (reading stays, of course)."""
+    def attack(w):
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        found = {}
+        with open(Path(os.__file__), "rb") as f:  # the standard library: readable by every trial
+            view = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            found["pageout"] = attempt(lambda: view.madvise(21))  # MADV_PAGEOUT
+            found["cold"] = attempt(lambda: view.madvise(20))  # MADV_COLD
+            found["dontneed"] = attempt(lambda: view.madvise(mmap.MADV_DONTNEED))  # allocators need it
+            view.close()
+            page = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_PRIVATE, f.fileno(), 0)
+            vec = (ctypes.c_ubyte * 1)()
+            found["mincore"] = libc.mincore(ctypes.c_void_p(page), ctypes.c_size_t(4096), vec)
+            found["mincore_errno"] = ctypes.get_errno()
+        return found
+
+    def fadvise(w):
+        try:
+            with open(Path(os.__file__), "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            return {"fadvise": "ok"}
+        except OSError as e:
+            return {"fadvise": f"denied: {e.errno}"}
+
+    ran = world.run(level, attack)
+    assert ran.code == 0, ran.report
+    advised = world.run(level, fadvise)
+    assert advised.code == 0
+    if both(level):
+        assert ran.report["pageout"].startswith("denied") and ran.report["cold"].startswith("denied")
+        assert ran.report["mincore"] == -1 and ran.report["mincore_errno"] == 1  # EPERM
+        assert advised.report["fadvise"] == "denied: 1"
+    else:
+        assert ran.report["pageout"].startswith("ok") and ran.report["mincore"] == 0
+        assert advised.report["fadvise"] == "ok"
+    assert ran.report["dontneed"].startswith("ok")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give the trial another uid")
+def test_as_root_a_trial_at_the_namespaces_level_runs_as_nobody_and_owns_no_file_it_can_read(world):
+    """Even where the interpreter lies under a folder nobody may pass (a 0700 /root), the mount
+    namespace makes it reachable: the kernel then answers no residency query on files it reads."""
+    if "namespaces" not in CONFINING:
+        pytest.skip("no namespaces level on this host")
+
+    readable = [Path(sys.executable).resolve(), Path(os.__file__), Path(torch_file())]
+
+    def attack(w):
+        return {"uid": os.getuid(), "gid": os.getgid(), "uid_map": open("/proc/self/uid_map").read().split(),
+                "reads": [attempt(lambda p=p: len(p.read_bytes()[:16])) for p in readable]}
+
+    ran = world.run("namespaces", attack)
+    assert ran.code == 0, ran.report
+    assert (ran.report["uid"], ran.report["gid"]) == (65534, 65534)
+    assert ran.report["uid_map"] == ["65534", "65534", "1"]  # inside uid 65534 is host uid 65534
+    assert all(read == "ok: 16" for read in ran.report["reads"])  # it reads them, through /root's cover
+    assert all(p.stat().st_uid != 65534 for p in readable)  # and, on the host, owns none of them
+
+
+def torch_file() -> str:
+    import importlib.util
+
+    return importlib.util.find_spec("torch").origin

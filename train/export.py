@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,13 +57,16 @@ def _export(model: torch.nn.Module, seq_len: int):
     example = torch.zeros(1, seq_len, dtype=torch.int64, device=device)
     length = Dim("seq_len", min=MIN_EXPORT_LENGTH, max=seq_len)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not the agent's
             program = export(model, (example,), dynamic_shapes=({1: length},), strict=False)
     except Exception as e:  # noqa: BLE001 - every reason export gives is the agent's to read
         raise Unexportable(f"torch.export could not export the model at batch 1 and any length from "
                            f"{MIN_EXPORT_LENGTH} to {seq_len}: {_first_line(e)}") from None
     if any(_mutates(node) for node in program.graph.nodes):
-        program = program.run_decompositions({})  # functionalise in-place operators on intermediates
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = program.run_decompositions({})  # functionalise in-place operators on intermediates
     return program
 
 

@@ -17,6 +17,10 @@ from typing import Any
 
 KNOB_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 MAX_POWER_BITS = 4096  # an arithmetic knob's integer powers stay below this (2**19 is 20 bits)
+# A knob's value, and every step of the arithmetic that makes it, fits in an int64: a value past it
+# (2**4000 * 2**4000 ...) is no knob. Searchers, trial.json, Optuna and MLflow all handle knobs, and
+# a number none of them can write (JSON refuses ints past 4300 digits) stopped the whole study.
+MAX_KNOB_INT = (1 << 63) - 1
 
 # Arithmetic on literals is allowed so a knob can read like the paper it came from (2**19).
 _BINARY_OPS = {
@@ -110,6 +114,16 @@ def _locate(source: str) -> dict[str, tuple[Any, list[ast.expr]]]:
 
 
 def _literal(node: ast.expr) -> Any:
+    return _bounded(_value(node))
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_KNOB_INT:
+        raise _NotLiteral
+    return value
+
+
+def _value(node: ast.expr) -> Any:
     if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (bool, int, float, str))):
         return node.value
     if isinstance(node, (ast.Tuple, ast.List)):
@@ -121,7 +135,7 @@ def _literal(node: ast.expr) -> Any:
             return -operand if isinstance(node.op, ast.USub) else operand
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
         left, right = _literal(node.left), _literal(node.right)
-        if _is_number(left) and _is_number(right):
+        if _is_number(left) and _is_number(right):  # each operand bounded already (by _literal)
             if isinstance(node.op, ast.Pow) and _huge_power(left, right):
                 raise _NotLiteral  # 9**9**9 would keep whoever reads the knobs (the orchestrator) busy for minutes
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def worker_main(sock, go: dict) -> None:
         wire.send(sock, {"op": "started"})
         module.train(model, run)  # its return value is ignored
         wire.send(sock, {"op": "exporting"})
+        _clear_hooks()
         export_model(model, go["eval_seq_len"], Path(MODEL_FILE))
     except BaseException as e:  # noqa: BLE001 - every way train.py can end is a report
         text = traceback.format_exc()
@@ -45,6 +47,17 @@ def worker_main(sock, go: dict) -> None:
                   "error": str(e) if isinstance(e, (Invalid, Unexportable)) else text[-4000:]}
     wire.send(sock, report)
     os._exit(0)
+
+
+def _clear_hooks() -> None:
+    """Export traces thousands of Python calls: a profile or trace hook train.py left behind would
+    stretch it past the hand-over limit (its own loss, but a loss no honest model should risk)."""
+    import threading
+
+    sys.setprofile(None)
+    sys.settrace(None)
+    threading.setprofile(None)
+    threading.settrace(None)
 
 
 def _looks_like_oom(e: BaseException) -> bool:

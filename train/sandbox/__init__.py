@@ -150,7 +150,8 @@ def _probe_namespaces() -> bool:
     if pid == 0:
         code = 1
         try:
-            namespaces.enter(*_identity(python_readable()), Path(scratch), shm_mb=1)
+            readable = python_readable()
+            namespaces.enter(*_identity(readable, "namespaces"), Path(scratch), shm_mb=1, readable=readable)
             code = 0 if procfs.read(1) is not None and os.getpid() == 2 else 1
         except BaseException:  # noqa: BLE001 - any failure means the level is not available
             pass
@@ -202,7 +203,7 @@ def confine(policy: Policy, level: str) -> None:
             raise SandboxUnavailable("confine() needs a single-threaded process (a fresh fork or interpreter); "
                                      f"this one runs {procfs.threads()} threads")
         scratch = Path(policy.scratch).resolve()
-        uid, gid = _identity(policy.readable)
+        uid, gid = _identity(policy.readable, level)
         if os.geteuid() == 0:
             Cgroup.create(policy.memory_mb, policy.max_processes)
             if not limits.mount_scratch(scratch, policy.disk_mb, uid, gid):
@@ -211,7 +212,7 @@ def confine(policy: Policy, level: str) -> None:
         limits.set_rlimits(policy, uid)
         _drop_bounding_set()
         if level == "namespaces":
-            namespaces.enter(uid, gid, scratch, shm_mb=min(policy.disk_mb, 256))
+            namespaces.enter(uid, gid, scratch, shm_mb=min(policy.disk_mb, 256), readable=policy.readable)
         else:
             _drop_identity(uid, gid)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a changed uid clears it
@@ -250,13 +251,15 @@ def _close_fds(keep: tuple[int, ...]) -> None:
         low = fd + 1 if fd is not None else low
 
 
-def _identity(readable) -> tuple[int, int]:
-    """The uid the sandbox runs as. Unprivileged: this one. As root: nobody, if nobody can read
-    every `readable` path by its mode bits; otherwise root without a single capability (Landlock,
-    not ownership, then guards the files: say an interpreter under a 0700 /root)."""
+def _identity(readable, level: str) -> tuple[int, int]:
+    """The uid the sandbox runs as. Unprivileged: this one. As root: nobody, which owns no file the
+    trial can read (so the kernel answers no page-cache residency query on them); at `namespaces`
+    always (its mount namespace makes a readable tree under a folder nobody may pass reachable,
+    namespaces._reveal), at `landlock` if nobody can read every `readable` path by its mode bits,
+    otherwise root without a single capability (Landlock, not ownership, then guards the files)."""
     if os.geteuid() != 0:
         return os.geteuid(), os.getegid()
-    if all(_others_can_read(Path(p)) for p in readable):
+    if level == "namespaces" or all(_others_can_read(Path(p)) for p in readable):
         return NOBODY, NOBODY
     return 0, 0
 

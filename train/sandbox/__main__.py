@@ -11,9 +11,10 @@ from .cgroup import Cgroup
 
 def report() -> list[str]:
     abi = landlock.abi_version()
-    uid, _ = _identity(python_readable())
+    uid, _ = _identity(python_readable(), available_level())
     who = ("root: trials run as uid 65534" if uid == 65534 else
-           "root: trials run as uid 0 without capabilities (uid 65534 cannot read the interpreter)")
+           "root: trials run as uid 0 without capabilities (uid 65534 cannot read the interpreter, and "
+           "only the namespaces level can make it reachable)")
     if os.geteuid() != 0:
         who = f"uid {os.geteuid()}: trials keep it (no cgroup: limits by rlimits and the parent's watcher)"
         group = "no (not root)"

@@ -36,6 +36,7 @@ _X86_64 = (0xC000003E, {
     "fchownat": 260, "futimesat": 261, "fchmodat": 268, "utimensat": 280, "setxattr": 188, "lsetxattr": 189,
     "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "fchmodat2": 452,
     "setxattrat": 463, "removexattrat": 466,
+    "fadvise64": 221, "cachestat": 451, "mincore": 27, "madvise": 28, "process_madvise": 440,
 })
 _AARCH64 = (0xC00000B7, {
     "socket": 198, "ptrace": 117, "pivot_root": 41, "chroot": 51, "mount": 40, "umount2": 39,
@@ -53,6 +54,7 @@ _AARCH64 = (0xC00000B7, {
     "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55, "utimensat": 88, "setxattr": 5,
     "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15, "fremovexattr": 16,
     "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
+    "fadvise64": 223, "cachestat": 451, "mincore": 232, "madvise": 233, "process_madvise": 440,
 })
 MACHINES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 # System V IPC and POSIX message queues outlive the process that made them and are not files
@@ -64,11 +66,19 @@ IPC = ("shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semti
 # The launcher pins each slot to its share of the cores; a trial that re-pinned itself to every core
 # took its siblings' CPU (and, under a seconds budget, their compute).
 CPUS = ("sched_setaffinity",)
+# The page cache of the files every trial may read (the venv, the interpreter) is kernel state that
+# outlives a trial: evicting pages (fadvise DONTNEED, madvise PAGEOUT or COLD) and asking which are
+# resident (mincore, cachestat) are how one trial would leave bits for a later one. With these
+# refused a trial can only make pages resident (by reading) and a later one can only time its reads
+# (docs/THREAT_MODEL.md: what that channel can still carry).
+PAGE_CACHE = ("fadvise64", "cachestat", "mincore", "process_madvise")
+MADV_COLD, MADV_PAGEOUT = 20, 21
 DENIED = ("socket", "ptrace", "pivot_root", "chroot", "mount", "umount2", "init_module", "delete_module",
           "kexec_load", "add_key", "request_key", "keyctl", "unshare", "perf_event_open", "name_to_handle_at",
           "open_by_handle_at", "setns", "process_vm_readv", "process_vm_writev", "finit_module",
           "kexec_file_load", "bpf", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-          "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_getfd", "mount_setattr") + IPC + CPUS
+          "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_getfd", "mount_setattr") + IPC + CPUS \
+    + PAGE_CACHE
 # Landlock (ABI <= 7) does not guard a file's metadata: without this a sandbox could chmod, chown,
 # re-date or tag any file its uid owns (as an unprivileged user: the project, the study's journal).
 # The `namespaces` level has no need of it: there every mount but the scratch is read-only.
@@ -106,6 +116,9 @@ def program(deny_metadata: bool) -> list[tuple[int, int, int, int]]:
     ops += [(_JEQ, 0, 4, numbers["clone"]), (_LD_ABS_W, 0, 0, 16), (_JSET, 0, 1, NAMESPACE_FLAGS),
             (_RET, 0, 0, _errno(errno.EPERM)),
             (_RET, 0, 0, _RET_ALLOW)]
+    # madvise stays (allocators return memory with DONTNEED), but not the advice that evicts pages
+    ops += [(_JEQ, 0, 5, numbers["madvise"]), (_LD_ABS_W, 0, 0, 32), (_JEQ, 2, 0, MADV_COLD), (_JEQ, 1, 0, MADV_PAGEOUT),
+            (_RET, 0, 0, _RET_ALLOW), (_RET, 0, 0, _errno(errno.EPERM))]
     ops += [(_JEQ, 0, 4, numbers["ioctl"]), (_LD_ABS_W, 0, 0, 24), (_JEQ, 1, 0, TIOCSTI), (_JEQ, 0, 1, TIOCLINUX),
             (_RET, 0, 0, _errno(errno.EPERM))]
     ops += [(_RET, 0, 0, _RET_ALLOW)]

@@ -1,0 +1,342 @@
+"""The exported model as data: train/export.py writes it in the sandbox, train/graph.py reads it in the
+trusted harness. Hand-written programs cheat in each known way and must be refused (one line naming
+the construct) or scored causally; hostile files must cost nothing before they are refused."""
+from __future__ import annotations
+
+import json
+import resource
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from train import graph, prepare
+from train.export import Unexportable, export_model
+from train.knobs import write_knobs
+
+VOCAB = 64
+TINY_KNOBS = dict(DEPTH=1, ASPECT_RATIO=32, HEAD_DIM=16, SEQ_LEN=32, DEVICE_BATCH_SIZE=4, TOTAL_BATCH_SIZE=128)
+
+
+def baseline_model(vocab: int = VOCAB) -> torch.nn.Module:
+    namespace: dict = {}
+    exec(compile(write_knobs((ROOT / "train" / "train.py").read_text(), TINY_KNOBS), "train.py", "exec"), namespace)
+    torch.manual_seed(0)
+    model = namespace["build_model"](vocab)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+def exported(model: torch.nn.Module, tmp_path: Path, seq_len: int = 32) -> bytes:
+    path = tmp_path / "model.arena"
+    export_model(model, seq_len, path)
+    return path.read_bytes()
+
+
+def load(raw: bytes, seq_len: int = 32, vocab: int = VOCAB, **limits) -> graph.Program:
+    return graph.load(raw, graph.Limits(**limits), vocab_size=vocab, seq_len=seq_len)
+
+
+def document(raw: bytes) -> tuple[dict, bytes]:
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def file_of(header: dict, payload: bytes = b"") -> bytes:
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + payload
+
+
+def tiny_program(nodes: list, tensors: dict | None = None, payload: bytes = b"", output: str | None = None,
+                 inputs: list | None = None) -> bytes:
+    """A hand-written program over token ids `idx` and an embedding table `w` [VOCAB, VOCAB]."""
+    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(1))
+    raw = table.numpy().tobytes()
+    return file_of({"format": graph.FORMAT,
+                    "tensors": tensors if tensors is not None else
+                    {"w": {"dtype": "float32", "shape": [VOCAB, VOCAB], "offset": 0, "nbytes": len(raw)}},
+                    "inputs": inputs if inputs is not None else [{"name": "w", "tensor": "w", "parameter": True},
+                                                                 {"name": "idx", "input": True}],
+                    "nodes": nodes, "output": output or nodes[-1]["name"]}, payload or raw)
+
+
+def embed(name: str = "logits", ids: str = "idx") -> dict:
+    return {"name": name, "op": "aten.embedding.default", "args": [{"ref": "w"}, {"ref": ids}], "kwargs": {}}
+
+
+# ---- what an honest export looks like ------------------------------------------------------------
+
+
+def test_the_baseline_exports_and_scores_exactly_as_the_module_does(tmp_path):
+    model = baseline_model()
+    program = load(exported(model, tmp_path))
+    rows = torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        by_graph = torch.vmap(program)(rows[:, None, :])[:, 0]
+        assert by_graph.equal(model(rows))
+        program.check_lengths([7])
+        assert torch.vmap(program)(rows[:, None, :7])[:, 0].equal(model(rows[:, :7]))
+    total, matmul = graph.count_params(program, VOCAB)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert matmul == sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n != "wte.weight")
+    assert 0 < program.work_per_token and 0 < program.peak_memory_bytes
+
+
+def test_a_model_with_python_in_its_forward_does_not_export_and_says_why(tmp_path):
+    class Item(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Embedding(VOCAB, VOCAB)
+
+        def forward(self, idx):
+            return self.w(idx) * float(idx.sum().item() > 3)  # a value read into Python
+
+    with pytest.raises(Unexportable, match="torch.export could not export"):
+        exported(Item(), tmp_path)
+
+
+def test_a_model_that_changes_its_own_state_in_forward_does_not_export(tmp_path):
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Embedding(VOCAB, VOCAB)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, idx):
+            self.calls.add_(1)  # memory from one call to the next: a channel between rows
+            return self.w(idx) + self.calls
+
+    with pytest.raises(Unexportable, match="change no state"):
+        exported(Counter(), tmp_path)
+
+
+def test_a_model_that_only_takes_one_length_does_not_export(tmp_path):
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Embedding(VOCAB, VOCAB)
+
+        def forward(self, idx):
+            return self.w(idx).view(1, 32, VOCAB)  # the length written in
+
+    with pytest.raises(Unexportable, match="any length from 2 to 32"):
+        exported(Fixed(), tmp_path)
+
+
+# ---- programs that cheat --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["aten.add_.Tensor", "aten.empty.memory_format", "aten.randn.default",
+                                "aten.nonzero.default", "aten.bernoulli.default", "aten._local_scalar_dense.default",
+                                "aten.copy_.default", "torch.ops.higher_order.cond", "builtins.exec", "os.system",
+                                "aten.as_strided.default", "aten.new_empty.default"])
+def test_an_operator_outside_the_allow_list_is_refused_by_name(op):
+    raw = tiny_program([embed("e"), {"name": "bad", "op": op, "args": [{"ref": "e"}], "kwargs": {}}])
+    with pytest.raises(graph.GraphInvalid, match="is not allowed") as refused:
+        load(raw)
+    assert op in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_program_that_reads_the_next_token_loads_but_is_caught_by_the_metric(austen_spec):
+    """Peeking is tensor arithmetic like any other: the graph is fine, the metric refuses it."""
+    peek = [embed("e"),
+            {"name": "nxt", "op": "aten.roll.default", "args": [{"ref": "idx"}, [-1], [1]], "kwargs": {}},
+            {"name": "hot", "op": "aten.embedding.default", "args": [{"ref": "eye"}, {"ref": "nxt"}], "kwargs": {}},
+            {"name": "bump", "op": "aten.mul.Scalar", "args": [{"ref": "hot"}, 30.0], "kwargs": {}},
+            {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "bump"}], "kwargs": {}}]
+    vocab = austen_spec.vocab_size
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)).numpy().tobytes()
+    eye = torch.eye(vocab).numpy().tobytes()
+    raw = file_of({"format": graph.FORMAT,
+                   "tensors": {"w": {"dtype": "float32", "shape": [vocab, vocab], "offset": 0, "nbytes": len(table)},
+                               "eye": {"dtype": "float32", "shape": [vocab, vocab], "offset": len(table),
+                                       "nbytes": len(eye)}},
+                   "inputs": [{"name": "w", "tensor": "w"}, {"name": "eye", "tensor": "eye"},
+                              {"name": "idx", "input": True}],
+                   "nodes": peek, "output": "logits"}, table + eye)
+    program = graph.load(raw, graph.Limits(), vocab_size=vocab, seq_len=64)
+    with pytest.raises(prepare.NotCausal):
+        prepare.evaluate_bpb(program, austen_spec, 1024, 64, 8, "cpu", check_lengths=program.check_lengths)
+
+
+def test_a_program_that_mixes_rows_sees_only_its_own_row(austen_spec):
+    """A mean over the batch dimension is, under the scorer's vmap, a mean over the one row."""
+    vocab = austen_spec.vocab_size
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)).numpy().tobytes()
+    tensors = {"w": {"dtype": "float32", "shape": [vocab, vocab], "offset": 0, "nbytes": len(table)}}
+    inputs = [{"name": "w", "tensor": "w"}, {"name": "idx", "input": True}]
+    mix = [embed("e"), {"name": "m", "op": "aten.mean.dim", "args": [{"ref": "e"}, [0], True], "kwargs": {}},
+           {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "m"}], "kwargs": {}}]
+    alone = [embed("e"), {"name": "logits", "op": "aten.mul.Scalar", "args": [{"ref": "e"}, 2.0], "kwargs": {}}]
+    scores = []
+    for nodes in (mix, alone):
+        raw = file_of({"format": graph.FORMAT, "tensors": tensors, "inputs": inputs, "nodes": nodes,
+                       "output": "logits"}, table)
+        program = graph.load(raw, graph.Limits(), vocab_size=vocab, seq_len=64)
+        scores.append(prepare.evaluate_bpb(program, austen_spec, 1024, 64, 8, "cpu",
+                                           check_lengths=program.check_lengths)["val_bpb"])
+    assert scores[0] == scores[1]
+
+
+def test_training_mode_dropout_and_attention_dropout_draw_randomness_and_are_refused():
+    with pytest.raises(graph.GraphInvalid, match="eval mode"):
+        load(tiny_program([embed("e"), {"name": "d", "op": "aten.dropout.default", "args": [{"ref": "e"}, 0.1, True],
+                                        "kwargs": {}}]))
+    q = {"ref": "e"}
+    with pytest.raises(graph.GraphInvalid, match="dropout_p=0"):
+        load(tiny_program([embed("e"), {"name": "a", "op": "aten.scaled_dot_product_attention.default",
+                                        "args": [q, q, q], "kwargs": {"dropout_p": 0.2}}]))
+
+
+def test_a_program_that_reads_a_value_before_it_exists_or_takes_two_inputs_is_refused():
+    with pytest.raises(graph.GraphInvalid, match="not computed before it"):
+        load(tiny_program([{"name": "a", "op": "aten.add.Tensor", "args": [{"ref": "later"}, 1], "kwargs": {}},
+                           embed("later")]))
+    two = [{"name": "w", "tensor": "w"}, {"name": "idx", "input": True}, {"name": "extra", "input": True}]
+    with pytest.raises(graph.GraphInvalid, match="more than one input"):
+        load(tiny_program([embed()], inputs=two))
+
+
+def test_logits_of_the_wrong_shape_or_kind_are_refused_before_any_real_compute():
+    summed = [embed("e"), {"name": "s", "op": "aten.sum.dim_IntList", "args": [{"ref": "e"}, [2]], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match=r"must return logits \[1, 32, V\]"):
+        load(tiny_program(summed))
+    ints = [embed("e"), {"name": "i", "op": "aten._to_copy.default", "args": [{"ref": "e"}],
+                         "kwargs": {"dtype": {"dtype": "int64"}}}]
+    with pytest.raises(graph.GraphInvalid, match="must return logits"):
+        load(tiny_program(ints))
+
+
+def test_an_index_out_of_range_is_clamped_never_a_fault():
+    """On a GPU an out-of-range embedding index is a device-side assert that poisons the process."""
+    shifted = [{"name": "far", "op": "aten.add.Tensor", "args": [{"ref": "idx"}, 10_000], "kwargs": {}},
+               embed("logits", "far")]
+    program = load(tiny_program(shifted))
+    out = program(torch.zeros(1, 32, dtype=torch.int64))
+    assert out.shape == (1, 32, VOCAB) and torch.isfinite(out).all()
+
+
+def test_a_program_whose_own_assertion_fails_is_refused():
+    nodes = [embed("e"), {"name": "n", "op": "aten.sym_size.int", "args": [{"ref": "idx"}, 1], "kwargs": {}},
+             {"name": "ok", "op": "operator.lt", "args": [{"ref": "n"}, 20], "kwargs": {}},
+             {"name": "check", "op": "aten._assert_scalar.default", "args": [{"ref": "ok"}, "n < 20"], "kwargs": {}},
+             {"name": "logits", "op": "aten.mul.Scalar", "args": [{"ref": "e"}, 1.0], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match="own check failed"):
+        load(tiny_program(nodes))
+
+
+# ---- hostile files: bounded before anything is allocated -----------------------------------------
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_a_tensor_declared_far_larger_than_the_file_is_refused_without_allocating_it():
+    before = _rss_mb()
+    bomb = {"w": {"dtype": "float32", "shape": [1 << 20, 1 << 10], "offset": 0, "nbytes": 4 << 30}}  # 4 GiB
+    with pytest.raises(graph.GraphInvalid, match="are not in the file"):
+        load(tiny_program([embed()], tensors=bomb, payload=b"\0" * 1024))
+    assert _rss_mb() - before < 100
+
+
+def test_bytes_that_do_not_match_the_shape_are_refused():
+    lying = {"w": {"dtype": "float32", "shape": [VOCAB, VOCAB], "offset": 0, "nbytes": 16}}
+    with pytest.raises(graph.GraphInvalid, match="bytes declared"):
+        load(tiny_program([embed()], tensors=lying))
+
+
+def test_an_intermediate_too_large_for_the_objective_is_refused_from_shapes_alone():
+    before = _rss_mb()
+    huge = [embed("e"), {"name": "big", "op": "aten.full.default", "args": [[1 << 16, 1 << 16], 1.0],
+                         "kwargs": {"dtype": {"dtype": "float32"}, "device": {"device": "cpu"}}},
+            {"name": "logits", "op": "aten.mul.Scalar", "args": [{"ref": "e"}, 1.0], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match="makes a tensor of shape"):
+        load(tiny_program(huge))
+    assert _rss_mb() - before < 100
+
+
+def test_work_beyond_the_objectives_bound_is_refused_from_shapes_alone():
+    """A matmul of a broadcast view allocates nothing until it runs: counted, it is refused first."""
+    wide = [embed("e"), {"name": "x", "op": "aten.expand.default", "args": [{"ref": "e"}, [4096, 32, VOCAB]],
+                         "kwargs": {}},
+            {"name": "y", "op": "aten.sum.default", "args": [{"ref": "x"}], "kwargs": {}},
+            {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "y"}], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match="operations per token"):
+        load(tiny_program(wide), max_work_per_token=1e5)
+
+
+def test_a_size_that_explodes_at_one_secret_length_is_refused_before_that_length_runs():
+    """Sizes may be computed from the length in any way; every length the metric will use is
+    bounded before the first real row (here, a tensor of 2^34 elements at length 17 only)."""
+    spike = [embed("e"),
+             {"name": "n", "op": "aten.sym_size.int", "args": [{"ref": "idx"}, 1], "kwargs": {}},
+             {"name": "d", "op": "operator.sub", "args": [{"ref": "n"}, 17], "kwargs": {}},
+             {"name": "d2", "op": "operator.mul", "args": [{"ref": "d"}, {"ref": "d"}], "kwargs": {}},
+             {"name": "d3", "op": "operator.add", "args": [{"ref": "d2"}, 1], "kwargs": {}},
+             {"name": "size", "op": "operator.floordiv", "args": [1 << 34, {"ref": "d3"}], "kwargs": {}},
+             {"name": "big", "op": "aten.zeros.default", "args": [[{"ref": "size"}]],
+              "kwargs": {"dtype": {"dtype": "float32"}, "device": {"device": "cpu"}}},
+             {"name": "s", "op": "aten.sum.default", "args": [{"ref": "big"}], "kwargs": {}},
+             {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
+    program = load(tiny_program(spike))  # at the full length 32 the size is 2^34 // 226: small
+    program.check_lengths([5, 30])
+    with pytest.raises(graph.GraphInvalid, match="at length 17|makes a tensor"):
+        program.check_lengths([17])
+
+
+@pytest.mark.parametrize("header", [
+    b"not json at all", b"[" * 100_000 + b"]" * 100_000, b'{"format": "arena-graph/1"}', b'"a string"'])
+def test_a_header_that_is_no_program_is_one_line(header):
+    raw = struct.pack("<Q", len(header)) + header
+    with pytest.raises(graph.GraphInvalid) as refused:
+        load(raw)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_header_longer_than_its_file_or_an_empty_file_is_refused():
+    with pytest.raises(graph.GraphInvalid, match="claims"):
+        load(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(graph.GraphInvalid, match="empty or truncated"):
+        load(b"")
+
+
+def test_integers_beyond_2_to_the_40_and_arguments_nested_deep_are_refused():
+    with pytest.raises(graph.GraphInvalid, match="beyond 2\\^40"):
+        load(tiny_program([embed("e"), {"name": "x", "op": "aten.mul.Scalar", "args": [{"ref": "e"}, 1 << 60],
+                                        "kwargs": {}}]))
+    nested = [[[[[[1]]]]]]
+    with pytest.raises(graph.GraphInvalid, match="nested deeper"):
+        load(tiny_program([embed("e"), {"name": "x", "op": "aten.view.default", "args": [{"ref": "e"}, nested],
+                                        "kwargs": {}}]))
+
+
+def test_a_bool_tensor_holding_other_bytes_is_read_as_a_plain_bool():
+    raw = tiny_program([embed()], tensors={
+        "w": {"dtype": "float32", "shape": [VOCAB, VOCAB], "offset": 0, "nbytes": VOCAB * VOCAB * 4},
+        "flags": {"dtype": "bool", "shape": [4], "offset": 0, "nbytes": 4}},
+        inputs=[{"name": "w", "tensor": "w"}, {"name": "flags", "tensor": "flags"}, {"name": "idx", "input": True}])
+    header, payload = document(raw)
+    program = load(file_of(header, b"\x07\x00\xff\x01" + payload[4:]))
+    flags = program.constants["flags"]
+    assert flags.dtype is torch.bool and flags.tolist() == [True, False, True, True]
+    assert flags.view(torch.uint8).tolist() == [1, 0, 1, 1]
+
+
+def test_the_exported_file_of_the_baseline_round_trips_its_tensors(tmp_path):
+    model = baseline_model()
+    header, payload = document(exported(model, tmp_path))
+    stored = {name: np.frombuffer(payload[t["offset"]:t["offset"] + t["nbytes"]], dtype=np.float32).reshape(t["shape"])
+              for name, t in header["tensors"].items() if t["dtype"] == "float32"}
+    for name, p in model.named_parameters():
+        assert np.array_equal(stored[name], p.detach().numpy())
+
+
+@pytest.fixture(scope="module")
+def austen_spec():
+    return prepare.prepare("austen", 512)
