@@ -7,8 +7,11 @@ bigram model standing in for a trained one (the checks do not depend on how good
 
 1. Honest numerical noise: the largest move of a log-prob at or before a cut, for an honest exported
    baseline GPT on this CPU (the room the tolerance must leave; 0.0 means bit-for-bit).
-2. A model kept just under the tolerance: it adds 0.99 x CAUSAL_TOLERANCE nats to the logit of the
-   next token at every position (a peek too small to be seen); its val_bpb gain.
+2. A model kept just under the tolerance: it adds 0.49 x CAUSAL_TOLERANCE nats to the logit of the
+   next token at every position (a peek too small to be seen: the check compares whole log-prob
+   rows, where such a nudge moves the target's entry and the probe's next token's by up to twice
+   it); its val_bpb gain. Whatever its form, a model that passes gains under CAUSAL_TOLERANCE nats
+   a token.
 3. A model that peeks only where a secret, content-dependent rule says (density q of the positions):
    how often it passes every check (over many evaluations, each with fresh secret cuts), and its gain
    when it does, against (1 - q)^checks.
@@ -95,7 +98,7 @@ def main() -> None:
         return prepare.evaluate_bpb(model, spec, tokens, T, rows, "cpu", rng=rng)["val_bpb"]
 
     honest = run(lambda idx: table[idx], np.random.default_rng(0))
-    nudge = 0.99 * tau
+    nudge = 0.49 * tau
 
     def under_tolerance(idx):
         return table[idx] + nudge * torch.nn.functional.one_hot(torch.roll(idx, -1, 1), spec.vocab_size)

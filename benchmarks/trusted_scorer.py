@@ -1,13 +1,16 @@
 """What the trusted scorer and the sandbox cost per trial on this machine, for the tiny and cpu presets.
 
-    python benchmarks/trusted_scorer.py [--presets tiny cpu] [--threads 1]
+    python benchmarks/trusted_scorer.py [--presets tiny cpu] [--threads 1] [--repeat 3]
 
-Runs the baseline train.py of each preset once through the real harness (`python -m
-train.harness`, as a cold launcher runs it; tiny once more on a warm `--serve` slot) and prints, from its result and run.log: total and
-training seconds, the time before training starts (harness start, data checks, worker start and
-sandbox entry), the evaluation (one fresh sandboxed model server per call, real batches and
-causality probes), the rest (weights check, handover, signing), and the share of the trial that is
-not training. On a shared machine these move with the load; run it on an idle one for figures.
+Runs the baseline train.py of each preset through the real harness, on a warm `--serve` slot (how the
+local launcher runs CPU trials: torch imported and the export path warmed once per slot) and cold
+(`python -m train.harness`, as Slurm runs it), and prints from each result and run.log: the time from
+handing the trial over to its result, and in it the start (data checks, worker fork, sandbox entry),
+the training, the hand-over (train() returning and the export of the model), the evaluation (one
+trusted pass: real rows, seam probes, prefix runs) and the rest (checking the program, signing);
+the evaluation's share of the trial; and the CPU of the trusted side (everything but the worker's
+training) beside the worker's, both from the kernel. On a shared machine these move with the load:
+the load average is printed with them; run it on an idle one for figures.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +35,7 @@ from train.contract import LOG_FILE, RESULT_FILE, TRAIN_FILE, TRIAL_FILE  # noqa
 from train.knobs import write_knobs  # noqa: E402
 
 
-def run_preset(preset: str, threads: int, folder: Path, warm: bool = False) -> dict:
+def prepared(preset: str, threads: int) -> tuple[dict, dict, dict]:
     conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / f"{preset}.yaml"), resolve=True)
     knobs = conf.pop("knobs") or {}
     conf = check_objective(conf)  # as a study would: the derived hard limit, the sandbox level
@@ -39,51 +43,94 @@ def run_preset(preset: str, threads: int, folder: Path, warm: bool = False) -> d
            "ARENA_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-m", "train.prepare", "--corpus", conf["corpus"], "--vocab-size",
                     str(conf["vocab_size"])], env=env, check=True, capture_output=True)
-    trial = folder / f"{preset}-{'warm' if warm else 'cold'}"
-    trial.mkdir()
+    return conf, knobs, env
+
+
+def trial_folder(root: Path, name: str, conf: dict, knobs: dict) -> Path:
+    trial = root / "trials" / name
+    trial.mkdir(parents=True)
     (trial / TRAIN_FILE).write_text(write_knobs((ROOT / "train" / TRAIN_FILE).read_text(), knobs))
-    (trial / TRIAL_FILE).write_text(json.dumps({"trial_id": preset, "seed": 0, "objective": conf}))
-    if warm:  # a warm slot: the harness imported torch before the trial was handed to it
-        server = subprocess.Popen([sys.executable, "-P", "-m", "train.harness", "--serve"], env=env, text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert server.stdout.readline().strip() == "ready"
-        server.stdin.write(f"{trial}\n")
-        server.stdin.flush()
-        pid = int(server.stdout.readline())
-        while Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
-        server.stdin.close()
-        server.wait()
-    else:
-        subprocess.run([sys.executable, "-P", "-m", "train.harness", str(trial)], env=env, cwd=trial, check=True,
-                       capture_output=True)
+    (trial / TRIAL_FILE).write_text(json.dumps({"trial_id": name, "seed": 0, "objective": conf}))
+    return trial
+
+
+def figures(trial: Path, wall: float) -> dict:
     result = json.loads((trial / RESULT_FILE).read_text())
     log = (trial / LOG_FILE).read_text()
     if result["status"] != "ok":
-        sys.exit(f"{preset}: {result['status']}: {result['error']}\n{log[-2000:]}")
+        sys.exit(f"{trial.name}: {result['status']}: {result['error']}\n{log[-2000:]}")
     ready = float(re.search(r"worker ready to start ([\d.]+) s", log).group(1))
-    servers = int(re.search(r"\((\d+) model servers", log).group(1))
-    return {**result, "ready_s": ready, "servers": servers}
+    return {**result, "wall": wall, "ready": ready}
+
+
+def run_cold(trial: Path, env: dict) -> dict:
+    started = time.time()
+    subprocess.run([sys.executable, "-P", "-m", "train.harness", str(trial)], env=env, cwd=trial, check=True,
+                   capture_output=True)
+    return figures(trial, time.time() - started)
+
+
+class WarmSlot:
+    """A `--serve` harness, as the local launcher keeps one per CPU slot."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "train.harness", "--serve"], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, trial: Path) -> dict:
+        started = time.time()
+        self.proc.stdin.write(f"{trial}\n")
+        self.proc.stdin.flush()
+        pid = int(self.proc.stdout.readline())
+        while Path(f"/proc/{pid}").exists() or not (trial / RESULT_FILE).exists():
+            time.sleep(0.005)
+        return figures(trial, time.time() - started)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def report(label: str, runs: list[dict]) -> None:
+    def med(key):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else float("nan")
+
+    wall, train, evaluation, ready = med("wall"), med("training_seconds"), med("eval_seconds"), med("ready")
+    handover = med("handover_seconds")
+    rest = wall - ready - train - handover - evaluation
+    r = runs[0]
+    print(f"{label}: val_bpb {r['val_bpb']}  ({len(runs)} run(s), medians; sandbox {r['sandbox_level']})")
+    print(f"  hand-over to result {wall:.2f} s = start {ready:.2f} + training {train:.2f} + hand-over and export "
+          f"{handover:.2f} + evaluation {evaluation:.2f} + rest {rest:.2f}")
+    print(f"  evaluation: {100 * evaluation / wall:.1f}% of the trial ({r['causality_checks']} causality checks, "
+          f"{r['eval_work_per_token']:.3g} operations a token)")
+    print(f"  CPU from the kernel: trusted side {med('trusted_cpu_seconds'):.2f} s, worker (training) "
+          f"{med('cpu_seconds'):.2f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "cpu"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3, help="warm trials per preset (one cold trial each)")
     args = parser.parse_args()
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"{args.threads} thread(s) a trial")
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, warm in [(p, False) for p in args.presets] + [("tiny", True)]:
-            r = run_preset(preset, args.threads, Path(tmp), warm)
-            preset = f"{preset} ({'warm slot' if warm else 'cold'})"
-            rest = r["total_seconds"] - r["training_seconds"] - r["eval_seconds"] - r["ready_s"]
-            print(f"{preset}: status {r['status']}  val_bpb {r['val_bpb']}  sandbox {r['sandbox_level']}")
-            print(f"  total {r['total_seconds']:.2f} s = start {r['ready_s']:.2f} + training {r['training_seconds']:.2f} "
-                  f"+ eval {r['eval_seconds']:.2f} ({r['servers']} model servers, "
-                  f"{r['eval_seconds'] / r['servers'] * 1000:.0f} ms each) + rest {rest:.2f} "
-                  "(warm-up step, weights check, signing)")
-            print(f"  not training: {r['total_seconds'] - r['training_seconds']:.2f} s "
-                  f"({100 * (1 - r['training_seconds'] / r['total_seconds']):.0f}% of the trial); "
-                  f"worker CPU {r['cpu_seconds']:.2f} s, peak memory {r['peak_memory_mb']} MB")
+        for preset in args.presets:
+            conf, knobs, env = prepared(preset, args.threads)
+            slot = WarmSlot(env)
+            try:
+                warm = [slot.run(trial_folder(Path(tmp), f"{preset}-warm-{i}", conf, knobs)) for i in range(args.repeat)]
+            finally:
+                slot.close()
+            report(f"{preset} (warm slot)", warm)
+            report(f"{preset} (cold harness)", [run_cold(trial_folder(Path(tmp), f"{preset}-cold", conf, knobs), env)])
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ from train.contract import INFRA_STATUSES, LOG_FILE, RESULT_FILE, read_tail
 from train.integrity import verify_result
 
 # The harness enforces hard_limit_s itself; a launcher kills the trial's process group only this
-# long after it, as a backstop. The margin covers the evaluation, which comes after the training
-# limit and starts a sandboxed model server per batch (a tiny trial's 16 took ~30 s on a 2-core
-# machine at load 15): a hung harness costs two minutes, a healthy one on a busy machine is never
-# killed. A kill sends SIGTERM (the harness writes what it can and takes its worker along) and
+# long after it, as a backstop. The margin covers what comes after the training limit (the export,
+# checking the program, the evaluation pass, bounded by objective.eval_limits): a hung harness costs
+# two minutes, a healthy one on a busy machine is never killed. A kill sends SIGTERM (the harness writes what it can and takes its worker along) and
 # SIGKILL KILL_GRACE_S later.
 BACKSTOP_S = 120.0
 KILL_GRACE_S = 3.0

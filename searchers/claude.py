@@ -435,6 +435,7 @@ class ClaudeSearcher(Searcher):
     # -- prompts ---------------------------------------------------------------------------------
     def _system_prompt(self, ctx: SearchContext) -> str:
         o = ctx.objective
+        limits = o.get("eval_limits") or {}
         unit = {"seconds": "seconds of training", "steps": "optimizer steps", "tokens": "training tokens"}
         kinds = [f"- `{kind}`: {spec.get('count', '?')} slot(s), relative speed {spec.get('speed', 1.0)}"
                  for kind, spec in sorted(ctx.device_kinds.items())]
@@ -449,6 +450,8 @@ class ClaudeSearcher(Searcher):
             vocab_size=o.get("vocab_size"), noise_margin=self.noise_margin, noise_z=self.noise_z,
             noise_seeds=self.noise_seeds, confirm_seeds=self.confirm_seeds, max_elites=self.max_elites,
             max_sweep=self.max_sweep, device_kinds="\n".join(kinds) or "- one local slot", hardware=hardware,
+            eval_seq_len=o.get("eval_seq_len"), eval_work_per_token=f"{limits.get('max_work_per_token', 1e9):.3g}",
+            eval_memory_mb=limits.get("max_memory_mb", 2048),
         )
         return f"{program}\n\n## The baseline train.py (every study starts from it)\n\n```python\n" \
                f"{ctx.baseline_source}\n```\n"

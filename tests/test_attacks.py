@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from launchers.base import read_result
@@ -49,26 +50,31 @@ def in_forward(code: str) -> str:
     return code
 
 
-# Scan this process's own memory (every readable mapping but shared libraries) for the first 64
-# validation tokens, as the cache holds them (uint16) and as an evaluation would (int64), and for a
-# control it plants itself, which it must find; try to open the validation cache. No copy of the
-# needles but the search's own objects (whose addresses are skipped) is made.
+# Scan this process's own memory (every readable mapping but shared libraries) for 64 validation
+# tokens in a row, as the cache holds them (uint16) and as an evaluation would (int64), and for a
+# control it plants itself in both forms, which it must find; try to open the validation cache. The
+# needles are lists of Python ints, compared one by one: no contiguous copy of them is ever made
+# (a bytes needle left copies in freed memory and on the C stack, which the scan then found).
 HUNT = """
 def _hunt(where):
-    import os as _o
+    import numpy as _np
     if getattr(_hunt, "done_" + where, False):
         return
     setattr(_hunt, "done_" + where, True)
-    needles = {"validation uint16": bytes.fromhex(NEEDLE16), "validation int64": bytes.fromhex(NEEDLE64),
-               "control": bytes.fromhex(CONTROL)}
-    planted = bytearray(bytes.fromhex(CONTROL))  # the control, elsewhere in memory
-    own = {id(v) for v in needles.values()}
-    found = {name: [] for name in needles}
+    planted = (_np.array(CONTROL, dtype=_np.int64), _np.array(CONTROL, dtype=_np.uint16))
+    found = {"validation": [], "control": []}
     try:
         open(VAL, "rb").read(16)
-        found["validation uint16"].append("opened the cache")
+        found["validation"].append("opened the cache")
     except OSError:
         pass
+    def _scan(chunk, lo):
+        for name, needle in (("validation", NEEDLE), ("control", CONTROL)):
+            for dtype, size in ((_np.uint16, 2), (_np.int64, 8)):
+                view = _np.frombuffer(chunk, dtype=dtype, count=len(chunk) // size)
+                for at in _np.flatnonzero(view == needle[0])[:100_000].tolist():
+                    if at + 64 <= len(view) and all(int(view[at + k]) == needle[k] for k in range(1, 64)):
+                        found[name].append(f"{dtype.__name__} at {hex(lo + at * size)}")
     with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
         for line in maps.read().splitlines():
             fields = line.split()
@@ -81,14 +87,9 @@ def _hunt(where):
                 chunk = mem.read(hi - lo)
             except (OSError, ValueError, OverflowError):
                 continue
-            for name, needle in needles.items():
-                at = chunk.find(needle)
-                while at >= 0:
-                    address = lo + at
-                    if not any(0 <= address - o < 64 for o in own):
-                        found[name].append(hex(address))
-                    at = chunk.find(needle, at + 1)
-    print("HUNT", where, {name: ("found" if hits else "absent") for name, hits in found.items()}, flush=True)
+            _scan(chunk, lo)
+    print("HUNT", where, {name: ("found" if hits else "absent") for name, hits in found.items()}, found["validation"][:3],
+          flush=True)
     del planted
 """
 
@@ -387,7 +388,11 @@ class Arena:
         self.study, self.objective = study, objective
         study.mkdir(parents=True, exist_ok=True)
         self.data = prepare.prepare(objective["corpus"], objective["vocab_size"], objective["cache_dir"])
-        self.needle = self.data.val_tokens()[:64].copy()
+        val = self.data.val_tokens()
+        start = int(np.flatnonzero(val >= self.data.vocab_size // 2)[0])  # a rare first token: few false starts
+        self.needle = [int(t) for t in val[start:start + 64]]
+        rng = np.random.default_rng(7)
+        self.control = [int(t) for t in rng.integers(self.data.vocab_size // 2, self.data.vocab_size, 64)]
         self.digests = prepare.cache_digests(self.data)
         self.victim = subprocess.Popen(["sleep", "600"])
         self.orchestrator = subprocess.Popen(["sleep", "600"], env={**os.environ, "ANTHROPIC_API_KEY": SECRET})
@@ -407,8 +412,7 @@ class Arena:
                 MLFLOW_DB=str(study / "mlflow.db"), MARK=MARK, SIBLING=str(self.honest.directory),
                 CHECKOUT_PREPARE=str(ROOT / "train" / "prepare.py"), VENV_PTH=str(self.venv_pth()),
                 ORCHESTRATOR_PID=self.orchestrator.pid, VICTIM_PID=self.victim.pid, PORT=self.listener.port,
-                PWNED=str(study / "pwned"), NEEDLE16=self.needle.astype("<u2").tobytes().hex(),
-                NEEDLE64=self.needle.astype("<i8").tobytes().hex(), CONTROL=os.urandom(96).hex())
+                PWNED=str(study / "pwned"), NEEDLE=self.needle, CONTROL=self.control)
             self.trials[name] = new_trial(study, index, objective, attack_source(objective, where, code, constants))
         self.trials["later"] = new_trial(study, len(ATTACKS) + 1, objective, tiny_source(objective))
         self.results = self.run(launcher_factory, monkeypatch_env)
@@ -521,8 +525,7 @@ def test_no_process_that_runs_candidate_code_holds_a_validation_token(arena):
     cache file itself. It finds its planted control, so the scan works; it finds no validation text."""
     for name, where in (("hunt-validation-text-in-train", "train"), ("hunt-validation-text-at-export", "export")):
         lines = [line for line in arena.log(name).splitlines() if line.startswith(f"HUNT {where}")]
-        assert lines == [f"HUNT {where} {{'validation uint16': 'absent', 'validation int64': 'absent', "
-                         "'control': 'found'}"], arena.log(name)[-2000:]
+        assert lines == [f"HUNT {where} {{'validation': 'absent', 'control': 'found'}} []"], arena.log(name)[-2000:]
 
 
 def test_a_later_trial_scores_as_if_no_attack_had_run(arena):

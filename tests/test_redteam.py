@@ -460,7 +460,7 @@ def test_an_error_or_hypothesis_is_drawn_as_text_never_as_markup():
 
 
 def test_a_header_nested_too_deep_is_a_bad_message_not_a_harness_error():
-    """A worker or model server that sends JSON nested 30,000 deep made the trusted side raise
+    """A worker that sends JSON nested 30,000 deep made the trusted side raise
     RecursionError, which the harness reported as its own error."""
     import socket
     import struct

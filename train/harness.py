@@ -55,6 +55,7 @@ PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12)
 
 
 _TRIALS_RUN = []  # run_trial runs once per process: `serve` forks a fresh one for each trial
+_TORCH_CACHE: list = []  # this process's own folder for torch's caches (a sandbox.Scratch), made once
 
 
 def run_trial(trial_dir) -> dict:
@@ -161,7 +162,22 @@ def _preflight(path: Path) -> None:
         raise TrialFailed("invalid", f"train.py does not define {' and '.join(missing)}()")
 
 
+def _private_torch_cache() -> None:
+    """Importing torch._dynamo (the export path, the flop counter) makes $TMPDIR/torchinductor_<user>
+    and leaves it there: this process's copy goes into a scratch of its own instead, removed when
+    it exits and swept by the next harness if it is killed. A sandboxed worker has its own (its
+    scratch, by allowed_env)."""
+    if not _TORCH_CACHE:
+        import atexit
+
+        cache = sandbox.Scratch("torch-cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.path)
+        _TORCH_CACHE.append(cache)
+        atexit.register(cache.close)
+
+
 def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) -> None:
+    _private_torch_cache()
     import torch
 
     from train import graph, prepare, scorer
@@ -399,6 +415,7 @@ def _warm_up() -> None:
     no OpenMP pool exists when the trials are forked (GNU OpenMP does not survive a fork)."""
     import tempfile
 
+    _private_torch_cache()
     import torch
 
     from train import graph
@@ -473,6 +490,10 @@ def main(argv: list[str] | None = None) -> None:
                  "       python -m train.harness --serve     (warm: trial directories on stdin, pids on stdout)")
     if not Path(args[0]).is_dir():
         sys.exit(f"error: no trial directory {args[0]}")
+    from train.processes import fork_safe
+
+    if fork_safe():  # the worker will be a fork of this process: it inherits the warmed export path
+        _warm_up()
     _print_summary(run_trial(args[0]))
 
 

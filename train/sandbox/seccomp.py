@@ -58,9 +58,9 @@ _AARCH64 = (0xC00000B7, {
 })
 MACHINES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 # System V IPC and POSIX message queues outlive the process that made them and are not files
-# Landlock sees: without an IPC namespace (the `landlock` level) a model server could leave its
-# evaluation batch there for the next one, which then knows whether it answers the causality
-# probe or the real batch (the forgery that scored 0.23 against an honest 3.7).
+# Landlock sees: without an IPC namespace (the `landlock` level) a trial could leave state there for
+# a later one (when sandboxed model servers were handed validation batches, one told the next which
+# batch was the causality probe: 0.23 bits per byte against an honest 3.7).
 IPC = ("shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv",
        "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr")
 # The launcher pins each slot to its share of the cores; a trial that re-pinned itself to every core
