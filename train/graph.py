@@ -56,9 +56,9 @@ class GraphInvalid(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one exported program may cost. Work counts matmul/attention FLOPs (torch's flop counter)
-    plus every element each node reads and writes, so no op is free; memory is the peak of live
-    intermediate tensors of one row at the longest length, views counted as copies (a bound, not a
+    """What one exported program may cost. Work counts matmul/attention FLOPs (from the shapes of
+    each product) plus every element each node reads and writes, so no op is free; memory is the
+    peak of live intermediate tensors of one row, views counted as copies (a bound, not a
     measurement)."""
 
     max_nodes: int = 20_000
@@ -485,35 +485,31 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
     """Run the program on meta tensors (shapes only, nothing allocated) at `length`: every node's
     result checked, the work and the peak live memory of one row counted and bounded (the work at
     any length by what the objective allows a row of its full length)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     limits, vocab_size = program.limits, program.vocab_size
     if type(length) is not int or not 1 <= length <= program.seq_len:
         raise GraphInvalid(f"no row is scored at length {length!r}")
     meta = torch.device("meta")
     env = {program.input_name: torch.empty(1, length, dtype=torch.int64, device=meta)}
     env.update({k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in program.constants.items()})
-    live, held, peak, elements = {}, 0, 0, 0  # intermediates only: the weights are bounded apart
-    counter = FlopCounterMode(display=False)
-    with counter:
-        for index, node in enumerate(program.nodes):
-            try:
-                value = _run(node, env, meta)
-            except GraphInvalid:
-                raise
-            except Exception as e:  # noqa: BLE001 - whatever ATen refuses is the program's fault
-                raise GraphInvalid(f"operator {node.op} (node {node.name!r}) fails at sequence length {length}: "
-                                   f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-            _check_value(node, value, limits)
-            env[node.name] = value
-            elements += _elements(node.args, env) + _elements(list(node.kwargs.values()), env) + _elements_of(value)
-            live[node.name] = _bytes(value)
-            held += live[node.name]
-            peak = max(peak, held)
-            for name in program._frees[index]:
-                held -= live.pop(name, 0)
-                env.pop(name, None)
-    work = counter.get_total_flops() + elements
+    live, held, peak, work = {}, 0, 0, 0  # intermediates only: the weights are bounded apart
+    for index, node in enumerate(program.nodes):
+        try:
+            value = _run(node, env, meta)
+        except GraphInvalid:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever ATen refuses is the program's fault
+            raise GraphInvalid(f"operator {node.op} (node {node.name!r}) fails at sequence length {length}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        _check_value(node, value, limits)
+        work += _elements(node.args, env) + _elements(list(node.kwargs.values()), env) + _elements_of(value)
+        work += _product_flops(node, env, value)
+        env[node.name] = value
+        live[node.name] = _bytes(value)
+        held += live[node.name]
+        peak = max(peak, held)
+        for name in program._frees[index]:
+            held -= live.pop(name, 0)
+            env.pop(name, None)
     out = env.get(program.output)
     if not isinstance(out, torch.Tensor) or out.dim() != 3 or tuple(out.shape[:2]) != (1, length) \
             or out.dtype not in FLOAT_DTYPES or not vocab_size <= out.shape[2] <= 4 * vocab_size:
@@ -527,6 +523,46 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
         raise GraphInvalid(f"evaluating one row needs {peak / (1 << 20):.0f} MB of intermediate tensors; "
                            f"the objective allows {limits.max_memory_mb:.0f} MB")
     return work, peak, out.shape[2]
+
+
+def _product_flops(node: Node, env: dict, out) -> int:
+    """Multiply-adds of the operators that contract a dimension, x2, from the shapes alone (what
+    torch's flop counter counts, without its dispatch overhead on every check); the elementwise rest
+    is counted as elements touched."""
+    if node.op not in _PRODUCTS or not isinstance(out, torch.Tensor):
+        return 0
+    args = [_materialise(a, env, None) for a in node.args]
+    if node.op == "aten.einsum.default":
+        return _einsum_flops(node, args)
+    if node.op == "aten.scaled_dot_product_attention.default":
+        q, k, v = args[:3]
+        return 2 * math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    if node.op == "aten.outer.default":
+        return out.numel()
+    left = args[1] if node.op in ("aten.addmm.default", "aten.baddbmm.default") else args[0]
+    if node.op == "aten.linear.default":
+        return 2 * out.numel() * args[1].shape[-1]
+    return 2 * out.numel() * (left.shape[-1] if left.dim() else 1)
+
+
+_PRODUCTS = {f"aten.{name}" for name in ("linear.default", "mm.default", "bmm.default", "matmul.default",
+                                          "addmm.default", "baddbmm.default", "einsum.default", "outer.default",
+                                          "scaled_dot_product_attention.default")}
+
+
+def _einsum_flops(node: Node, args: list) -> int:
+    """2 x the product of every index's size: a naive contraction, an upper bound on any order."""
+    equation, operands = args[0], args[1]
+    if not isinstance(equation, str) or not isinstance(operands, (list, tuple)):
+        raise GraphInvalid(f"node {node.name!r}: einsum needs an equation and a list of tensors")
+    inputs = equation.replace(" ", "").split("->")[0].split(",")
+    if len(inputs) != len(operands) or "." in equation:
+        raise GraphInvalid(f"node {node.name!r}: einsum with an ellipsis or a mismatched operand list is not allowed")
+    sizes: dict[str, int] = {}
+    for letters, tensor in zip(inputs, operands):
+        for letter, size in zip(letters, tensor.shape):
+            sizes[letter] = max(sizes.get(letter, 1), int(size))
+    return 2 * math.prod(sizes.values())
 
 
 def _check_value(node: Node, value, limits: Limits) -> None:

@@ -50,6 +50,7 @@ NAMED_CORPORA = corpora.NAMED_CORPORA
 # (about 4e-4 bits per byte at 3.3 bytes a token); benchmarks/causality.py measures it.
 CAUSAL_TOLERANCE = 1e-3
 PREFIX_LENGTHS_PER_BATCH = 2  # each row is also scored cut short, at one of this many secret lengths a batch
+COMPARED_BEFORE_CUT = 16  # positions compared up to each cut: a peek up to this far ahead moves one of them
 
 
 class NotCausal(ValueError):
@@ -112,16 +113,14 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
     torch._C._functorch._set_vmap_fallback_warning_enabled(False)  # an op without a batch rule loops over rows
     rows_of = torch.vmap(model)
 
-    def logprobs(inputs: torch.Tensor) -> torch.Tensor:
+    def logits_of(inputs: torch.Tensor) -> torch.Tensor:
         logits = rows_of(inputs[:, None, :])
         if logits.dim() != 4 or tuple(logits.shape[:3]) != (len(inputs), 1, inputs.shape[1]) \
                 or not spec.vocab_size <= logits.shape[-1] or not logits.is_floating_point():
             raise ValueError(f"the model must return float logits [1, T, V >= {spec.vocab_size}] for ids [1, T], "
                              f"got {list(logits.shape[1:])} for [1, {inputs.shape[1]}]")
-        logits = logits[:, 0]
-        if not bool(torch.isfinite(logits).all()):
-            raise NonFinite("the trained model outputs non-finite logits")
-        return torch.log_softmax(logits.to(torch.float32), dim=-1)
+        return logits[:, 0]
+
 
     total_nats, total_bytes, checks = 0.0, 0, 0
     with torch.no_grad():
@@ -131,21 +130,22 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
             rows = len(batch)
             if plan:
                 cuts, offsets, groups = plan
-                both = logprobs(torch.cat([inputs, _seam_probes(inputs, val, cuts, offsets)]))
-                real = both[:rows]
+                both = logits_of(torch.cat([inputs, _seam_probes(inputs, val, cuts, offsets)]))
+                real = torch.log_softmax(both[:rows].to(torch.float32), dim=-1)
                 _check_causal(real, both[rows:], cuts)
                 for length, members in groups:
-                    short = logprobs(inputs[members, :length])
-                    _check_causal(real[members, :length], short, np.full(len(members), length - 1))
+                    _check_causal(real[members], logits_of(inputs[members, :length]), np.full(len(members), length - 1))
                     checks += len(members)
                 checks += rows
             else:
-                real = logprobs(inputs)
+                real = torch.log_softmax(logits_of(inputs).to(torch.float32), dim=-1)
             nats = -torch.gather(real, -1, targets.unsqueeze(-1)).squeeze(-1)
             mask = torch.as_tensor(counted[start:start + rows], device=device)
             nbytes = torch.where(mask, token_bytes[targets], 0)
             total_nats += float(torch.where(nbytes > 0, nats, 0.0).sum())
             total_bytes += int(nbytes.sum())
+            if not math.isfinite(total_nats):  # a NaN or +inf logit, or an -inf one on a target
+                raise NonFinite("the trained model outputs non-finite logits")
     return {
         "val_bpb": total_nats / (math.log(2) * total_bytes),
         "nats": total_nats,
@@ -179,9 +179,18 @@ def _seam_probes(inputs: torch.Tensor, val: np.ndarray, cuts: np.ndarray, offset
     return probe
 
 
-def _check_causal(reference: torch.Tensor, probe: torch.Tensor, cuts: np.ndarray) -> None:
-    kept = torch.as_tensor(np.arange(probe.shape[1])[None, :] <= cuts[:, None], device=probe.device)
-    moved = float(torch.where(kept, (probe - reference[:, :probe.shape[1]]).abs().amax(-1), 0.0).max())
+def _check_causal(reference: torch.Tensor, probe_logits: torch.Tensor, cuts: np.ndarray) -> None:
+    """The probe's log-probs at the last COMPARED_BEFORE_CUT positions up to each row's cut must
+    agree with the real row's (`reference`, log-probs); only those positions are computed."""
+    window = np.maximum(cuts[:, None] - np.arange(COMPARED_BEFORE_CUT)[None, ::-1], 0)  # [rows, W], clamped at 0
+    at = torch.as_tensor(window, device=probe_logits.device)[..., None]
+    probe = torch.log_softmax(torch.gather(probe_logits, 1, at.expand(-1, -1, probe_logits.shape[-1])).to(
+        torch.float32), dim=-1)
+    real = torch.gather(reference, 1, at.expand(-1, -1, reference.shape[-1]))
+    difference = torch.where(probe == real, 0.0, probe - real)  # -inf == -inf: no move
+    moved = float(difference.abs().max())
+    if math.isnan(moved):
+        raise NonFinite("the trained model outputs non-finite logits")
     if not moved <= CAUSAL_TOLERANCE:
         raise NotCausal(f"the model is not causal: log-probs at or before a position moved by {moved:.3g} nats "
                         "when only later tokens changed (or were cut off)")
