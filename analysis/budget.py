@@ -8,7 +8,8 @@ up to that point: every trial that finished at or before it counts. Three measur
              the same compute, so equal trials is equal compute, and it does not move with the
              machine's load.
     compute  charged slot-hours: each trial's t_finished - t_started on the study clock (GPU-h on
-             accelerators; on the simulated launcher with seconds_per_budget_unit, steps x that).
+             accelerators; on the simulated launcher with seconds_per_budget_unit, steps x that
+             plus each trial's real start-up and evaluation).
              On a real CPU with a steps budget these are loaded wall seconds: several-fold apart
              between studies for the same work.
     wall     active study time: t_finished on the study clock, in hours.
@@ -128,20 +129,23 @@ def default_measure(studies: pd.DataFrame, trials: pd.DataFrame) -> tuple[str, s
     """(measure, why) when nobody named one."""
     named = _common(_param(studies, "compare_measure"))
     if named is not None:
-        return ALIASES.get(str(named).lower(), str(named)), "compare.measure named by the experiment"
+        if str(named).lower() not in ALIASES:
+            raise BudgetError(f"the studies' compare.measure is {named!r}; it must be one of {', '.join(MEASURES)}")
+        return ALIASES[str(named).lower()], "compare.measure named by the experiment"
     kinds = budget_kinds(studies, trials)
     if kinds and kinds <= COST_NEUTRAL_KINDS:
         return "trials", (f"a {'/'.join(sorted(kinds))} budget: every full trial is charged the same compute, "
                           "whatever the machine's load")
-    return "compute", "charged slot-hours, the measure of a seconds budget"
+    return "compute", ("charged slot-hours, the measure of a seconds budget" if kinds
+                       else "charged slot-hours (the studies log no budget kind)")
 
 
-def default_at(measure: str, studies: pd.DataFrame, trials: pd.DataFrame, named_measure: bool = False) -> tuple[float, str]:
+def default_at(measure: str, studies: pd.DataFrame, trials: pd.DataFrame) -> tuple[float, str]:
     """(value, origin) of a measure's budget when the command line gave none."""
-    if named_measure or _common(_param(studies, "compare_measure")) is not None:
-        named_at = _common(_param(studies, "compare_at"))
-        if named_at is not None and ALIASES.get(str(_common(_param(studies, "compare_measure"))).lower()) == measure:
-            return float(named_at), "compare.at named by the experiment"
+    named = _common(_param(studies, "compare_measure"))
+    named_at = _common(_param(studies, "compare_at"))
+    if named is not None and named_at is not None and ALIASES.get(str(named).lower()) == measure:
+        return float(named_at), "compare.at named by the experiment"
     if measure == "trials":
         limits = _param(studies, "max_trials")
         if limits.notna().all() and len(limits):
@@ -156,21 +160,18 @@ def default_at(measure: str, studies: pd.DataFrame, trials: pd.DataFrame, named_
     return float(used.min()), f"the least any study used (study {used.idxmin()}): no budget named for this measure"
 
 
-def load_independent_time(studies: pd.DataFrame, trials: pd.DataFrame) -> bool:
-    """Whether the study clock measures the searcher rather than the machine: a seconds budget
-    (each trial holds its slot for its budget), or the simulated launcher charging a fixed time
-    per step (seconds_per_budget_unit)."""
+def time_is_the_budget(studies: pd.DataFrame, trials: pd.DataFrame) -> bool:
+    """Whether the study clock measures the searcher rather than the machine: on a seconds budget
+    each trial holds its slot for its budget. On a steps budget it does not, not even on the
+    simulated launcher, whose clock adds each trial's real start-up and evaluation seconds."""
     kinds = budget_kinds(studies, trials)
-    if kinds and not kinds <= COST_NEUTRAL_KINDS:
-        return True
-    spbu = _param(studies, "seconds_per_budget_unit")
-    return bool(len(studies)) and bool((studies["time_mode"] == "simulated").all()) and bool(spbu.notna().all())
+    return bool(kinds) and not kinds <= COST_NEUTRAL_KINDS
 
 
 def resolve(studies: pd.DataFrame, trials: pd.DataFrame, requested: list[str] | None = None) -> tuple[list[Budget], list[str]]:
     """The budgets a report compares at (the first is the headline) and the notes it must print.
     Without --budget: the default measure at its named value, plus equal active study time when
-    that time is named (study.max_hours) or does not depend on the machine's load."""
+    that time is named (study.max_hours) or is what the trials are budgeted in (seconds)."""
     notes: list[str] = []
     budgets: list[Budget] = []
     for text in requested or []:
@@ -187,13 +188,14 @@ def resolve(studies: pd.DataFrame, trials: pd.DataFrame, requested: list[str] | 
         budgets.append(Budget(measure, at, f"{origin}; measure: {why}"))
         if measure != "wall":
             hours = _common(_param(studies, "max_hours"))
-            if hours is not None or load_independent_time(studies, trials):
+            if hours is not None or time_is_the_budget(studies, trials):
                 at, origin = default_at("wall", studies, trials)
                 budgets.append(Budget("wall", at, origin))
             else:
-                notes.append("No comparison at equal active study time: these studies ran a steps budget on a real "
-                             "clock with no study.max_hours, so their time measures the machine's load as much as "
-                             "the searcher (ask for one with --budget wall=HOURS).")
+                notes.append("No comparison at equal active study time: these studies were not budgeted in seconds "
+                             "and name no study.max_hours, so their time measures the machine's load (and on the "
+                             "simulated launcher each trial's real start-up) as much as the searcher (ask for one "
+                             "with --budget wall=HOURS).")
     for b in budgets:
         if not b.at > 0:
             raise BudgetError(f"the {b.measure} budget is {b.at:g} ({b.origin}): nothing to compare at")

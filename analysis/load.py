@@ -26,7 +26,6 @@ STUDY_PARAMS = {
     "objective.budget_kind": "budget_kind",
     "study.max_trials": "max_trials",
     "study.max_hours": "max_hours",
-    "launcher.seconds_per_budget_unit": "seconds_per_budget_unit",
     "compare.measure": "compare_measure",
     "compare.at": "compare_at",
 }

@@ -103,7 +103,7 @@ def plot_cd_diagram(f: Friedman, title: str) -> plt.Figure:
     ax.text(1 + f.cd / 2, top + 0.5, f"CD = {f.cd:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylim(-0.45 - 0.3 * half, top + 0.8)
     ax.axis("off")
-    dropped = f" ({f.n_dropped} seed(s) lacking an arm left out)" if f.n_dropped else ""
+    dropped = f.dropped_text
     ax.set_title(f"{title}: critical-difference diagram (x: average rank, 1 = best)\n"
                  f"Friedman p = {f.p:.3g} over n = {f.n_blocks} seeds{dropped}\n"
                  "bars join arms that Nemenyi cannot tell apart (alpha 0.05)", fontsize=9)

@@ -229,6 +229,8 @@ def _budget_section(doc: Document, per_study: pd.DataFrame, notes: list[str], ou
         lines.append(f"{'Headline' if i == 0 else 'Also'}: {b.title(unit)}, measured in {what}; value from {b.origin}. "
                      "Each study is credited with its own best among the trials finished at or before that point.")
     doc.items(lines)
+    pd.DataFrame([{"measure": b.measure, "at": b.at, "title": b.title(unit), "origin": b.origin} for b in budgets]
+                 ).to_csv(out / "budgets.csv", index=False)  # the headline first
     for line in notes:
         doc.note(line)
     for b in budgets:
@@ -341,7 +343,7 @@ def _ranks_section(doc: Document, per_study: pd.DataFrame, trials: pd.DataFrame,
         return
     _save(ranks.plot_cd_diagram(f, f"Best val_bpb at {headline.title(unit)}"), out / "critical_difference")
     doc.text(f"Friedman χ² = {f.statistic:.3g}, p = {f.p:.3g}, n = {f.n_blocks} seeds"
-             + (f" ({f.n_dropped} seed(s) lacking an arm left out)" if f.n_dropped else "")
+             + f.dropped_text
              + f"; Nemenyi critical difference {f.cd:.2f} ranks. Average ranks: "
              + ", ".join(f"{a} {r:.2f}" for a, r in sorted(f.avg_rank.items(), key=lambda kv: kv[1])) + ".")
     doc.figure(out / "critical_difference.png", "Critical-difference diagram (Demšar 2006): arms joined by a bar "
@@ -403,9 +405,9 @@ def _speedup_section(doc: Document, studies: pd.DataFrame, trials: pd.DataFrame,
         doc.text("(on the SIMULATED clock)")
     doc.table(display)
     doc.text("Per parallel study, at the hardest target that it, its replay and its 1-slot twin (same searcher and "
-             "seed) all reach: (a) T_1slot(x)/T_parallel(x) measured against the real 1-slot study; (b) the same "
-             "against the parallel study's own trials replayed end to end on one slot in submission order; (c) the "
-             f"ratio of trials per hour. CIs of the mean over seeds: {stats.INTERVAL_METHODS['mean']}. Per pair: "
+             "seed) all reach, T(x) in active study time: (a) T_1slot(x)/T_parallel(x) measured against the real 1-slot "
+             "study; (b) the same against the parallel study's own trials replayed end to end on one slot in submission "
+             f"order; (c) the ratio of trials per active study hour. CIs of the mean over seeds: {stats.INTERVAL_METHODS['mean']}. Per pair: "
              "speedups_per_pair.csv.")
     fig = speedup.plot_speedups(plotted, simulated)
     if fig is None:

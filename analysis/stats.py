@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -186,10 +186,12 @@ def seed_list(seeds) -> str:
 def missing_seeds(values: pd.DataFrame, arm: str, expected, by: str = "arm", column: str = "value") -> str:
     """'7 (no result), 8 (no study)': the expected seeds this arm has no value for, by number."""
     g = values[values[by] == arm]
-    with_value = set(g.loc[g[column].notna(), "seed"])
-    with_study = set(g["seed"])
-    out = [f"{seed_list([s])} ({'no result' if s in with_study else 'no study'})"
-           for s in sorted(expected) if s not in with_value]
+    return _missing(dict(zip(g["seed"], g[column])), expected)
+
+
+def _missing(arm_values: dict, expected) -> str:
+    out = [f"{seed_list([s])} ({'no result' if s in arm_values else 'no study'})"
+           for s in sorted(expected) if not (s in arm_values and pd.notna(arm_values[s]))]
     return ", ".join(out)
 
 
@@ -210,14 +212,6 @@ def arm_summary(values: pd.DataFrame, by: str = "arm", column: str = "value") ->
             row[f"{name}_lo"], row[f"{name}_hi"] = CI_METHODS[name](ok)
         rows.append(row)
     return pd.DataFrame(rows).set_index(by)
-
-
-def paired(values: pd.DataFrame, a: str, b: str, by: str = "arm", column: str = "value") -> pd.DataFrame:
-    """Seed-matched values of arms a and b: one row per seed either arm has (NaN where missing)."""
-    check_one_study_per_seed(values[values[by].isin([a, b])], by)
-    wide = values.pivot_table(index="seed", columns=by, values=column, aggfunc="first", dropna=False)
-    wide = wide.reindex(columns=[a, b])
-    return wide[wide.index.isin(values.loc[values[by].isin([a, b]), "seed"])]
 
 
 # -- paired tests ---------------------------------------------------------------------------------
@@ -312,12 +306,12 @@ def pairwise(values: pd.DataFrame, by: str = "arm", column: str = "value", test:
     check_one_study_per_seed(values, by)
     if not unmatched_ok:
         check_matched_seeds(values, by)
-    arms = sorted(values[by].unique())
+    per_arm = {arm: dict(zip(g["seed"], g[column].astype(float))) for arm, g in values.groupby(by, sort=True)}
     rows = []
-    for a, b in itertools.combinations(arms, 2):
-        wide = paired(values, a, b, by, column)
-        both = wide.dropna()
-        x, y = both[a].to_numpy(), both[b].to_numpy()
+    for a, b in itertools.combinations(sorted(per_arm), 2):
+        expected = sorted(set(per_arm[a]) | set(per_arm[b]))
+        both = [s for s in expected if pd.notna(per_arm[a].get(s)) and pd.notna(per_arm[b].get(s))]
+        x, y = np.array([per_arm[a][s] for s in both]), np.array([per_arm[b][s] for s in both])
         p_ab = TESTS[test](x, y) if len(x) else 1.0
         p_ba = TESTS[test](y, x) if len(x) else 1.0
         # on the QUANTUM grid, so that a mean difference of 0 on paper is 0 and not float noise
@@ -326,19 +320,17 @@ def pairwise(values: pd.DataFrame, by: str = "arm", column: str = "value", test:
             a, b, x, y, p_ab, p_ba = b, a, y, x, p_ba, p_ab
         d = differences(x, y)
         lo, hi = mean_ci(d * QUANTUM)  # on the grid: seeds that all moved by the same amount give a point
-        expected = sorted(set(wide.index))
-        a_all, b_all = values.loc[values[by] == a, column], values.loc[values[by] == b, column]
+        a_all = np.array([v for v in per_arm[a].values() if pd.notna(v)])
+        b_all = np.array([v for v in per_arm[b].values() if pd.notna(v)])
         rows.append({
-            "a": a, "b": b, "n": len(d),
-            "n_a": int(a_all.notna().sum()), "n_b": int(b_all.notna().sum()),
-            "missing_a": missing_seeds(values, a, expected, by, column),
-            "missing_b": missing_seeds(values, b, expected, by, column),
-            "n_missing": int(len(wide) - len(both)),
+            "a": a, "b": b, "n": len(d), "n_a": len(a_all), "n_b": len(b_all),
+            "missing_a": _missing(per_arm[a], expected), "missing_b": _missing(per_arm[b], expected),
+            "n_missing": len(expected) - len(both),
             "delta": float(d.sum()) * QUANTUM / len(d) if len(d) else math.nan, "delta_lo": lo, "delta_hi": hi,
             "a_lower": int((d < 0).sum()), "b_lower": int((d > 0).sum()), "tied": int((d == 0).sum()),
             "p": p_ab, "p_reverse": p_ba,
             "effect_rank_biserial": rank_biserial(x, y),
-            "p_improvement": probability_of_improvement(a_all.dropna(), b_all.dropna()),
+            "p_improvement": probability_of_improvement(a_all, b_all),
             "test": test,
         })
     out = pd.DataFrame(rows)
@@ -363,6 +355,14 @@ class Friedman:
     statistic: float
     p: float
     cd: float
+    dropped: list = field(default_factory=list)  # the seeds some arm has no value for, by number
+
+    @property
+    def dropped_text(self) -> str:
+        """' (seeds 7, 8 lacking an arm left out)', or '' when every seed is a block."""
+        if not self.n_dropped:
+            return ""
+        return f" (seed{'s' if self.n_dropped > 1 else ''} {seed_list(self.dropped)} lacking an arm left out)"
 
 
 def nemenyi_cd(k: int, n: int, alpha: float = ALPHA) -> float:
@@ -393,7 +393,8 @@ def friedman_nemenyi(values: pd.DataFrame, by: str = "arm", column: str = "value
         statistic, p = float(res.statistic), float(res.pvalue)
     return Friedman(arms=arms, avg_rank={a: float(avg[a]) for a in arms}, n_blocks=len(complete),
                     n_dropped=len(wide) - len(complete), statistic=statistic, p=p,
-                    cd=nemenyi_cd(len(arms), len(complete), alpha))
+                    cd=nemenyi_cd(len(arms), len(complete), alpha),
+                    dropped=sorted(set(wide.index) - set(complete.index)))
 
 
 # -- time to target -------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def test_a_steps_budget_compares_every_study_at_the_trials_the_experiment_named(
                         "--noise-floor", "none"]) == 0
     summary = (out / "summary.md").read_text()
     assert "Headline: equal trials (4 per study)" in summary and "study.max_trials named by the experiment" in summary
+    assert pd.read_csv(out / "budgets.csv")[["measure", "at"]].values.tolist() == [["trials", TRIALS]]
     kept = pd.read_csv(out / "kept_trials.csv", index_col=0)
     assert kept["trials kept"].tolist() == [SEEDS * TRIALS] * 2 and kept["short of the budget"].tolist() == ["-", "-"]
     per = pd.read_csv(out / "searchers_per_study.csv").set_index("study_id")
@@ -162,3 +163,12 @@ def test_an_experiment_can_name_its_budget_in_its_compare_settings(tmp_path):
     assert budgets[0].at == pytest.approx(50 / 3600) and budgets[1].at == pytest.approx(0.05) and not notes
     per = tables.per_study(trials, studies, budgets).set_index("study_id")
     assert per.loc["a-s0", "kept_compute"] == 2 and per.loc["a-s0", "kept_wall"] == 4  # 0.05 h = 180 s
+
+
+def test_a_report_refuses_an_arm_with_a_seed_twice_naming_both_studies():
+    rows = trial_rows("tpe-a", [10, 10], [1.8, 1.7], arm="tpe") + trial_rows("tpe-b", [10, 10], [1.9, 1.6], arm="tpe") + \
+        trial_rows("random", [10, 10], [1.8, 1.75])
+    studies, trials = frames(rows)  # every study seed 0: tpe has it twice (say, two study names)
+    with pytest.raises(ValueError, match=r"^tpe has seed 0 2 times \(tpe-a, tpe-b\): one study per arm and seed") as refused:
+        report.plan(studies, trials, ["trials=2"])
+    assert "\n" not in str(refused.value)

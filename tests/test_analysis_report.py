@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 from mlflow import MlflowClient
 
 from analysis import report
@@ -134,7 +135,7 @@ def test_every_table_says_n_and_the_failed_seed_is_counted(written):
 
 def test_three_arms_get_friedman_and_a_critical_difference_diagram(written):
     summary = (written / "cpu" / "summary.md").read_text()
-    assert "Friedman χ²" in summary and "n = 7 seeds (2 seed(s) lacking an arm left out)" in summary
+    assert "Friedman χ²" in summary and "n = 7 seeds (seeds 7, 8 lacking an arm left out)" in summary
     for stem in ("critical_difference", "rank_over_time", "progress_wall", "progress_gpu_hours",
                  "time_to_target_wall", "time_to_target_gpu_hours"):
         assert (written / "cpu" / f"{stem}.png").stat().st_size > 0 and (written / "cpu" / f"{stem}.pdf").is_file()
@@ -181,3 +182,19 @@ def test_the_html_report_opens_in_headless_chromium(written, tmp_path):
     subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1200,3000", html.as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000
+
+
+def test_the_paired_test_asked_for_is_the_one_in_the_pairwise_tables(store, tmp_path):
+    out = tmp_path / "perm"
+    assert report.main(["--tracking-uri", store, "--experiment", EXPERIMENT, "--out", str(out), "--preset", "tiny",
+                        "--test", "permutation", "--no-log"]) == 0
+    pairs = pd.read_csv(out / "pairwise_best_at_trials.csv")
+    assert pairs["test"].tolist() == ["permutation"]  # it stayed on wilcoxon whatever --test said
+    per = pd.read_csv(out / "searchers_per_study.csv")
+    wide = per.pivot(index="seed", columns="arm", values="best_at_trials")
+    row = pairs.iloc[0]
+    d = np.round((wide[row["a"]] - wide[row["b"]]).to_numpy(), 12)
+    p = sps.permutation_test((d,), np.mean, permutation_type="samples", alternative="less",
+                             rng=np.random.default_rng(0)).pvalue
+    assert row["p"] == pytest.approx(p)
+    assert "p (permutation)" in (out / "summary.md").read_text()

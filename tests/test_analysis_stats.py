@@ -211,7 +211,7 @@ def test_friedman_statistic_and_nemenyi_critical_difference_match_the_hand_compu
     rows.append({"arm": "a", "seed": 9, "value": 0.5})  # a seed b and c lack: dropped and counted
     f = stats.friedman_nemenyi(pd.DataFrame(rows))
     assert f.avg_rank == {"a": 1.0, "b": 2.0, "c": 3.0}
-    assert f.n_blocks == 4 and f.n_dropped == 1
+    assert f.n_blocks == 4 and f.n_dropped == 1 and f.dropped_text == " (seed 9 lacking an arm left out)"
     assert f.statistic == pytest.approx(8.0)
     assert f.p == pytest.approx(math.exp(-4))
     # Demšar (2006), Table 5: q_0.05 = 2.343 (k=3), 2.728 (k=5)
