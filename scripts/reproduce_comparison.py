@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCompared at {headline['title']} ({headline['origin']}); trials kept per arm:")
     print(kept.to_string())
     print(f"\nBest val_bpb at {headline['title']} (95% CIs over seeds: t interval of the mean):")
-    print(arms[["n", "missing_seeds", "mean", "mean_lo", "mean_hi", "median", "iqm"]].round(4).to_string())
+    print(arms[["n", "missing_seeds", "mean", "mean_lo", "mean_hi", "median", "iqm"]].fillna({"missing_seeds": "-"}).round(4).to_string())
     print("\nClaims:")
     for line in claims["claim"]:
         print(f"- {line}")
