@@ -1,10 +1,12 @@
-"""Best-so-far staircases: what a study had found by a given wall-clock time, trial count or
+"""Best-so-far staircases: what a study had found by a given active study time, trial count or
 amount of compute, per study and averaged over seeds.
 
 A trial counts from the moment it finished (its result was known then, not when it started).
+On the trials axis a screening rung (searchers/rungs.py) counts at its budget fraction: a quarter
+run is a quarter of a trial's compute.
 On the GPU-hours axis a trial's point is the slot-time of all trials finished so far, itself
 included: what the results in hand cost, the usual sample-efficiency axis. (Slot-time committed
-to trials still running shows on the wall-clock axis instead: a 16-slot study spends 16 GPU-hours
+to trials still running shows on the time axis instead: a 16-slot study spends 16 GPU-hours
 per hour whether or not its first results are in.)
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ import pandas as pd
 from analysis import stats
 
 # The x axes a staircase can be drawn against, and how each is labelled ({unit}: GPU-h, or CPU
-# slot-h when the slots were CPU shares; see load.compute_unit).
-X_AXES = {"wall": "wall-clock", "trials": "trials finished", "gpu_hours": "{unit}"}
+# slot-h when the slots were CPU shares; see load.compute_unit). "wall" is the study clock the
+# mirror logs (t_finished_s): active study time, idle gaps between sessions left out.
+X_AXES = {"wall": "active study time", "trials": "trials finished", "gpu_hours": "{unit}"}
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -31,7 +34,7 @@ def axis_name(x: str, unit: str = "GPU-h") -> str:
 
 def staircase(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
     """One study's best val_bpb after each finished trial, in finishing order: columns x, best,
-    trial_id, val_bpb. `best` is NaN until the first ok trial; wall-clock x is in seconds."""
+    trial_id, val_bpb. `best` is NaN until the first ok trial; time x is in seconds."""
     if x not in X_AXES:
         raise ValueError(f"unknown x axis {x!r}; expected one of {sorted(X_AXES)}")
     done = trials[trials["t_finished"].notna()].sort_values(["t_finished", "trial_index"])
@@ -39,7 +42,8 @@ def staircase(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
     if x == "wall":
         out["x"] = done["t_finished"].to_numpy()
     elif x == "trials":
-        out["x"] = np.arange(1, len(done) + 1, dtype=float)
+        fraction = pd.to_numeric(done["budget_fraction"], errors="coerce") if "budget_fraction" in done else None
+        out["x"] = (np.ones(len(done)) if fraction is None else fraction.fillna(1.0).clip(upper=1.0).to_numpy()).cumsum()
     else:
         out["x"] = done["slot_seconds"].fillna(0.0).cumsum().to_numpy() / 3600.0
     out["best"] = out["val_bpb"].cummin().ffill()
@@ -64,7 +68,7 @@ def seed_matrix(group: pd.DataFrame, x: str, grid: np.ndarray | None = None) -> 
 
 def seed_band(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
     """Per arm, the mean staircase over its studies (seeds) with the min-max spread and a
-    bootstrap 95% CI of the mean, on the union of their event points. The mean is only drawn
+    pointwise t 95% CI of the mean, on the union of their event points. The mean is only drawn
     where every seed has an ok result, so one lucky seed cannot stand in for the others; a seed
     that never had one cannot be averaged at all and is counted in n_without_result instead."""
     rows = []
@@ -73,7 +77,7 @@ def seed_band(trials: pd.DataFrame, x: str = "wall") -> pd.DataFrame:
         never = np.isnan(values).all(axis=0)
         values = values[:, ~never]
         complete = ~np.isnan(values).any(axis=1) if values.shape[1] else np.zeros(len(grid), bool)
-        ci_lo, ci_hi = stats.bootstrap_band(values[complete]) if complete.any() else ([], [])
+        ci_lo, ci_hi = stats.mean_band(values[complete]) if complete.any() else ([], [])
         rows.append(
             pd.DataFrame(
                 {
@@ -122,7 +126,7 @@ def identical_arms(trials: pd.DataFrame, x: str = "trials") -> list[tuple[str, s
 
 
 def time_unit(max_seconds: float) -> tuple[str, float]:
-    """A readable unit for a wall-clock axis and its length in seconds."""
+    """A readable unit for a time axis and its length in seconds."""
     if max_seconds >= 2 * 3600:
         return "h", 3600.0
     if max_seconds >= 120:
@@ -132,7 +136,7 @@ def time_unit(max_seconds: float) -> tuple[str, float]:
 
 def plot_progress(trials: pd.DataFrame, x: str = "wall", simulated: bool = False, unit: str = "GPU-h") -> plt.Figure:
     """Anytime curves: thin steps per study (every seed visible), a thick seed-mean per arm with
-    its bootstrap 95% CI band."""
+    its t 95% CI band."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     band = seed_band(trials, x)
     scale, time_label = 1.0, ""

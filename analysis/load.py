@@ -2,9 +2,11 @@
 
 Everything downstream (curves, speedups, tables) works on these two frames only, so a study logged
 to a local sqlite file, a remote `mlflow server` or Databricks reads the same. Times come from the
-trial metrics `t_submitted_s`, `t_started_s`, `t_finished_s` (seconds since study start on the study's
-own clock, virtual under the simulated launcher), never from MLflow's run timestamps, which record
-when the mirror wrote, not when the trial ran.
+trial metrics `t_submitted_s`, `t_started_s`, `t_finished_s` (seconds on the study's own clock:
+active study time, virtual under the simulated launcher), never from MLflow's run timestamps,
+which record when the mirror wrote, not when the trial ran. What a comparison is cut at comes from
+the parent run's params (the flattened study config): the budget kind, study.max_trials,
+study.max_hours and the experiment's `compare` settings (analysis.budget).
 """
 from __future__ import annotations
 
@@ -17,7 +19,16 @@ from mlflow.entities import Run
 # Study tags read from the parent run, and the column each one becomes.
 STUDY_TAGS = ("searcher", "launcher", "slots", "objective", "seed", "git_sha", "time_mode", "device_kinds")
 # Trial tags read from the child run.
-TRIAL_TAGS = ("status", "device", "device_kind", "host", "slot", "reason", "source_sha", "role", "proposer")
+TRIAL_TAGS = ("status", "device", "device_kind", "host", "slot", "reason", "source_sha", "role", "proposer",
+              "budget_kind")
+# Parent-run params (the flattened config) and the study column each becomes; "None" is null.
+STUDY_PARAMS = {
+    "objective.budget_kind": "budget_kind",
+    "study.max_trials": "max_trials",
+    "study.max_hours": "max_hours",
+    "compare.measure": "compare_measure",
+    "compare.at": "compare_at",
+}
 TRIAL_PARAMS = ("parent_trial", "hypothesis", "seed", "trial_index")
 KNOB_PREFIX = "knob."
 
@@ -118,7 +129,19 @@ def _study_row(run: Run) -> dict:
     row["time_mode"] = row["time_mode"] or "real"
     for m in ("best_val_bpb", "n_trials", "wall_seconds", "agent_usd_total"):
         row[m] = metrics.get(m)
+    for param, column in STUDY_PARAMS.items():
+        row[column] = _param_value(run.data.params.get(param))
     return row
+
+
+def _param_value(text: str | None):
+    """A logged config value: None for a missing or null one, a number where it reads as one."""
+    if text is None or text in ("", "None", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _trial_row(run: Run) -> dict:

@@ -18,13 +18,14 @@ from analysis.curves import arm_styles, axis_name, seed_matrix, staircase
 from analysis.stats import Friedman
 
 
-def rank_over_time(trials: pd.DataFrame, x: str = "gpu_hours", points: int = 60) -> pd.DataFrame:
+def rank_over_time(trials: pd.DataFrame, x: str = "gpu_hours", points: int = 60, until: float | None = None) -> pd.DataFrame:
     """Average rank (1 = lowest best-so-far) of each arm at each point of x, over the seeds that
-    every arm has, up to the least x any study reached (so no arm is ranked past its own end).
-    An arm without an ok result yet ranks behind those with one (ties share the mean rank)."""
+    every arm has, up to `until` (the comparison's budget, in x's unit: a study that stopped before
+    it keeps its last best) or else the least x any study reached. An arm without an ok result yet
+    ranks behind those with one (ties share the mean rank)."""
     ends = [staircase(g, x)["x"].max() for _, g in trials.groupby("study_id")]
     firsts = trials.groupby("study_id").apply(lambda g: staircase(g, x)["x"].min(), include_groups=False)
-    grid = np.linspace(firsts.min(), min(ends), points)
+    grid = np.linspace(firsts.min(), min(ends) if until is None else max(until, firsts.min()), points)
     seeds_per_arm = trials.groupby("arm")["study_seed"].agg(set)
     seeds = sorted(set.intersection(*seeds_per_arm)) if len(seeds_per_arm) else []
     arms = sorted(seeds_per_arm.index)
@@ -102,7 +103,7 @@ def plot_cd_diagram(f: Friedman, title: str) -> plt.Figure:
     ax.text(1 + f.cd / 2, top + 0.5, f"CD = {f.cd:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylim(-0.45 - 0.3 * half, top + 0.8)
     ax.axis("off")
-    dropped = f" ({f.n_dropped} seed(s) lacking an arm left out)" if f.n_dropped else ""
+    dropped = f.dropped_text
     ax.set_title(f"{title}: critical-difference diagram (x: average rank, 1 = best)\n"
                  f"Friedman p = {f.p:.3g} over n = {f.n_blocks} seeds{dropped}\n"
                  "bars join arms that Nemenyi cannot tell apart (alpha 0.05)", fontsize=9)

@@ -29,7 +29,7 @@ from analysis.curves import arm_styles, staircase
 
 
 def time_to_target(trials: pd.DataFrame, target: float) -> float:
-    """T(x): wall-clock seconds until the study's best is <= target; inf if it never is."""
+    """T(x): active study seconds (the study clock) until the study's best is <= target; inf if it never is."""
     stair = staircase(trials, "wall")
     hit = stair[stair["best"] <= target]
     return float(hit["x"].iloc[0]) if len(hit) else math.inf

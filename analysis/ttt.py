@@ -40,15 +40,15 @@ def times_to_target(trials: pd.DataFrame, target: float, x: str = "wall") -> pd.
 
 
 def ecdf_table(times: pd.DataFrame) -> pd.DataFrame:
-    """Per arm: n seeds, how many reached, the median time (inf when fewer than half did) with a
-    bootstrap CI over seeds."""
+    """Per arm: n seeds, how many reached, the Kaplan-Meier median time (inf when fewer than half
+    did; each unreached seed censored at its study's end) with its 95% CI (stats.km_median)."""
     rows = []
     for arm, g in times.groupby("arm"):
-        t = g["time"].to_numpy()
-        lo, hi = stats.bootstrap_ci(t[np.isfinite(t)], np.median) if np.isfinite(t).sum() > 1 else (math.nan, math.nan)
+        t = g["time"].to_numpy(dtype=float)
+        median, lo, hi = stats.km_median(t, g["censored_at"].to_numpy(dtype=float))
         rows.append({"arm": arm, "n": len(t), "reached": int(np.isfinite(t).sum()),
-                     "censored": int((~np.isfinite(t)).sum()), "median_time": float(np.median(t)),
-                     "median_time_reached_lo": lo, "median_time_reached_hi": hi})
+                     "censored": int((~np.isfinite(t)).sum()), "median_time": median,
+                     "median_lo": lo, "median_hi": hi})
     return pd.DataFrame(rows).set_index("arm")
 
 
@@ -71,7 +71,7 @@ def plot_ecdf(times: pd.DataFrame, target: float, x: str = "wall", unit: str = "
         ax.plot(g.loc[np.isfinite(g["time"]), "time"] / scale, np.zeros(reached) - 0.03, st["marker"],
                 color=st["color"], ms=4, alpha=0.7)  # each seed's time, visible
     ax.set_ylim(-0.06, 1.04)
-    axis = "wall-clock" if x == "wall" else "compute used"
+    axis = {"wall": "active study time", "trials": "trials finished"}.get(x, "compute used")
     ax.set_xlabel(f"{axis} [{label_unit}]" + (" (SIMULATED clock)" if simulated else ""))
     ax.set_ylabel("fraction of seeds at or below target")
     ax.set_title(f"Time to val_bpb <= {target:.4f}: ECDF over seeds, unreached seeds censored (kept in n)"

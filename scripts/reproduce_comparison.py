@@ -9,9 +9,10 @@ its own, resumable: the same command with the same --workdir picks up where it s
 Searchers: tpe random cmaes grid greedy, plus claude and hybrid (which asks Claude for part of its
 trials) when ANTHROPIC_API_KEY is set (full mode only).
 
-Trials run on one warm local CPU slot by default (a slot's hours are then wall hours, so the two
-equal budgets coincide); --launcher simulated gives a virtual clock at a fixed cost per step, at the
-price of a fresh interpreter per trial.
+Trials run on one warm local CPU slot by default; --launcher simulated gives a virtual clock at a
+fixed cost per step, at the price of a fresh interpreter per trial. Either way the objective is a
+steps budget over cost-neutral knobs, so the report compares every study at equal trials (the
+study.max_trials this script names), which the machine's load cannot move.
 """
 from __future__ import annotations
 
@@ -77,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
          "--out", str(workdir / "report")], cwd=ROOT)
     wall = time.time() - started
     claims = pd.read_csv(workdir / "report" / "claims.csv")
-    arms = pd.read_csv(workdir / "report" / "arms_best_at_equal_gpu_h.csv", index_col=0)
+    headline = pd.read_csv(workdir / "report" / "budgets.csv").iloc[0]
+    arms = pd.read_csv(workdir / "report" / f"arms_best_at_{headline['measure']}.csv", index_col=0)
+    kept = pd.read_csv(workdir / "report" / f"kept_{headline['measure']}.csv", index_col=0)
     print(f"\n{len(names)} searchers x {seeds} seeds x {trials} trials, objective preset {mode['preset']}, "
           f"launcher {args.launcher}")
-    print("\nBest val_bpb at equal compute (bootstrap 95% CIs over seeds):")
-    print(arms[["n", "n_missing", "mean", "mean_lo", "mean_hi", "median", "iqm"]].round(4).to_string())
+    print(f"\nCompared at {headline['title']} ({headline['origin']}); trials kept per arm:")
+    print(kept.to_string())
+    print(f"\nBest val_bpb at {headline['title']} (95% CIs over seeds: t interval of the mean):")
+    print(arms[["n", "missing_seeds", "mean", "mean_lo", "mean_hi", "median", "iqm"]].fillna({"missing_seeds": "-"}).round(4).to_string())
     print("\nClaims:")
     for line in claims["claim"]:
         print(f"- {line}")
