@@ -23,12 +23,14 @@ from study.core import Launcher, SearchContext, Slot
 from study.journal import Journal, JournalState
 from study.loop import StopRules, StudyLoop
 from study.records import Result, Trial
+from tests import fake_anthropic
 from tests.fake_anthropic import EDITOR, FakeMessagesAPI, KnobAgent, state_text, tool_use, wave_number
 from train.knobs import read_knobs, write_knobs
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ant-api03-arenaTEST-hybrid-0123456789abcdefghijklmnopqrstuvwxyz"
-CONF = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml"))
+CONF = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml")),
+        "study_max_trials": None, "study_max_hours": None}
 HYBRID = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "hybrid.yaml"))
 TINY_KNOBS = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"))["knobs"]
 BASELINE = write_knobs((ROOT / "train" / "train.py").read_text(), TINY_KNOBS)
@@ -37,6 +39,7 @@ SPACE = {"MATRIX_LR": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
 OBJECTIVE = {"budget_kind": "steps", "budget": 8, "hard_limit_s": 60, "warmup_steps": 1, "corpus": "austen",
              "vocab_size": 512}
 CODE_EDIT = "_hybrid_code_edit = True  # a code change, not a knob\n"
+strict_fake = fake_anthropic.strict_fake  # the shared strictness fixture (autouse): no request the API refuses
 
 
 def synthetic_val_bpb(source: str) -> float:
