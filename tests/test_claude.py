@@ -126,6 +126,43 @@ def test_a_model_without_a_price_is_refused():
         build(FakeMessagesAPI(), model="claude-unknown")
 
 
+@pytest.mark.parametrize("settings, words", [
+    ({"thinking": {"type": "enabled", "budget_tokens": 4000}}, "does not take thinking type 'enabled'"),
+    ({"thinking": {"type": "disabled"}}, "does not take thinking type 'disabled'"),
+    ({"thinking": {"type": "sometimes"}}, "thinking.type must be one of"),
+    ({"effort": "ultra"}, "has no effort 'ultra'"),
+    ({"max_tokens": 200_000}, "outside 1..128000"),
+    ({"truncation_max_tokens": 130_000}, "outside 1..128000"),
+    ({"model": "claude-sonnet-5-5", "effort": "xhigh"}, "claude-sonnet-5-5 has no effort 'xhigh'"),
+    ({"fallback_models": ["claude-opus-9"]}, "no price for model 'claude-opus-9'"),
+    ({"fallback_models": [{"model": "claude-sonnet-5-5"}], "effort": "xhigh"}, "claude-sonnet-5-5 has no effort"),
+    ({"fallback_models": [{"model": "claude-opus-4-8", "thinking": {"type": "enabled", "budget_tokens": 2000}}]},
+     "claude-opus-4-8 does not take thinking type 'enabled'"),
+    ({"models": {}}, "searcher.models is empty"),
+])
+def test_settings_a_model_refuses_are_one_line_errors_before_any_call(settings, words):
+    api = FakeMessagesAPI()
+    with pytest.raises(ClaudeSearcherError, match=re.escape(words)) as e:
+        build(api, **settings)
+    assert "\n" not in str(e.value) and api.requests == []
+
+
+def test_every_setting_the_searcher_accepts_the_strict_fake_accepts_too():
+    """The config's model table and the fake's agree: what passes the check at construction is
+    what the API takes (so neither can drift into accepting what the other refuses)."""
+    from tests.fake_anthropic import MODELS, validate
+
+    for model, row in CONF["models"].items():
+        assert MODELS[model] == row, model
+    for model, row in CONF["models"].items():
+        for thinking_type in row["thinking"]:
+            thinking_conf = {"type": thinking_type}
+            searcher = build(FakeMessagesAPI(), model=model, thinking=thinking_conf, effort=row["effort"][-1],
+                             max_tokens=row["max_tokens"], truncation_max_tokens=row["max_tokens"], fallback_models=[])
+            searcher.tools, searcher.system = [], "the program"
+            validate(searcher._request([{"role": "user", "content": [{"type": "text", "text": "x"}]}], None), {})
+
+
 # -- a wave through the SDK -------------------------------------------------------------------------
 def test_a_wave_edits_candidates_through_the_sdk(tmp_path):
     api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 2.0]))
@@ -1350,3 +1387,147 @@ def test_queued_candidates_survive_a_restart_unless_the_journal_shows_they_ran(t
     assert [c.source for c in again.queue] == [ran.candidate.source, *left]
     again.tell(ran, Result(status="ok", val_bpb=2.0, device_kind="cpu"))  # the journal's replay
     assert [c.source for c in again.queue] == left, "what ran is not run again; the rest is kept in order"
+
+
+# -- a researcher that knows its budget and reads its evidence -------------------------------------------
+def _history(ctx: SearchContext, n: int, seconds: float = 240.0) -> None:
+    """`n` finished trials, one submitted every `seconds` of study time, each running a minute."""
+    trials = []
+    for i in range(n):
+        t = Trial(trial_id=f"t{i:04d}", index=i, candidate=Candidate(source=BASELINE), objective=ctx.objective,
+                  submitted_at=i * seconds)
+        trials.append((t, Result(status="ok", val_bpb=2.0, started_at=1000 + i * seconds,
+                                 finished_at=1060 + i * seconds, queue_seconds=0.0)))
+    ctx.history = trials
+
+
+def test_each_wave_says_the_trials_hours_and_dollars_left_and_plans_for_them(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.6]))
+    searcher, ctx = build(api, run_baseline=False, study_max_trials=20, study_max_hours=1.0), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    _history(ctx, 5)  # the last submitted at 960 s and ran 60 s: 0.28 h of the study's hour used
+    ctx.in_flight = [Trial(trial_id="t0005", index=5, candidate=Candidate(source=BASELINE), objective=ctx.objective,
+                           submitted_at=1000.0)]
+    searcher.ask(1, ctx)
+    state = fake_anthropic.state_text(api.requests[0])
+    budget = state.split("## Budget left\n", 1)[1].split("\n\n", 1)[0]
+    assert "- trials: 14 of 20 left (5 finished, 1 running, 0 queued here)" in budget
+    assert "- time: about 0.72 h of 1 h left" in budget
+    assert re.search(r"- money: \$20\.00 of \$20 left", budget)
+    assert "Phase: Early" in budget and "explore" in budget  # 6 of 20 trials and 0.28 h of 1 h: under a third
+    _history(ctx, 15)
+    ctx.in_flight = []
+    searcher.ask(1, ctx)
+    later = fake_anthropic.state_text(api.requests[3]).split("## Budget left\n", 1)[1].split("\n\n", 1)[0]
+    assert "- trials: 5 of 20 left" in later and "Phase: Late" in later and "confirm" in later
+    assert re.search(r"about \d+ more waves at the recent rate", later)
+
+
+def test_the_analysis_tool_reads_knob_effects_interactions_edits_and_queries(tmp_path):
+    base_wd = read_knobs(BASELINE)["WEIGHT_DECAY"]
+    asks = [{"by": "knob", "knob": "MATRIX_LR"}, {"by": "pair", "knobs": ["MATRIX_LR", "WEIGHT_DECAY"]},
+            {"by": "edit"}, {"by": "runs", "idea": "weight_decay"}, {"by": "kind"}, {"by": "parent"},
+            {"by": "pair", "knobs": ["MATRIX_LR"]}]
+    api = FakeMessagesAPI([message(*[tool_use("analyze", a) for a in asks]), message(text("Noted."))])
+    searcher, ctx = _study_with(tmp_path, [({"MATRIX_LR": 0.03}, 1.98), ({"WEIGHT_DECAY": 0.1}, 1.99),
+                                           ({"MATRIX_LR": 0.03, "WEIGHT_DECAY": 0.1}, 1.95)], api)
+    child = Candidate(source=write_knobs(BASELINE, {"MATRIX_LR": 0.025}) + "\n_extra_norm = True\n", parent="t0001",
+                      hypothesis="a code edit and a lower LR on top of t0001")
+    finish(searcher, started(ctx, searcher, child, 4), 1.97)
+    searcher.ask(1, ctx)
+    knob, pair, edit, runs, kind, parent, bad = (r["content"] for r in tool_results(api.requests[1]))
+    # MATRIX_LR 0.03 in t0001 (-0.02) and t0003 (-0.05); the baseline's 0.04 in t0000 (0) and t0002 (-0.01)
+    assert "MATRIX_LR\t0.03\t2\t-0.0350\t" in knob and knob.splitlines()[1].endswith("\tbetter")
+    assert "MATRIX_LR\t0.04 (baseline)\t2\t-0.0050\t" in knob and "MATRIX_LR\t0.025\t1\t-0.0300" in knob
+    # both changes together: -0.05 observed, -0.03 predicted from each alone: an interaction of -0.02
+    assert f"0.03\t{base_wd}\t1\t-0.0200" in pair and "0.03\t0.1\t1\t-0.0500\t" in pair
+    assert pair.splitlines()[1].endswith("\t-0.0200"), pair
+    assert edit.splitlines()[1].startswith("code edit + knob MATRIX_LR\t1\t-0.0100\t") and edit.endswith("\t1/1")
+    assert [line.split("\t")[0] for line in runs.splitlines()[1:]] == ["t0003", "t0002"]
+    assert kind.splitlines()[1].startswith("cpu\t5\t") and kind.splitlines()[1].endswith("\t2.0000")
+    assert "t0001\t1\t-0.0300\t" in parent
+    assert "pair needs knobs" in bad and tool_results(api.requests[1])[-1]["is_error"]
+    assert searcher.summary()["agent_tool_analyze"] == 7
+
+
+def test_the_frontier_counts_each_elites_children_and_keeps_room_for_a_different_idea():
+    b = _board(confirm_seeds=0, diverse_elites=1)
+    lr = write_knobs(BASELINE, {"MATRIX_LR": 0.03})
+    _run(b, "t0000", BASELINE, 2.000)
+    _run(b, "t0001", lr, 1.970)  # kept
+    for tid, source, val in (("t0002", write_knobs(lr, {"WEIGHT_DECAY": 0.1}), 1.965),  # child, within noise: elite
+                             ("t0003", write_knobs(lr, {"WEIGHT_DECAY": 0.3}), 2.050)):  # child, discarded
+        b.record(Trial(trial_id=tid, index=int(tid[1:]), objective={}, seed=0, device_kind="cpu",
+                       candidate=Candidate(source=source, parent="t0001", seed=0)),
+                 Result(status="ok", val_bpb=val, device_kind="cpu"))
+    _run(b, "t0004", write_knobs(BASELINE, {"MATRIX_LR": 0.031}), 1.985)  # worse by 0.015, the same idea: out
+    _run(b, "t0005", BASELINE + "\n_extra_norm = True\n", 1.985)  # worse by 0.015, a code edit: a diverse elite
+    _run(b, "t0006", BASELINE + "\n_other_edit = True\n", 1.984)  # a code edit again: the diverse place is taken
+    assert b.runs["t0004"].decision.startswith("discarded") and b.runs["t0006"].decision.startswith("discarded")
+    assert b.runs["t0005"].decision.startswith("diverse elite: -0.0150") and "code edit" in b.runs["t0005"].decision
+    lines = "\n".join(b.frontier_lines())
+    assert "t0001 (incumbent): -0.0300 vs baseline over 1 run(s) on cpu; children tried 2, improved on it 1" in lines
+    assert "t0005 (diverse elite)" in lines
+    _run(b, "t0007", write_knobs(BASELINE, {"MATRIX_LR": 0.02}), 1.90)  # a clear win: far ahead of everyone
+    assert [e.trial_id for e, _ in b.frontier()] == ["t0007"], "the diverse elite goes once it is far behind"
+
+
+def _screening_study(tmp_path, api, **overrides):
+    kinds = {"slow": {"count": 2, "speed": 1.0}, "fast": {"count": 1, "speed": 2.0}}
+    searcher, ctx = build(api, confirm_seeds=0, **overrides), make_ctx(tmp_path, "seconds", kinds)
+    searcher.setup(ctx)
+    return searcher, ctx
+
+
+def _screened(*values: float) -> tuple:
+    uses = []
+    for i, v in enumerate(values, start=1):
+        uses += [tool_use(EDITOR, {"command": "str_replace", "path": f"c{i}/train.py",
+                                   "old_str": baseline_line("MATRIX_LR"), "new_str": f"MATRIX_LR = {v}"}),
+                 tool_use("submit_candidate", {"candidate": f"c{i}", "hypothesis": f"LR {v}", "screen": True})]
+    return message(thinking(), *uses)
+
+
+def test_screened_candidates_the_keep_rule_likes_are_promoted_to_the_faster_kind_without_a_model_call(tmp_path):
+    api = FakeMessagesAPI([_screened(0.03, 0.02, 0.05)])
+    searcher, ctx = _screening_study(tmp_path, api, promote_top=2, promote_seeds=1)
+    out = searcher.ask(5, ctx)
+    assert [(c.meta["role"], c.device_kind) for c in out] == [("baseline", "fast"), ("baseline", "slow")] + \
+        [("agent", "slow")] * 3, "screened on the slower kind"
+    tools = {t["name"]: t for t in api.requests[0]["tools"]}
+    assert "screen" in tools["submit_candidate"]["input_schema"]["properties"]
+    finish(searcher, started(ctx, searcher, out[0], 0, "fast"), 1.90)
+    finish(searcher, started(ctx, searcher, out[1], 1, "slow"), 2.00)
+    for i, (cand, v) in enumerate(zip(out[2:], (1.975, 1.96, 2.01)), start=2):  # kept, kept (better), discarded
+        finish(searcher, started(ctx, searcher, cand, i, "slow"), v)
+    calls = len(api.requests)
+    promoted = searcher.ask(2, ctx)
+    assert len(api.requests) == calls, "promotions need no model call"
+    assert sorted((c.parent, c.device_kind, c.meta["role"]) for c in promoted) == \
+        [("t0002", "fast", "rerun"), ("t0003", "fast", "rerun")]
+    assert all(c.meta["promotes"] == c.parent for c in promoted)
+    for i, c in enumerate(promoted, start=5):
+        finish(searcher, started(ctx, searcher, c, i, "fast"), 1.86)
+    best = searcher.board.best_elite()
+    assert best.trial_id == "t0003" and sorted(r.device_kind for r in best.evidence) == ["fast", "slow"]
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "promotions.jsonl").read_text().splitlines()]
+    assert sorted(r["trial_id"] for r in rows) == ["t0002", "t0003"] and searcher.summary()["agent_promotions"] == 2
+
+    again, _ = _screening_study(tmp_path, FakeMessagesAPI(), promote_top=2)  # a resume replays every result
+    for tid in sorted(searcher.board.runs):
+        run = searcher.board.runs[tid]
+        trial = Trial(trial_id=tid, index=run.index, objective=ctx.objective, directory=run.directory, seed=run.seed,
+                      device_kind=run.device_kind, candidate=Candidate(source=run.source, parent=run.parent,
+                                                                       seed=run.seed, meta=dict(run.meta, role=run.role)))
+        again.tell(trial, Result(status="ok", val_bpb=run.score, device_kind=run.device_kind))
+    assert not [c for c in again.queue if c.meta.get("promotes")], "promotions are issued once, across a resume"
+
+
+def test_screening_is_refused_with_one_kind(tmp_path):
+    api = FakeMessagesAPI([_screened(0.03), _edit_and_submit()])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    refused = tool_results(api.requests[1])[1]
+    assert refused["is_error"] and "screening needs two device kinds of different speeds" in refused["content"]
+    assert "screen" not in {t["name"]: t for t in api.requests[0]["tools"]}["submit_candidate"]["input_schema"]["properties"]
