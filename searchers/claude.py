@@ -7,8 +7,8 @@ confirmation re-runs, the agent's re-runs) and the candidates the model already 
 (a fresh tool-use conversation, claude_wave.py) runs in the background and puts each candidate in
 the queue the moment it is submitted, asking for more than the free slots so the queue stays
 `queue_depth` deep (one candidate per slot by default). Only when there is nothing at all to hand
-out does `ask` wait for the model (at most `idle_wait_s` per call), which under a simulated clock
-is charged as the slots' idle time. `background: false` runs each wave in line instead (deterministic, one ask = one wave).
+out does `ask` wait for the model, until the wave queues its first candidate (at most `idle_wait_s`
+per call), which under a simulated clock is charged as the slots' idle time. `background: false` runs each wave in line instead (deterministic, one ask = one wave).
 
 `propose(k, ctx, extra_context)` is the entry point for other searchers (a hybrid that wants "N
 candidates from the agent given this context"): one wave, in line, its candidates returned, not
@@ -49,7 +49,7 @@ import statistics
 import string
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
@@ -176,6 +176,8 @@ class ClaudeSearcher(Searcher):
         self._thinking: Future | None = None  # the background wave
         self.closed = False
         self.waits = 0  # asks that had nothing to hand out and waited for the model
+        self._queued = threading.Event()  # set when a waiting ask has something to hand out
+        self.handed_out: deque[float] = deque(maxlen=32)  # when queued candidates went to slots (the take rate)
         self.waited_s = 0.0
 
     # -- the Searcher interface ------------------------------------------------------------------
@@ -217,10 +219,11 @@ class ClaudeSearcher(Searcher):
             self._start_wave(wanted, ctx)
         if not out and self._thinking is not None:  # nothing to hand out: the slots wait for the model
             started = time.monotonic()
-            try:
-                self._thinking.result(timeout=self.idle_wait_s)
-            except Exception:  # noqa: BLE001 - a timeout here, or the wave's own error, reported by _collect_wave
-                pass
+            self._queued.clear()
+            thinking = self._thinking
+            thinking.add_done_callback(lambda _: self._queued.set())
+            if not self.queue:  # until its first candidate is queued (or it ends), not until the wave ends
+                self._queued.wait(timeout=self.idle_wait_s)
             self.waits += 1
             self.waited_s += time.monotonic() - started
             self._collect_wave()
@@ -340,15 +343,25 @@ class ClaudeSearcher(Searcher):
             out.append(c)
         while self.queue and len(out) < n:
             out.append(self.queue.pop(0))
+            self.handed_out.append(time.monotonic())
         self._save_queue()
         return out
 
     def _queue_target(self, ctx: SearchContext) -> int:
-        """One candidate ready per slot by default: a slot that frees while the model thinks takes
-        one at once, and a queued candidate is no staler than the trials now running."""
+        """At least one candidate ready per slot (a slot that frees while the model thinks takes
+        one at once, and a queued candidate is no staler than the trials now running), and more
+        when the slots take candidates faster than a wave makes them: enough to cover one and a
+        half waves at the recent rate (waves slow down under load, trials finish in bursts), at
+        most four per slot."""
         if self.queue_depth is not None:
             return int(self.queue_depth)
-        return sum(int(spec.get("count", 1)) for spec in ctx.device_kinds.values()) or 1
+        slots = sum(int(spec.get("count", 1)) for spec in ctx.device_kinds.values()) or 1
+        taken = list(self.handed_out)
+        recent = [w["seconds"] for w in self.waves[-5:] if w.get("candidates")]
+        if len(taken) < 4 or not recent or taken[-1] <= taken[0]:
+            return slots
+        rate = (len(taken) - 1) / (taken[-1] - taken[0])
+        return min(4 * slots, max(slots, math.ceil(1.5 * rate * statistics.median(recent))))
 
     def _accept(self, wave: Wave, candidates: list[Candidate]) -> None:
         """Called by the wave's tools (under the lock): price, record and (in background) queue."""
@@ -363,6 +376,7 @@ class ClaudeSearcher(Searcher):
         if wave.stream:
             self.queue.extend(candidates)
             self._save_queue()
+            self._queued.set()
 
     def _queue_reruns(self, candidates: list[Candidate]) -> None:
         """Re-runs go ahead of the queued new ideas, behind earlier re-runs: they are evidence the
@@ -373,6 +387,7 @@ class ClaudeSearcher(Searcher):
         at = next((i for i, q in enumerate(self.queue) if "reruns" not in q.meta), len(self.queue))
         self.queue[at:at] = candidates
         self._save_queue()
+        self._queued.set()
 
     def _save_queue(self) -> None:
         tmp = self.queue_path.with_suffix(".tmp")
@@ -403,12 +418,19 @@ class ClaudeSearcher(Searcher):
 
     # -- waves -------------------------------------------------------------------------------------
     def _start_wave(self, k: int, ctx: SearchContext) -> None:
+        """A wave on a thread of its own. A wave the API failed (an outage, every model refusing)
+        is followed by the next one on the same thread after its backoff, so the agent is back as
+        soon as the API is, instead of at the next ask (and a storm does not drain the queue one
+        ask per failed wave)."""
         future: Future = Future()
         in_flight = list(ctx.in_flight)
 
         def think() -> None:
             try:
-                future.set_result(self._wave(k, ctx, in_flight, "", True))
+                accepted = self._wave(k, ctx, in_flight, "", True)
+                while not accepted and self.failing_waves and self.stop_reason is None and not self.closed:
+                    accepted = self._wave(k, ctx, list(ctx.in_flight), "", True)
+                future.set_result(accepted)
             except BaseException as e:  # noqa: BLE001 - handed to the loop's thread by _collect_wave
                 future.set_exception(e)
 

@@ -223,20 +223,21 @@ class Wave:
     # -- tools -------------------------------------------------------------------------------------
     def tool_result(self, use: Any) -> dict[str, Any]:
         """Run one tool call. The editor touches only this wave's files and runs unlocked; submit
-        and sweep check their code unlocked and take the lock to accept; the rest read or change
-        the board under the lock, so an ask from the loop never waits long for a tool."""
+        and sweep check their code unlocked and take the lock to accept, combine merges unlocked;
+        the rest read or change the board under the lock, so an ask from the loop never waits long
+        for a tool."""
         locked = {
             "read_results": lambda a: self.agent.board.table(top=a.get("top", 10), last=a.get("last", 20),
                                                              ids=a.get("trial_ids")),
             "read_trial": self.read_trial,
             "start_from": self.start_from,
-            "combine": self.combine,
             "rerun": self.rerun,
             "reflect": self.reflect,
             "keep_note": self.agent._keep_note,
             "analyze": self.analyze,
         }
-        unlocked = {EDITOR_NAME: self.files.editor, "submit_candidate": self.submit, "sweep": self.sweep}
+        unlocked = {EDITOR_NAME: self.files.editor, "submit_candidate": self.submit, "sweep": self.sweep,
+                    "combine": self.combine}
         args = use.input if isinstance(use.input, dict) else {}
         self.tools_used[use.name] = self.tools_used.get(use.name, 0) + 1
         try:
@@ -361,13 +362,16 @@ class Wave:
         return f"{args.get('candidate')}/train.py is now a copy of {tid}"
 
     def combine(self, args: dict) -> str:
+        """Looks the trials up under the lock; the merge (a subprocess) runs outside it, so an ask
+        from the loop never waits for git."""
         name = str(args.get("candidate", ""))
         first, second = str(args.get("first", "")), str(args.get("second", ""))
-        (a_src, a_id), (b_src, b_id) = self._lookup(first), self._lookup(second)
-        parents = {t: r.parent for t, r in self.agent.board.runs.items()}
-        parents.update({t: tr.candidate.parent for t, tr in self.in_flight.items()})
-        ancestor = common_ancestor(a_id, b_id, parents)
-        base, _ = self._lookup(ancestor or "baseline")
+        with self.agent.lock:
+            (a_src, a_id), (b_src, b_id) = self._lookup(first), self._lookup(second)
+            parents = {t: r.parent for t, r in self.agent.board.runs.items()}
+            parents.update({t: tr.candidate.parent for t, tr in self.in_flight.items()})
+            ancestor = common_ancestor(a_id, b_id, parents)
+            base, _ = self._lookup(ancestor or "baseline")
         merged, conflicts = merge(base, a_src, b_src, (first, second, ancestor or "baseline"))
         self.files.restart(name, merged, a_id)
         self.files.starts[name] = (a_src, a_id)

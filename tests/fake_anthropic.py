@@ -33,6 +33,7 @@ call the SDK only sends streamed went out unstreamed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -615,6 +616,17 @@ class VirtualClock:
         monkeypatch.setattr(base, "time", _SdkTime(self))
         return self
 
+    @contextlib.contextmanager
+    def in_sdk(self):
+        """`install_in_sdk` outside pytest (the benchmarks), undone on exit."""
+        import anthropic._base_client as base
+
+        real, base.time = base.time, _SdkTime(self)
+        try:
+            yield self
+        finally:
+            base.time = real
+
 
 class _SdkTime:
     def __init__(self, clock: VirtualClock):
@@ -842,3 +854,56 @@ def simulated_study(tmp_path, api: FakeMessagesAPI, slots: int = 8, max_trials: 
         return 1.0 - busy / (slots * (last_submit - start)) if last_submit > start else 0.0
 
     return searcher, finished, {"all": idle_share(0.0), "after_first_wave": idle_share(first_agent)}
+
+
+class StormyResearcher:
+    """The PopulationAgent behind an API that does what the real one does on a bad day, each once
+    in a scripted study: the requested model refuses every request of waves `refusing` (a refusal
+    storm, answered by the fallback model), every request gets a 529 for `storm_minutes` of the
+    clock from the first request of wave `storm_wave` (an overload storm), the first request after
+    it gets a 429 whose retry-after (an hour) is past any call's deadline, and the first reply of
+    wave `blank_wave` carries a whitespace-only text block."""
+
+    def __init__(self, clock: VirtualClock, primary: str, latency_s: float = 0.0, refusing: range = range(2, 5),
+                 blank_wave: int = 3, storm_wave: int = 5, storm_minutes: float = 20.0, long_retry_after: int = 3600):
+        self.clock, self.primary = clock, primary
+        self.agent = PopulationAgent(latency_s=latency_s)
+        self.refusing, self.blank_wave, self.storm_wave = refusing, blank_wave, storm_wave
+        self.storm_s, self.long_retry_after = storm_minutes * 60, long_retry_after
+        self.storm_started: float | None = None
+        self.events: dict[str, int] = {"refusals": 0, "overloaded": 0, "long_retry_after": 0, "blank_blocks": 0}
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict) -> tuple:
+        wave, first = wave_number(body), len(body["messages"]) == 1 and not last_tool_results(body)
+        with self.lock:
+            if body["model"] == self.primary and wave in self.refusing:
+                self.events["refusals"] += 1
+                return refusal("frontier_llm")
+            if self.storm_started is None and wave >= self.storm_wave:
+                self.storm_started = self.clock.monotonic()
+            if self.storm_started is not None and self.clock.monotonic() - self.storm_started < self.storm_s:
+                self.events["overloaded"] += 1
+                return overloaded()
+            if self.storm_started is not None and not self.events["long_retry_after"]:
+                self.events["long_retry_after"] += 1
+                return rate_limited(retry_after=self.long_retry_after)
+            blank = wave == self.blank_wave and first and not self.events["blank_blocks"]
+            self.events["blank_blocks"] += blank
+        status, payload, headers = self.agent(body)
+        if blank:
+            payload["content"].insert(1, text(" \n "))
+        return status, payload, headers
+
+
+def scripted_study(tmp_path, clock: VirtualClock, slots: int = 8, max_trials: int = 56, trial_seconds: float = 3.0,
+                   latency_s: float = 0.0, **overrides):
+    """The scripted 8-slot study: a pure-agent study on the simulated launcher, trials that take
+    `trial_seconds` for real, the model behind `StormyResearcher`. Returns what `simulated_study`
+    does, plus the fake API and the researcher (its `events` say what the API did)."""
+    researcher = StormyResearcher(clock, "claude-opus-5-5", latency_s=latency_s)
+    api = FakeMessagesAPI(policy=researcher, cache=True)
+    options = {"clock": clock, "wave_backoff_s": 30, "noise_z": 6.0, **overrides}
+    searcher, finished, idle = simulated_study(tmp_path, api, slots=slots, max_trials=max_trials,
+                                               trial_seconds=trial_seconds, sleep=True, **options)
+    return searcher, finished, idle, api, researcher

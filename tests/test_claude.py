@@ -1334,6 +1334,36 @@ def test_a_simulated_study_on_8_slots_uses_the_frontier_and_survives_what_the_ap
     assert summary["agent_cache_read_tokens"] > 0
 
 
+def test_a_scripted_8_slot_study_survives_a_bad_day_of_the_real_api(tmp_path, virtual_time):
+    """A pure-agent study through a refusal storm on the requested model, a 20-minute storm of
+    529s, a retry-after of an hour and a blank text block: every trial runs, the agent never stops."""
+    searcher, finished, idle, api, researcher = fake_anthropic.scripted_study(tmp_path, virtual_time)
+    summary = searcher.summary()
+    waves = [json.loads(l) for l in (tmp_path / "study" / "agent" / "waves.jsonl").read_text().splitlines()]
+    print(f"\nscripted 8-slot study, 56 trials: idle share {idle['after_first_wave']:.1%} after the first wave "
+          f"({idle['all']:.1%} in all); API events {researcher.events}; waves {len(waves)} "
+          f"({summary['agent_error_waves']} lost to errors); ${summary['agent_usd_total']:.2f}")
+    assert len(finished) == 56 and all(r.status == "ok" for _, r in finished), "the study never ended early"
+    assert summary["agent_stop_reason"] == "" and not searcher.done()
+    agent_waves = {t.candidate.meta.get("agent_wave") for t, _ in finished if t.candidate.meta.get("role") == "agent"}
+    # a refusal storm survived on the fallback model: every refused request was answered by it
+    assert researcher.events["refusals"] >= 3 and summary["agent_fallback_answers"] == researcher.events["refusals"]
+    assert {2, 3, 4} <= agent_waves, "the refused waves still produced candidates"
+    # a 20-minute overload storm survived: more failed waves than the old rule allowed, and ideas after it
+    storm = [w for w in waves if w["outcome"] == "error" and "529" in w["reason"]]
+    assert len(storm) >= 5 and researcher.events["overloaded"] >= 3 * len(storm)
+    assert max(agent_waves) > max(w["wave"] for w in storm), "the agent went on after the storm"
+    # a retry-after of an hour raised at once instead of holding the wave
+    long_wait = [w for w in waves if w["reason"].startswith("CallTimeLimit: 429")]
+    assert len(long_wait) == 1 and "retry after 3600 s" in long_wait[0]["reason"]
+    assert 3600 not in virtual_time.slept
+    # the blank text block was dropped (the strict fake refuses it), thinking went back untouched
+    assert summary["agent_blank_blocks_dropped"] == 1
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "costs.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"claude-opus-5-5", "claude-opus-4-8"}
+    assert sum(r["usd"] for r in rows) == pytest.approx(summary["agent_usd_total"])
+
+
 def test_a_stored_noise_floor_sets_the_margin_before_any_baseline_seed(tmp_path):
     store = tmp_path / "noise_floor" / "tiny" / "cpu"
     store.mkdir(parents=True)
@@ -1371,7 +1401,10 @@ def test_queued_candidates_survive_a_restart_unless_the_journal_shows_they_ran(t
     api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.6, 0.7]))
     first, ctx = build(api, run_baseline=False, background=True, queue_depth=2, idle_wait_s=60), make_ctx(tmp_path)
     first.setup(ctx)
-    (handed,) = first.ask(1, ctx)  # nothing was ready: it waited for a wave of 1 + 2 for the queue
+    (handed,) = first.ask(1, ctx)  # nothing was ready: it waited for the first candidate of a wave of 1 + 2
+    if first._thinking is not None:  # the rest of the wave lands in the queue
+        first._thinking.result(timeout=60)
+        first._collect_wave()
     assert len(first.queue) == 2 and first._thinking is None
     ran = started(ctx, first, first.ask(1, ctx)[0], 0)  # one queued candidate ran; a wave refills the queue
     first._thinking.result(timeout=60)  # (its candidates were paid for: they are queued too)
