@@ -216,7 +216,9 @@ class ClaudeSearcher(Searcher):
                 out += self._in_line_wave(n - len(out), ctx)
             return out
         if wanted > 0 and self._thinking is None and self.stop_reason is None:
-            self._start_wave(wanted, ctx)
+            # a wave costs the model's latency whatever its size: ask for at least half a queue, so
+            # waves keep up with the slots instead of trickling one candidate each
+            self._start_wave(max(wanted, math.ceil(self._queue_target(ctx) / 2)), ctx)
         if not out and self._thinking is not None:  # nothing to hand out: the slots wait for the model
             started = time.monotonic()
             self._queued.clear()
@@ -429,7 +431,9 @@ class ClaudeSearcher(Searcher):
             try:
                 accepted = self._wave(k, ctx, in_flight, "", True)
                 while not accepted and self.failing_waves and self.stop_reason is None and not self.closed:
-                    accepted = self._wave(k, ctx, list(ctx.in_flight), "", True)
+                    with self.lock:  # the slots kept taking candidates while the API was down
+                        size = max(k, self._queue_target(ctx) - len(self.queue))
+                    accepted = self._wave(size, ctx, list(ctx.in_flight), "", True)
                 future.set_result(accepted)
             except BaseException as e:  # noqa: BLE001 - handed to the loop's thread by _collect_wave
                 future.set_exception(e)
@@ -567,9 +571,23 @@ class ClaudeSearcher(Searcher):
             vocab_size=o.get("vocab_size"), noise_margin=self.noise_margin, noise_z=self.noise_z,
             noise_seeds=self.noise_seeds, confirm_seeds=self.confirm_seeds, max_elites=self.max_elites,
             max_sweep=self.max_sweep, device_kinds="\n".join(kinds) or "- one local slot", hardware=hardware,
+            diverse_z=self.diverse_z, screening=self._screening_text(),
         )
         return f"{program}\n\n## The baseline train.py (every study starts from it)\n\n```python\n" \
                f"{ctx.baseline_source}\n```\n"
+
+    def _screening_text(self) -> str:
+        screen, fast = self.screen_kinds()
+        if screen is None:
+            return ("This study has one kind of hardware (or kinds of one speed), so there is nothing to screen on: "
+                    "every candidate runs where a slot is free.")
+        return (f"The study has a slower kind (`{screen}`) and a faster one (`{fast}`). Fast slots are the "
+                f"scarce ones. Submit a risky candidate (or a sweep) with `screen: true`: it runs on `{screen}` "
+                "first, judged against the baseline there. If the keep rule finds it promising (kept, confirming, "
+                f"or on the frontier), the study re-runs it on `{fast}` itself ({self.promote_seeds} run(s), the "
+                f"best {self.promote_top} of a wave), without waiting for you; its results count for it like any "
+                "other run. Screening costs a slow slot instead of a fast one for ideas that fail, and a little "
+                "time for the ones that work; use it for bold ideas, not for the incumbent's small refinements.")
 
     def _state_prompt(self, wave: Wave) -> str:
         b = self.board

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import hashlib
 import math
 import statistics
@@ -505,9 +506,11 @@ class Board:
         return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=4096)
 def code_key(source: str) -> str:
     """Equal for two sources that differ only in comments, blank lines or layout, which would run
-    the same training: resubmitting one is a seed re-roll, not an idea."""
+    the same training: resubmitting one is a seed re-roll, not an idea. Cached: the same sources
+    are keyed again and again (queue, proposals, board), and parsing is the wave's main cost."""
     try:
         text = ast.dump(parse_source(source))
     except (SyntaxError, ValueError):

@@ -1529,6 +1529,7 @@ def test_screened_candidates_the_keep_rule_likes_are_promoted_to_the_faster_kind
         [("agent", "slow")] * 3, "screened on the slower kind"
     tools = {t["name"]: t for t in api.requests[0]["tools"]}
     assert "screen" in tools["submit_candidate"]["input_schema"]["properties"]
+    assert "with `screen: true`: it runs on `slow`" in api.requests[0]["system"][0]["text"]
     finish(searcher, started(ctx, searcher, out[0], 0, "fast"), 1.90)
     finish(searcher, started(ctx, searcher, out[1], 1, "slow"), 2.00)
     for i, (cand, v) in enumerate(zip(out[2:], (1.975, 1.96, 2.01)), start=2):  # kept, kept (better), discarded
@@ -1564,3 +1565,4 @@ def test_screening_is_refused_with_one_kind(tmp_path):
     refused = tool_results(api.requests[1])[1]
     assert refused["is_error"] and "screening needs two device kinds of different speeds" in refused["content"]
     assert "screen" not in {t["name"]: t for t in api.requests[0]["tools"]}["submit_candidate"]["input_schema"]["properties"]
+    assert "nothing to screen on" in api.requests[0]["system"][0]["text"]
