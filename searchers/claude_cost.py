@@ -100,9 +100,16 @@ class PriceBook:
         self.regional = {str(k): float(v) for k, v in (regional or {}).items()}
         self.default = models[0]
 
+    def row_name(self, model: str | None) -> str:
+        """The price row an answering model's id names: its own, else the row its id starts with (the
+        API may answer an alias with a dated id), else the requested model's."""
+        model = model or ""
+        if model in self.rows:
+            return model
+        return max((m for m in self.rows if model.startswith(m)), key=len, default=self.default)
+
     def prices(self, model: str | None) -> Prices:
-        """The row of `model`; the requested model's for an id the API reports in another spelling."""
-        return self.rows.get(model or "", self.rows[self.default])
+        return self.rows[self.row_name(model)]
 
     def multiplier(self, geo: str | None) -> float:
         return self.regional.get(geo or "global", 1.0)

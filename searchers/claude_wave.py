@@ -194,7 +194,7 @@ class Wave:
         if stop_reason == "refusal":
             refusal = {"model": model, **refusal_details(stop_details)}
             chain = [self.agent.model, *self.agent.fallback_model_names]
-            refusal["fallback"] = model in chain[:-1]  # the middleware sends it on to the next model
+            refusal["fallback"] = self.agent.book.row_name(model) in chain[:-1]  # the middleware sends it on
             self.refusals.append(refusal)
         self.agent._charge(usage, self, self.turn, model=model, stop_reason=stop_reason, refusal=refusal)
 

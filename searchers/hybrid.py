@@ -89,6 +89,7 @@ class HybridSearcher(Searcher):
         self.improvements = {SAMPLER: 0, AGENT: 0}
         self.best: tuple[float, str] | None = None  # (score, trial id)
         self.counted: set[str] = set()  # trial ids whose side is in `proposed`
+        self._kept_seen = 0  # how many of the agent board's incumbents have been credited
         self._caught_up = False
 
     # -- Searcher ---------------------------------------------------------------------------------
@@ -141,12 +142,15 @@ class HybridSearcher(Searcher):
         """The best is the agent board's incumbent (noise- and kind-aware); when it changes, the
         side that proposed it is credited, and the sampler moves onto its code base if that differs."""
         board = self.agent.board
+        kept = board.kept  # every incumbent in turn (one tell can make two: the baseline, then a waiting run)
+        for i in range(self._kept_seen, len(kept)):
+            if i > 0 and kept[i] != kept[i - 1]:
+                self.improvements[board.runs[kept[i]].meta.get("hybrid_side", AGENT)] += 1
+        self._kept_seen = len(kept)
         run = board.best()
         if run is None or (self.best is not None and self.best[1] == run.trial_id):
             return
         previous, self.best = self.best, (board.best_score(), run.trial_id)
-        if previous is not None:
-            self.improvements[run.meta.get("hybrid_side", AGENT)] += 1
         key = self._base_key(run.source)
         if key != self.active:
             log.info("%s is the new incumbent on another code base: the sampler now tunes its knobs", run.trial_id)

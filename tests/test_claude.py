@@ -987,6 +987,19 @@ def test_regional_inference_is_priced_at_its_multiplier(tmp_path):
     assert other.summary()["agent_usd_total"] == pytest.approx(sum(_price(u, p) for u in global_api.usages()))
 
 
+def test_an_answer_is_priced_at_the_row_of_the_model_that_gave_it_even_under_a_dated_id(tmp_path):
+    from searchers.claude_cost import Ledger, PriceBook
+
+    book = PriceBook(CONF["prices"], [CONF["model"], "claude-opus-4-8"], CONF["regional_multiplier"])
+    ledger = Ledger(tmp_path / "costs.jsonl", book)
+    u = fake_anthropic.usage(input_tokens=1000, cache_read=5000, output_tokens=300, inference_geo="us")
+    _, usd, row = ledger.record(u, model="claude-opus-4-8-20260528", wave=1, turn=1)
+    assert usd == pytest.approx(_price(u, CONF["prices"]["claude-opus-4-8"], 1.1))
+    _, usd, _ = ledger.record(u, model="claude-unlisted", wave=1, turn=2)  # a model it does not know: the requested one's
+    assert usd == pytest.approx(_price(u, CONF["prices"][CONF["model"]], 1.1))
+    assert Ledger(tmp_path / "costs.jsonl", book).usd == pytest.approx(ledger.usd), "a resume reloads the total"
+
+
 def test_a_call_cut_by_a_timeout_after_it_went_out_is_priced_as_an_estimate(tmp_path):
     api = FakeMessagesAPI([Hang(30.0), Drop()], policy=KnobAgent("MATRIX_LR", [0.5]))
     searcher, ctx = build(api, run_baseline=False, timeout_s=0.3), make_ctx(tmp_path)
