@@ -7,20 +7,37 @@ confirmation re-runs, the agent's re-runs) and the candidates the model already 
 (a fresh tool-use conversation, claude_wave.py) runs in the background and puts each candidate in
 the queue the moment it is submitted, asking for more than the free slots so the queue stays
 `queue_depth` deep (one candidate per slot by default). Only when there is nothing at all to hand
-out does `ask` wait for the model (at most `idle_wait_s` per call), which under a simulated clock
-is charged as the slots' idle time. `background: false` runs each wave in line instead (deterministic, one ask = one wave).
+out does `ask` wait for the model, until the wave queues its first candidate (at most `idle_wait_s`
+per call), which under a simulated clock is charged as the slots' idle time. `background: false` runs each wave in line instead (deterministic, one ask = one wave).
 
 `propose(k, ctx, extra_context)` is the entry point for other searchers (a hybrid that wants "N
 candidates from the agent given this context"): one wave, in line, its candidates returned, not
 queued.
 
-Around the model: the frontier and keep rule (claude_board.py), tools confined to this wave's
-candidate files (claude_tools.py, claude_merge.py), dollars per call from a dated price table
-(claude_cost.py), and the real API's rules (claude_api.py). An error that retrying cannot fix
-(auth, permission, billing, spend limit) ends the searcher cleanly, and so does `max_usd`.
+Around the model: the frontier and keep rule (claude_board.py), the analysis tool over the whole
+history (claude_evidence.py), tools confined to this wave's candidate files (claude_tools.py,
+claude_merge.py), dollars per call from a dated price table (claude_cost.py), and the real API's
+rules (claude_api.py).
+
+What ends the agent, and what only pauses it:
+- An error that retrying cannot fix (auth, permission, billing, spend limit) ends it cleanly, and
+  so does `max_usd`.
+- Transient errors (429, 529, 5xx, timeouts, dropped connections) and waves every model refused
+  never count as waves without ideas: the agent backs off (`wave_backoff_s` doubling to
+  `max_backoff_s`) and gives up only after `give_up_after_s` of nothing but such failures. A
+  refusal is first retried on the fallback models (claude_wave.py), so a refusal storm on one
+  model is survived on the next.
+- Its alive/stopped state and its failure streak live in `agent/state.json`, so a resumed study
+  continues the agent where it was (a stopped agent stays stopped unless `revive`).
+
+The agent knows its budget: each wave's state says the trials, study hours and dollars left and
+which phase that makes it (explore early, confirm late). With two device kinds of different speed
+it may screen a candidate on the slower one; the searcher promotes the promising ones to the
+faster one itself (`promote_top` per wave, `promote_seeds` runs each), without a model call.
+
 Everything the agent did is written under `<study>/agent/` (transcripts, costs, notes,
-reflections), which the study uploads to MLflow. The API key is read from the environment into the
-client and nowhere else.
+reflections, state, promotions), which the study uploads to MLflow. The API key is read from the
+environment into the client and nowhere else.
 """
 from __future__ import annotations
 
@@ -28,20 +45,22 @@ import json
 import logging
 import math
 import os
+import statistics
 import string
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import anthropic
+from anthropic.lib.middleware import BetaRefusalFallbackMiddleware
 
-from searchers.claude_api import with_breakpoints
-from searchers.claude_board import ANY_KIND, BASELINE, CONFIRM, Board, code_key, unified_diff
-from searchers.claude_cost import Ledger, Prices, Tokens
+from searchers.claude_api import Clock, ModelSpec, check_model, with_breakpoints
+from searchers.claude_board import ANY_KIND, BASELINE, CONFIRM, RERUN, Board, code_key, unified_diff
+from searchers.claude_cost import Ledger, PriceBook, Prices, Tokens
 from searchers.claude_tools import ToolError, tool_definitions
 from searchers.claude_wave import Wave
 from study.core import PROJECT_ROOT, SearchContext, Searcher
@@ -55,10 +74,19 @@ class ClaudeSearcherError(RuntimeError):
     """A configuration the searcher cannot start with (no API key, unknown model price)."""
 
 
+PROMISING = ("kept", "confirming", "elite", "diverse elite")  # decisions that earn a screened run its promotion
+
+
 class ClaudeSearcher(Searcher):
     name = "claude"
 
     def __init__(self, *, model: str, prices: dict[str, dict[str, float]], max_usd: float,
+                 models: dict[str, dict[str, Any]] | None = None, fallback_models: list | None = None,
+                 inference_geo: str | None = None, regional_multiplier: dict[str, float] | None = None,
+                 give_up_after_s: float = 3600.0, max_backoff_s: float = 300.0, truncation_max_tokens: int = 32000,
+                 estimate_output_tokens_per_s: float = 50.0, study_max_trials: int | None = None,
+                 study_max_hours: float | None = None, promote_top: int = 2, promote_seeds: int = 1,
+                 diverse_elites: int = 2, diverse_z: float = 2.0, revive: bool = False, clock: Any = None,
                  noise_margin: float = 0.01, noise_z: float = 2.0, noise_seeds: int = 3,
                  noise_store: str | None = None, confirm_seeds: int = 2, max_elites: int = 4,
                  queue_depth: int | None = None, background: bool = True, idle_wait_s: float = 5.0,
@@ -83,12 +111,29 @@ class ClaudeSearcher(Searcher):
         program_path = Path(program) if Path(program).is_absolute() else PROJECT_ROOT / program
         if not program_path.is_file():
             raise ClaudeSearcherError(f"program prompt {str(program_path)!r} is not a file")
+        if give_up_after_s <= 0 or max_backoff_s < 0 or promote_top < 0 or promote_seeds < 1 or diverse_elites < 0:
+            raise ClaudeSearcherError("give_up_after_s must be > 0, max_backoff_s, promote_top and diverse_elites "
+                                      ">= 0, promote_seeds >= 1")
+        self.fallbacks = _fallback_entries(fallback_models or [])
+        self.fallback_model_names = [f["model"] for f in self.fallbacks]
         try:
             self.prices = Prices.for_model(prices, model)
+            self.book = PriceBook(prices, [model, *self.fallback_model_names], regional_multiplier)
+            self._check_models(models, model, max_tokens, truncation_max_tokens, thinking, effort)
         except ValueError as e:
             raise ClaudeSearcherError(str(e)) from None
         self.name = name
         self.model = model
+        self.inference_geo = inference_geo
+        self.give_up_after_s, self.max_backoff_s = float(give_up_after_s), float(max_backoff_s)
+        self.truncation_max_tokens = int(truncation_max_tokens)
+        self.estimate_output_tokens_per_s = float(estimate_output_tokens_per_s)
+        self.study_max_trials = int(study_max_trials) if study_max_trials is not None else None
+        self.study_max_hours = float(study_max_hours) if study_max_hours is not None else None
+        self.promote_top, self.promote_seeds = int(promote_top), int(promote_seeds)
+        self.diverse_elites, self.diverse_z = int(diverse_elites), float(diverse_z)
+        self.revive = bool(revive)
+        self.clock = clock or Clock
         self.max_usd = float(max_usd)
         self.noise_margin, self.noise_z, self.noise_seeds = float(noise_margin), float(noise_z), int(noise_seeds)
         self.noise_store = noise_store
@@ -114,19 +159,25 @@ class ClaudeSearcher(Searcher):
         self.system_cache_ttl = system_cache_ttl
         self.program_template = program_path.read_text()
         self.prices_checked = prices_checked
+        self.max_retries = int(max_retries)
+        middleware = [BetaRefusalFallbackMiddleware(self.fallbacks)] if self.fallbacks else []
         self.client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=max_retries,
-                                          timeout=timeout_s, http_client=http_client)
+                                          timeout=timeout_s, http_client=http_client, middleware=middleware)
         self.stop_reason: str | None = None
         self.lock = threading.RLock()  # the board, queue and files: tell (loop thread) vs tools (wave thread)
         self.issued: set[tuple] = set()  # confirmation and baseline jobs handed out, not yet told
         self.queue: list[Candidate] = []  # ready for a slot
         self.proposed: dict[str, Candidate] = {}  # handed out or queued, not yet told (code key -> candidate)
-        self.failed_in_a_row = 0
-        self.errors_in_a_row = 0
+        self.failed_in_a_row = 0  # waves the API answered without a candidate (max_failed_waves)
+        self.failing_waves = 0  # waves lost to transient errors or to refusals by every model, in a row
+        self.failing_for_s = 0.0  # how long those have lasted (give_up_after_s)
+        self.promoted: dict[str, int | None] = {}  # screened trial -> its wave, once promoted
         self.unpriced = (0.0, Tokens())  # spent since the last accepted candidate
         self._thinking: Future | None = None  # the background wave
         self.closed = False
         self.waits = 0  # asks that had nothing to hand out and waited for the model
+        self._queued = threading.Event()  # set when a waiting ask has something to hand out
+        self.handed_out: deque[float] = deque(maxlen=32)  # when queued candidates went to slots (the take rate)
         self.waited_s = 0.0
 
     # -- the Searcher interface ------------------------------------------------------------------
@@ -134,11 +185,12 @@ class ClaudeSearcher(Searcher):
         super().setup(ctx)
         self.dir = Path(ctx.study_dir) / "agent"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.dir / "costs.jsonl", self.prices, self.model)
+        self.ledger = Ledger(self.dir / "costs.jsonl", self.book, self.estimate_output_tokens_per_s)
         self.kind_sensitive = ctx.objective.get("budget_kind") == "seconds"
         self.board = Board(ctx.baseline_source, noise_margin=self.noise_margin, confirm_seeds=self.confirm_seeds,
                            kind_sensitive=self.kind_sensitive, wait_for_baseline=self.run_baseline,
-                           noise_z=self.noise_z, max_elites=self.max_elites, stored_sigma=self._stored_sigma(ctx))
+                           noise_z=self.noise_z, max_elites=self.max_elites, stored_sigma=self._stored_sigma(ctx),
+                           diverse_elites=self.diverse_elites, diverse_z=self.diverse_z)
         for row in _read_jsonl(self.dir / "reflections.jsonl"):
             self.board.reflect(row["trial_id"], row["text"])
         self.notes_path = self.dir / "notes.md"
@@ -149,6 +201,8 @@ class ClaudeSearcher(Searcher):
         self.queue_path = self.dir / "queue.jsonl"  # paid-for candidates no slot took yet survive a restart
         self.queue = [Candidate.from_dict(row) for row in _read_jsonl(self.queue_path)]
         self.proposed.update((code_key(c.source), c) for c in self.queue)
+        self.promoted = {row["trial_id"]: row.get("wave") for row in _read_jsonl(self.dir / "promotions.jsonl")}
+        self._load_state()
         if self.ledger.usd >= self.max_usd:
             self.stop(f"max_usd={self.max_usd} already spent (${self.ledger.usd:.2f})")
 
@@ -162,13 +216,16 @@ class ClaudeSearcher(Searcher):
                 out += self._in_line_wave(n - len(out), ctx)
             return out
         if wanted > 0 and self._thinking is None and self.stop_reason is None:
-            self._start_wave(wanted, ctx)
+            # a wave costs the model's latency whatever its size: ask for at least half a queue, so
+            # waves keep up with the slots instead of trickling one candidate each
+            self._start_wave(max(wanted, math.ceil(self._queue_target(ctx) / 2)), ctx)
         if not out and self._thinking is not None:  # nothing to hand out: the slots wait for the model
             started = time.monotonic()
-            try:
-                self._thinking.result(timeout=self.idle_wait_s)
-            except Exception:  # noqa: BLE001 - a timeout here, or the wave's own error, reported by _collect_wave
-                pass
+            self._queued.clear()
+            thinking = self._thinking
+            thinking.add_done_callback(lambda _: self._queued.set())
+            if not self.queue:  # until its first candidate is queued (or it ends), not until the wave ends
+                self._queued.wait(timeout=self.idle_wait_s)
             self.waits += 1
             self.waited_s += time.monotonic() - started
             self._collect_wave()
@@ -202,6 +259,7 @@ class ClaudeSearcher(Searcher):
             else:  # on resume, the journal may show that a queued candidate did run
                 self.queue = [q for q in self.queue if code_key(q.source) != run.code
                               or (q.meta.get("role") != "agent" and q.seed != run.seed)]
+            self._promote_screened()
             self._save_queue()
         log.info("%s %s %s", trial.trial_id, result.status, run.decision)
 
@@ -216,7 +274,7 @@ class ClaudeSearcher(Searcher):
         tools = Counter()
         for w in self.waves:
             tools.update(w.get("tools", {}))
-        refusals = Counter(c for w in self.waves for c in w.get("refusals", []))
+        refusals = Counter(r.get("category") or "uncategorised" for w in self.waves for r in w.get("refusals", []))
         return {
             "agent_usd_total": self.ledger.usd,
             # spent on candidates that never ran (queued when the study stopped) or after the last one
@@ -235,6 +293,14 @@ class ClaudeSearcher(Searcher):
             "agent_api_retries": total("api_retries"),  # timeouts, dropped connections, 429/5xx the SDK retried
             "agent_refusals": sum(refusals.values()),
             **{f"agent_refusals_{c}": n for c, n in refusals.items()},
+            "agent_fallback_answers": sum(len(w.get("fallbacks", [])) for w in self.waves),
+            "agent_refused_waves": sum(w["outcome"] == "refused" for w in self.waves),
+            "agent_error_waves": sum(w["outcome"] == "error" for w in self.waves),
+            "agent_blank_blocks_dropped": total("blank_blocks"),
+            "agent_larger_retries": total("larger_retries"),
+            "agent_context_resets": total("context_resets"),
+            "agent_estimated_calls": self.ledger.estimated,
+            "agent_promotions": len(self.promoted),
             **{f"agent_tool_{name}": n for name, n in tools.items()},
             "agent_kept": len(kept),
             "agent_elites": len(self.board.frontier()),
@@ -279,15 +345,25 @@ class ClaudeSearcher(Searcher):
             out.append(c)
         while self.queue and len(out) < n:
             out.append(self.queue.pop(0))
+            self.handed_out.append(time.monotonic())
         self._save_queue()
         return out
 
     def _queue_target(self, ctx: SearchContext) -> int:
-        """One candidate ready per slot by default: a slot that frees while the model thinks takes
-        one at once, and a queued candidate is no staler than the trials now running."""
+        """At least one candidate ready per slot (a slot that frees while the model thinks takes
+        one at once, and a queued candidate is no staler than the trials now running), and more
+        when the slots take candidates faster than a wave makes them: enough to cover one and a
+        half waves at the recent rate (waves slow down under load, trials finish in bursts), at
+        most four per slot."""
         if self.queue_depth is not None:
             return int(self.queue_depth)
-        return sum(int(spec.get("count", 1)) for spec in ctx.device_kinds.values()) or 1
+        slots = sum(int(spec.get("count", 1)) for spec in ctx.device_kinds.values()) or 1
+        taken = list(self.handed_out)
+        recent = [w["seconds"] for w in self.waves[-5:] if w.get("candidates")]
+        if len(taken) < 4 or not recent or taken[-1] <= taken[0]:
+            return slots
+        rate = (len(taken) - 1) / (taken[-1] - taken[0])
+        return min(4 * slots, max(slots, math.ceil(1.5 * rate * statistics.median(recent))))
 
     def _accept(self, wave: Wave, candidates: list[Candidate]) -> None:
         """Called by the wave's tools (under the lock): price, record and (in background) queue."""
@@ -302,6 +378,7 @@ class ClaudeSearcher(Searcher):
         if wave.stream:
             self.queue.extend(candidates)
             self._save_queue()
+            self._queued.set()
 
     def _queue_reruns(self, candidates: list[Candidate]) -> None:
         """Re-runs go ahead of the queued new ideas, behind earlier re-runs: they are evidence the
@@ -312,6 +389,7 @@ class ClaudeSearcher(Searcher):
         at = next((i for i, q in enumerate(self.queue) if "reruns" not in q.meta), len(self.queue))
         self.queue[at:at] = candidates
         self._save_queue()
+        self._queued.set()
 
     def _save_queue(self) -> None:
         tmp = self.queue_path.with_suffix(".tmp")
@@ -342,12 +420,21 @@ class ClaudeSearcher(Searcher):
 
     # -- waves -------------------------------------------------------------------------------------
     def _start_wave(self, k: int, ctx: SearchContext) -> None:
+        """A wave on a thread of its own. A wave the API failed (an outage, every model refusing)
+        is followed by the next one on the same thread after its backoff, so the agent is back as
+        soon as the API is, instead of at the next ask (and a storm does not drain the queue one
+        ask per failed wave)."""
         future: Future = Future()
         in_flight = list(ctx.in_flight)
 
         def think() -> None:
             try:
-                future.set_result(self._wave(k, ctx, in_flight, "", True))
+                accepted = self._wave(k, ctx, in_flight, "", True)
+                while not accepted and self.failing_waves and self.stop_reason is None and not self.closed:
+                    with self.lock:  # the slots kept taking candidates while the API was down
+                        size = max(k, self._queue_target(ctx) - len(self.queue))
+                    accepted = self._wave(size, ctx, list(ctx.in_flight), "", True)
+                future.set_result(accepted)
             except BaseException as e:  # noqa: BLE001 - handed to the loop's thread by _collect_wave
                 future.set_exception(e)
 
@@ -368,13 +455,14 @@ class ClaudeSearcher(Searcher):
         return self._wave(k, ctx, list(ctx.in_flight), extra, False)
 
     def _wave(self, k: int, ctx: SearchContext, in_flight: list[Trial], extra: str, stream: bool) -> list[Candidate]:
-        if self.errors_in_a_row:  # the API failed past the SDK's retries: give an outage time to pass
-            time.sleep(min(300.0, self.wave_backoff_s * 2 ** (self.errors_in_a_row - 1)))
+        paused = self._backoff_s()
+        if paused:  # the API failed past the SDK's retries, or every model refused: give it time to pass
+            self.clock.sleep(paused)
         with self.lock:
             self._stable_prefix(ctx)
             number = 1 + max((w["wave"] for w in self.waves), default=0)
             wave = Wave(self, number, k, in_flight, extra, stream)
-        started = time.time()
+        started, began = time.time(), self.clock.monotonic()
         outcome, reason = "ok", ""
         try:
             outcome, reason = wave.run()
@@ -382,14 +470,44 @@ class ClaudeSearcher(Searcher):
             if self.stop_reason is not None and outcome == "ok" and not wave.accepted:
                 outcome, reason = "stopped", self.stop_reason
             self._write_wave(wave, outcome, reason, started)
-        self.failed_in_a_row = 0 if wave.accepted else self.failed_in_a_row + 1
-        self.errors_in_a_row = self.errors_in_a_row + 1 if outcome == "error" else 0
-        if self.failed_in_a_row >= self.max_failed_waves:
-            self.stop(f"{self.failed_in_a_row} waves in a row gave no candidate (last: {reason or outcome})")
+        self._after_wave(wave, outcome, reason, paused + self.clock.monotonic() - began)
         return wave.accepted
 
-    def _charge(self, usage: Any, wave: Wave, turn: int) -> None:
-        tokens, usd = self.ledger.record(usage, wave=wave.number, turn=turn)
+    def _backoff_s(self) -> float:
+        if not self.failing_waves:
+            return 0.0
+        return min(self.max_backoff_s, self.wave_backoff_s * 2 ** (self.failing_waves - 1))
+
+    def _after_wave(self, wave: Wave, outcome: str, reason: str, seconds: float) -> None:
+        """Transient errors and refusals by every model are failures of the API, not of the
+        agent's ideas: they extend the failure streak (backoff, give_up_after_s) and never count
+        toward max_failed_waves. Any other answered wave ends the streak."""
+        if outcome in ("error", "refused"):
+            if wave.answered_ok:  # the API worked during this wave: its failures are not continuous
+                self.failing_waves, self.failing_for_s = 0, 0.0
+            self.failing_waves += 1
+            self.failing_for_s += seconds
+            if self.failing_for_s >= self.give_up_after_s:
+                self.stop(f"the API failed for {self.failing_for_s / 60:.0f} min in a row ({self.failing_waves} waves; "
+                          f"last: {reason or outcome}), over give_up_after_s={self.give_up_after_s:g}")
+        elif outcome != "stopped":
+            self.failing_waves, self.failing_for_s = 0, 0.0
+            self.failed_in_a_row = 0 if wave.accepted else self.failed_in_a_row + 1
+            if self.failed_in_a_row >= self.max_failed_waves:
+                self.stop(f"{self.failed_in_a_row} waves in a row gave no candidate (last: {reason or outcome})")
+        self._save_state()
+
+    def _charge(self, usage: Any, wave: Wave, turn: int, *, model: str | None = None, stop_reason: str | None = None,
+                refusal: dict | None = None) -> None:
+        tokens, usd, _ = self.ledger.record(usage, model=model or self.model, wave=wave.number, turn=turn,
+                                            stop_reason=stop_reason, refusal=refusal)
+        self._carry(wave, tokens, usd)
+
+    def _charge_cut(self, request: dict, seconds: float, wave: Wave, turn: int) -> None:
+        tokens, usd, _ = self.ledger.record_cut(request, seconds, wave=wave.number, turn=turn)
+        self._carry(wave, tokens, usd)
+
+    def _carry(self, wave: Wave, tokens: Tokens, usd: float) -> None:
         wave.tokens += tokens
         wave.usd += usd
         with self.lock:
@@ -405,13 +523,15 @@ class ClaudeSearcher(Searcher):
             return
         self.prefix_key = key
         self.kinds = sorted(ctx.device_kinds)
-        self.tools = tool_definitions(self.editor_tool, self.view_max_characters, self.kinds, self.max_sweep)
+        screen, promote = self.screen_kinds()
+        self.tools = tool_definitions(self.editor_tool, self.view_max_characters, self.kinds, self.max_sweep,
+                                      (screen, promote) if screen else None)
         self.system = self._system_prompt(ctx)
         (self.dir / "system_prompt.md").write_text(self.system)
 
-    def _request(self, messages: list[dict], tail: tuple[int, int] | None) -> dict[str, Any]:
+    def _request(self, messages: list[dict], tail: tuple[int, int] | None, max_tokens: int | None = None) -> dict[str, Any]:
         request: dict[str, Any] = {
-            "model": self.model, "max_tokens": self.max_tokens, "tools": self.tools,
+            "model": self.model, "max_tokens": max_tokens or self.max_tokens, "tools": self.tools,
             "system": [{"type": "text", "text": self.system,
                         "cache_control": {"type": "ephemeral", "ttl": self.system_cache_ttl}}],
             "messages": with_breakpoints(messages, tail),
@@ -420,6 +540,8 @@ class ClaudeSearcher(Searcher):
             request["thinking"] = self.thinking
         if self.effort:
             request["output_config"] = {"effort": self.effort}
+        if self.inference_geo:
+            request["inference_geo"] = self.inference_geo
         return request
 
     def _keep_note(self, args: dict) -> str:
@@ -451,10 +573,24 @@ class ClaudeSearcher(Searcher):
             noise_seeds=self.noise_seeds, confirm_seeds=self.confirm_seeds, max_elites=self.max_elites,
             max_sweep=self.max_sweep, device_kinds="\n".join(kinds) or "- one local slot", hardware=hardware,
             eval_seq_len=o.get("eval_seq_len"), eval_work_per_token=f"{limits.get('max_work_per_token', 1e9):.3g}",
-            eval_memory_mb=limits.get("max_memory_mb", 2048),
+            eval_memory_mb=limits.get("max_memory_mb", 2048), diverse_z=self.diverse_z,
+            screening=self._screening_text(),
         )
         return f"{program}\n\n## The baseline train.py (every study starts from it)\n\n```python\n" \
                f"{ctx.baseline_source}\n```\n"
+
+    def _screening_text(self) -> str:
+        screen, fast = self.screen_kinds()
+        if screen is None:
+            return ("This study has one kind of hardware (or kinds of one speed), so there is nothing to screen on: "
+                    "every candidate runs where a slot is free.")
+        return (f"The study has a slower kind (`{screen}`) and a faster one (`{fast}`). Fast slots are the "
+                f"scarce ones. Submit a risky candidate (or a sweep) with `screen: true`: it runs on `{screen}` "
+                "first, judged against the baseline there. If the keep rule finds it promising (kept, confirming, "
+                f"or on the frontier), the study re-runs it on `{fast}` itself ({self.promote_seeds} run(s), the "
+                f"best {self.promote_top} of a wave), without waiting for you; its results count for it like any "
+                "other run. Screening costs a slow slot instead of a fast one for ideas that fail, and a little "
+                "time for the ones that work; use it for bold ideas, not for the incumbent's small refinements.")
 
     def _state_prompt(self, wave: Wave) -> str:
         b = self.board
@@ -481,6 +617,7 @@ class ClaudeSearcher(Searcher):
             "## The frontier (elites within noise of the incumbent; start from any of them)",
             *(b.frontier_lines() or ["(empty until the baseline has run)"]), "",
             "## Noise and keep margins", *b.noise_lines(self.kinds), "",
+            "## Budget left", *self._budget_lines(), "",
             "## In flight and queued (do not duplicate these)", *(in_flight or ["(none)"]), "",
             "## The incumbent's train.py against the baseline", "```diff", diff, "```", "",
             "## Your notes from earlier waves", self.notes or "(none yet)", "",
@@ -517,6 +654,115 @@ class ClaudeSearcher(Searcher):
         if self.stop_reason is None:
             self.stop_reason = reason
             log.warning("claude searcher stops: %s", reason)
+            if hasattr(self, "dir"):
+                self._save_state()
+
+    # -- what survives a restart -------------------------------------------------------------------
+    def _save_state(self) -> None:
+        """The agent's alive/stopped state and failure streak, so a resumed study continues it."""
+        state = {"stop_reason": self.stop_reason, "failing_waves": self.failing_waves,
+                 "failing_for_s": self.failing_for_s, "failed_in_a_row": self.failed_in_a_row}
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.dir / "state.json")
+
+    def _load_state(self) -> None:
+        path = self.dir / "state.json"
+        if not path.exists():
+            return
+        state = json.loads(path.read_text())
+        self.failing_waves = int(state.get("failing_waves", 0))
+        self.failing_for_s = float(state.get("failing_for_s", 0.0))
+        self.failed_in_a_row = int(state.get("failed_in_a_row", 0))
+        reason = state.get("stop_reason")
+        if reason and self.revive:
+            log.warning("the agent had stopped (%s); revive=true starts it again", reason)
+            self.failing_waves, self.failing_for_s, self.failed_in_a_row = 0, 0.0, 0
+            self._save_state()
+        elif reason:
+            self.stop_reason = reason
+            log.warning("the agent stopped before this resume (%s): it stays stopped (searcher.revive=true starts "
+                        "it again); its queued candidates and re-runs still run", reason)
+
+    # -- budget, screening ---------------------------------------------------------------------------
+    def _budget_lines(self) -> list[str]:
+        """Trials, study hours and dollars left, and what phase that puts the study in."""
+        history, in_flight = list(self.ctx.history), list(self.ctx.in_flight)
+        used_fractions = []
+        lines = []
+        if self.study_max_trials:
+            used = len(history) + len(in_flight)
+            left = max(0, self.study_max_trials - used)
+            used_fractions.append(used / self.study_max_trials)
+            lines.append(f"- trials: {left} of {self.study_max_trials} left ({len(history)} finished, "
+                         f"{len(in_flight)} running, {len(self.queue)} queued here)")
+        if self.study_max_hours:
+            hours = _study_hours(history, in_flight)
+            used_fractions.append(hours / self.study_max_hours)
+            lines.append(f"- time: about {max(0.0, self.study_max_hours - hours):.2f} h of {self.study_max_hours:g} h left")
+        spent = self.ledger.usd
+        used_fractions.append(spent / self.max_usd)
+        waves = [w["usd"] for w in self.waves if w.get("usd")]
+        per_wave = statistics.fmean(waves[-5:]) if waves else None
+        more = f", about {int((self.max_usd - spent) / per_wave)} more waves at the recent rate" if per_wave else ""
+        lines.append(f"- money: ${max(0.0, self.max_usd - spent):.2f} of ${self.max_usd:g} left{more}")
+        used = max(used_fractions)
+        if used < 1 / 3:
+            phase = ("Early (under a third used): explore. Try bold and different ideas, sweep knobs whose best "
+                     "value is unknown, screen risky code edits on the slower kind if there is one.")
+        elif used < 2 / 3:
+            phase = ("Middle: exploit. Build on the frontier's most fertile elites, combine ideas that each "
+                     "worked, drop directions the analysis shows as worse.")
+        else:
+            phase = ("Late (over two thirds used): confirm. Re-run the incumbent and close challengers, refine "
+                     "with small safe changes; a bold idea now may not get the runs it needs to be kept.")
+        return lines + [f"Phase: {phase}"]
+
+    def screen_kinds(self) -> tuple[str | None, str | None]:
+        """(the slowest kind, the fastest kind) when the study has kinds of different speeds."""
+        kinds = getattr(self, "ctx", None) and self.ctx.device_kinds or {}
+        speeds = {k: float(spec.get("speed", 1.0)) for k, spec in kinds.items()}
+        if len(set(speeds.values())) < 2:
+            return None, None
+        return min(speeds, key=lambda k: (speeds[k], k)), max(speeds, key=lambda k: (speeds[k], k))
+
+    def _promote_screened(self) -> None:
+        """Each screened run the keep rule finds promising (kept, confirming, on the frontier) is
+        re-run on the faster kind, at most `promote_top` per wave, best first. Call under the lock."""
+        screen, fast = self.screen_kinds()
+        if fast is None or not self.promote_top:
+            return
+        due = [r for r in self.board.runs.values() if r.meta.get("screen") and r.ok and r.trial_id not in self.promoted
+               and r.decision.startswith(PROMISING)]
+        for run in sorted(due, key=self.board.relative):
+            wave = run.meta.get("agent_wave")
+            if sum(w == wave for w in self.promoted.values()) >= self.promote_top:
+                continue
+            seeds = self._fresh_seeds(run.code, self.promote_seeds)
+            self._queue_reruns([Candidate(
+                source=run.source, knobs=dict(run.knobs), parent=run.trial_id, seed=s, device_kind=fast,
+                hypothesis=f"promotion of {run.trial_id} from {screen} to {fast} (seed {s}): {run.decision}",
+                meta={"role": RERUN, "reruns": run.trial_id, "promotes": run.trial_id, "agent_wave": wave})
+                for s in seeds])
+            self.promoted[run.trial_id] = wave
+            with (self.dir / "promotions.jsonl").open("a") as f:
+                f.write(json.dumps({"trial_id": run.trial_id, "wave": wave, "to": fast, "seeds": seeds}) + "\n")
+
+    def _check_models(self, models: dict | None, model: str, max_tokens: int, truncation_max_tokens: int,
+                      thinking: dict | None, effort: str | None) -> None:
+        """The settings every model of the chain would be sent, checked against what it takes."""
+        if not models:
+            raise ValueError("searcher.models is empty: each model needs its max_tokens, context_window, thinking "
+                             "types and effort levels")
+        check_model(model, ModelSpec.for_model(models, model), max_tokens=max(max_tokens, truncation_max_tokens),
+                    thinking=thinking, effort=effort)
+        for entry in self.fallbacks:
+            fb = entry["model"]
+            fb_thinking = entry["thinking"] if "thinking" in entry else thinking
+            fb_effort = entry.get("output_config", {}).get("effort", effort)
+            fb_tokens = entry.get("max_tokens") or max(max_tokens, truncation_max_tokens)
+            check_model(fb, ModelSpec.for_model(models, fb), max_tokens=fb_tokens, thinking=fb_thinking,
+                        effort=fb_effort, what=f"searcher.fallback_models[{fb}]")
 
     def _write_wave(self, wave: Wave, outcome: str, reason: str, started: float) -> None:
         row = {
@@ -524,8 +770,11 @@ class ClaudeSearcher(Searcher):
             "outcome": outcome, "reason": reason, "turns": wave.turns, "nudges": wave.nudges, "usd": wave.usd,
             "tokens": asdict(wave.tokens), "broken": wave.broken, "refused": wave.refused,
             "tool_errors": wave.tool_errors, "truncations": wave.truncations, "empty_replies": wave.empty,
-            "refusals": wave.refusals, "api_retries": wave.retries, "tools": wave.tools_used, "seconds": round(time.time() - started, 3),
-            "model": self.model, "prices_checked": self.prices_checked,
+            "refusals": wave.refusals, "fallbacks": wave.fallbacks, "api_retries": wave.retries,
+            "blank_blocks": wave.blank_blocks, "larger_retries": wave.larger_retries,
+            "context_resets": wave.context_resets, "estimated_calls": wave.estimated_calls,
+            "tools": wave.tools_used, "seconds": round(time.time() - started, 3),
+            "model": self.model, "fallback_models": self.fallback_model_names, "prices_checked": self.prices_checked,
         }
         with self.lock:
             self.waves.append(row)
@@ -536,6 +785,30 @@ class ClaudeSearcher(Searcher):
                                             "combines": c.meta.get("combines")} for c in wave.accepted],
                       "system_prompt": "system_prompt.md", "messages": wave.messages}
         (self.dir / f"wave_{wave.number:04d}.json").write_text(json.dumps(transcript, indent=1, default=str))
+
+
+def _fallback_entries(raw: list) -> list[dict[str, Any]]:
+    """`fallback_models` as the SDK's fallback entries: a model id, or {model, max_tokens,
+    thinking, effort} where any setting left out is the requested one's (a patch, as the SDK applies it)."""
+    out = []
+    for item in raw:
+        entry = {"model": item} if isinstance(item, str) else dict(item)
+        if not entry.get("model"):
+            raise ClaudeSearcherError(f"searcher.fallback_models entry {item!r} names no model")
+        effort = entry.pop("effort", None)
+        if effort is not None:
+            entry["output_config"] = {"effort": effort}
+        out.append(entry)
+    return out
+
+
+def _study_hours(history: list, in_flight: list[Trial]) -> float:
+    """How far the study clock has come, as the trials show it: the latest submission or finish."""
+    latest = [t.submitted_at or 0.0 for t in in_flight]
+    for t, r in history:
+        ran = (r.finished_at - r.started_at) if r.finished_at is not None and r.started_at is not None else 0.0
+        latest.append((t.submitted_at or 0.0) + (r.queue_seconds or 0.0) + ran)
+    return max(latest, default=0.0) / 3600
 
 
 def _job_key(c: Candidate, board: Board) -> tuple | None:

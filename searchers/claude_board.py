@@ -18,9 +18,13 @@ trustworthy. Three ideas, each answering a way a search fools itself:
   it a challenger.
 
 The frontier keeps up to `max_elites` candidates within the margin of the incumbent (population
-search beats keep-the-best hill-climbing: a near-equal idea is a starting point, not a loss). Every
-run also carries steps, tokens/s and peak memory (what made it fast or made it OOM), and the
-agent's one-line reflection on it.
+search beats keep-the-best hill-climbing: a near-equal idea is a starting point, not a loss), plus
+up to `diverse_elites` slightly worse ones (within `diverse_z` margins) that try an idea no elite
+tries (another set of knobs, or a code edit where the others only tune knobs): a population that
+collapses onto one idea stops exploring. Each elite shows how many children were tried from it and
+how many improved on it, so the agent can tell a fertile start from an exhausted one. Every run
+also carries steps, tokens/s and peak memory (what made it fast or made it OOM), and the agent's
+one-line reflection on it.
 
 Everything is rebuilt from `record` (the searcher's `tell`), so a resumed study replays to the same
 decisions; reflections are set again from the agent's own file.
@@ -29,16 +33,19 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import hashlib
 import math
 import statistics
 from dataclasses import dataclass, field
 
+from study.core import KnobError, read_knobs, write_knobs
 from study.records import INFRA_STATUSES, Result, Trial
 from train.knobs import parse_source
 
 BASELINE, AGENT, CONFIRM, RERUN = "baseline", "agent", "confirm", "rerun"
 ANY_KIND = "*"
+META_KEPT = ("agent_wave", "combines", "screen", "promotes", "reruns", "hybrid_side")
 
 
 @dataclass
@@ -65,6 +72,7 @@ class Run:
     tokens_per_second: float | None = None
     peak_memory_mb: float | None = None
     reflection: str = ""
+    meta: dict = field(default_factory=dict)  # the candidate's wave, combines, screen, promotes, hybrid side
 
     @property
     def ok(self) -> bool:
@@ -79,6 +87,7 @@ class Elite:
     code: str
     source: str
     evidence: list[Run]
+    diverse: bool = False  # kept for its different idea, though slightly worse than the margin allows
 
 
 @dataclass
@@ -107,7 +116,7 @@ class _Challenge:
 class Board:
     def __init__(self, baseline_source: str, *, noise_margin: float, confirm_seeds: int, kind_sensitive: bool,
                  wait_for_baseline: bool, noise_z: float = 2.0, max_elites: int = 4,
-                 stored_sigma: dict[str, float] | None = None):
+                 stored_sigma: dict[str, float] | None = None, diverse_elites: int = 0, diverse_z: float = 2.0):
         self.baseline_source = baseline_source
         self.baseline_code = code_key(baseline_source)
         self.noise_margin = float(noise_margin)
@@ -116,6 +125,7 @@ class Board:
         self.kind_sensitive = kind_sensitive
         self.wait_for_baseline = wait_for_baseline
         self.max_elites = int(max_elites)
+        self.diverse_elites, self.diverse_z = int(diverse_elites), float(diverse_z)
         self.stored_sigma = dict(stored_sigma or {})
         self.runs: dict[str, Run] = {}
         self.baselines: dict[str, list[Run]] = {}  # tier -> the baseline's ok runs there
@@ -168,6 +178,7 @@ class Board:
             confirms=c.meta.get("confirms"), error=(result.reason or result.error or "")[-300:],
             steps=result.num_steps, tokens_per_second=result.tokens_per_second, peak_memory_mb=result.peak_memory_mb,
             reflection=self.reflections.get(trial.trial_id, ""),
+            meta={k: c.meta[k] for k in META_KEPT if k in c.meta},
         )
         self.runs[run.trial_id] = run
         if result.status in INFRA_STATUSES:
@@ -234,6 +245,10 @@ class Board:
             run.decision = f"confirming: {gain:+.4f} within noise {margin:.4f}; {len(seeds)} fresh seeds, paired"
         elif gain > -margin:
             run.decision = self._join_frontier(run, [run], f"{gain:+.4f} within noise {margin:.4f}")
+        elif gain > -self.diverse_z * margin and self._room_for_diversity(run):
+            self.elites.append(Elite(run.trial_id, run.code, run.source, [run], diverse=True))
+            run.decision = (f"diverse elite: {gain:+.4f}, slightly worse but tries "
+                            f"{self.idea_of(run) or 'the baseline'}, which no elite tries")
         else:
             run.decision = f"discarded: {gain:+.4f}"
 
@@ -310,33 +325,77 @@ class Board:
             elite.evidence.append(run)
 
     def _new_elite(self, run: Run, evidence: list[Run]) -> Elite:
+        """`evidence`, plus the re-runs of the same code (the agent's, a screened run's promotion)
+        that finished before it became an elite: they were not selected, so they count."""
+        later = [r for r in self.runs.values() if r.role == RERUN and r.code == run.code and r.ok
+                 and r not in evidence and self.baseline_mean(r.device_kind) is not None]
         elite = self._elite(run.code)
         if elite is None:
-            elite = Elite(run.trial_id, run.code, run.source, list(evidence))
+            elite = Elite(run.trial_id, run.code, run.source, list(evidence) + later)
             self.elites.append(elite)
         else:
-            elite.evidence = list(evidence)
+            elite.evidence = list(evidence) + later
         return elite
 
     def _join_frontier(self, run: Run, evidence: list[Run], why: str) -> str:
-        if self._elite(run.code) is None and len(self.elites) >= self.max_elites:
-            worst = max((e for e in self.elites if e.trial_id != self.best_id), key=self.elite_score, default=None)
+        near = [e for e in self.elites if not e.diverse]
+        if self._elite(run.code) is None and len(near) >= self.max_elites:
+            worst = max((e for e in near if e.trial_id != self.best_id), key=self.elite_score, default=None)
             score = statistics.fmean(self.relative(r) for r in evidence)
             if worst is None or self.elite_score(worst) <= score:
                 return f"discarded: {why}, frontier full"
             self.elites.remove(worst)
             self.runs[worst.trial_id].decision += f"; left the frontier for {run.trial_id}"
-        self._new_elite(run, evidence)
+        self._new_elite(run, evidence).diverse = False
         return f"elite: {why}"
 
     def _make_best(self, elite: Elite, run: Run, why: str) -> None:
         self.best_id = elite.trial_id
         self.kept.append(elite.trial_id)
+        elite.diverse = False
         run.decision = why
         best, margin = self.elite_score(elite), self.margin(run.device_kind)
         ranked = sorted((e for e in self.elites if e is not elite and self.elite_score(e) - best <= margin),
                         key=self.elite_score)
-        self.elites = [elite] + ranked[: self.max_elites - 1]
+        near = [e for e in ranked if not e.diverse][: self.max_elites - 1]
+        diverse = sorted((e for e in self.elites if e is not elite and e not in near
+                          and self.elite_score(e) - best <= self.diverse_z * margin), key=self.elite_score)
+        kept_ideas = {self.idea_of(self.runs[e.trial_id]) for e in [elite, *near]}
+        for e in diverse:
+            e.diverse = True
+        diverse = [e for e in diverse if self.idea_of(self.runs[e.trial_id]) not in kept_ideas]
+        self.elites = [elite] + near + diverse[: self.diverse_elites]
+
+    def _room_for_diversity(self, run: Run) -> bool:
+        """A free diverse place, and an idea no elite tries."""
+        if sum(e.diverse for e in self.elites) >= self.diverse_elites:
+            return False
+        return self.idea_of(run) not in {self.idea_of(self.runs[e.trial_id]) for e in self.elites}
+
+    def idea_of(self, run: Run) -> str:
+        """What a run tries against the baseline, coarsely: the knobs it sets differently, and
+        whether it edits code (the baseline's code with the run's knob values is not its code)."""
+        ideas = getattr(self, "_ideas", None)
+        if ideas is None:
+            ideas = self._ideas = {}
+        if run.code not in ideas:
+            try:
+                knobs, base = read_knobs(run.source), read_knobs(self.baseline_source)
+                changed = sorted(k for k, v in knobs.items() if base.get(k, object()) != v)
+                edited = code_key(write_knobs(self.baseline_source, {k: knobs[k] for k in changed if k in base})) != run.code
+            except (KnobError, SyntaxError, ValueError):
+                changed, edited = [], True
+            ideas[run.code] = " + ".join([*(["code edit"] if edited else []), *changed])
+        return ideas[run.code]
+
+    def elite_stats(self, elite: Elite) -> tuple[int, int]:
+        """(children tried from this elite, children that beat it): how fertile a start it is."""
+        children = [r for r in self.runs.values() if r.parent == elite.trial_id and r.role == AGENT
+                    and r.status not in INFRA_STATUSES]
+        score = self.elite_score(elite)
+        better = [r for r in children if r.ok and self.baseline_mean(r.device_kind) is not None
+                  and self.relative(r) < score]
+        return len(children), len(better)
 
     def _elite(self, code: str) -> Elite | None:
         return next((e for e in self.elites if e.code == code), None)
@@ -416,10 +475,12 @@ class Board:
     def frontier_lines(self) -> list[str]:
         lines = []
         for elite, score in self.frontier():
-            role = "incumbent" if elite.trial_id == self.best_id else "elite"
+            role = "incumbent" if elite.trial_id == self.best_id else "diverse elite" if elite.diverse else "elite"
             kinds = sorted({r.device_kind or "?" for r in elite.evidence})
+            children, better = self.elite_stats(elite)
             lines.append(f"- {elite.trial_id} ({role}): {score:+.4f} vs baseline over {len(elite.evidence)} run(s) "
-                         f"on {', '.join(kinds)}; {_one_line(self.runs[elite.trial_id].hypothesis, 100)}")
+                         f"on {', '.join(kinds)}; children tried {children}, improved on it {better}; "
+                         f"{_one_line(self.runs[elite.trial_id].hypothesis, 100)}")
         return lines
 
     def table(self, *, top: int = 10, last: int = 20, ids: list[str] | None = None) -> str:
@@ -445,9 +506,11 @@ class Board:
         return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=4096)
 def code_key(source: str) -> str:
     """Equal for two sources that differ only in comments, blank lines or layout, which would run
-    the same training: resubmitting one is a seed re-roll, not an idea."""
+    the same training: resubmitting one is a seed re-roll, not an idea. Cached: the same sources
+    are keyed again and again (queue, proposals, board), and parsing is the wave's main cost."""
     try:
         text = ast.dump(parse_source(source))
     except (SyntaxError, ValueError):

@@ -31,14 +31,20 @@ class Broken(ToolError):
 
 
 def tool_definitions(editor_type: str, max_characters: int, device_kinds: list[str],
-                     max_sweep: int = 8) -> list[dict[str, Any]]:
+                     max_sweep: int = 8, screening: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    """The tools of every wave; `screening` is (slower kind, faster kind) when the study has both."""
     submit_properties: dict[str, Any] = {
         "candidate": {"type": "string", "description": "c1, c2, ..."},
         "hypothesis": {"type": "string", "description": "one line: what you changed and why it should lower val_bpb"},
     }
+    placement: dict[str, Any] = {}
     if device_kinds:
-        submit_properties["device_kind"] = {"type": "string", "enum": device_kinds,
-                                            "description": "the device kind this candidate should run on (optional)"}
+        placement["device_kind"] = {"type": "string", "enum": device_kinds,
+                                    "description": "the device kind this candidate should run on (optional)"}
+    if screening:
+        placement["screen"] = {"type": "boolean", "description": f"screen it on {screening[0]} first; if the keep "
+                               f"rule finds it promising it is confirmed on {screening[1]} without a model call"}
+    submit_properties.update(placement)
     return [
         {"type": editor_type, "name": EDITOR_NAME, "max_characters": max_characters},
         {
@@ -94,7 +100,22 @@ def tool_definitions(editor_type: str, max_characters: int, device_kinds: list[s
                 "knobs": {"type": "object", "description": "knob name -> list of values, e.g. "
                           "{\"MATRIX_LR\": [0.02, 0.04], \"WARMDOWN_RATIO\": [0.3, 0.6]}",
                           "additionalProperties": {"type": "array", "minItems": 1}},
-                "hypothesis": {"type": "string"}}},
+                "hypothesis": {"type": "string"}, **placement}},
+        },
+        {
+            "name": "analyze",
+            "description": "The whole history aggregated, each number a difference from the baseline on the "
+                           "run's own device kind with its standard error and a verdict (better / worse / within "
+                           "noise). by: 'knob' (each value of each knob), 'pair' (two knobs together, with their "
+                           "interaction), 'edit' (each kind of edit against its parent), 'parent' (children of "
+                           "each parent), 'kind' (each device kind), 'runs' (the matching runs). Filters: knob, "
+                           "parent, idea (words of hypotheses and reflections), device_kind.",
+            "input_schema": {"type": "object", "required": ["by"], "properties": {
+                "by": {"type": "string", "enum": ["knob", "pair", "edit", "parent", "kind", "runs"]},
+                "knob": {"type": "string"},
+                "knobs": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+                "parent": {"type": "string"}, "idea": {"type": "string"},
+                **({"device_kind": {"type": "string", "enum": device_kinds}} if device_kinds else {})}},
         },
         {
             "name": "rerun",

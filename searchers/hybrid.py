@@ -5,17 +5,23 @@ an LLM, shown CMA-ES's mean, sigma and top configurations, proposed about 30%. H
 
 - The sampler (CMA-ES by default, TPE selectable) owns `share` of the proposals, the agent the
   rest; each ask hands every slot to the side furthest below its share so far, so the split holds
-  over the whole study, across resumes (every trial's side is in its candidate's meta).
+  over the whole study, across resumes (every trial's side is in its candidate's meta). Only
+  proposals count: the baseline's noise seeds, the keep rule's confirmations and the agent's
+  re-runs and promotions run on the agent's side but are evidence about others' code, not ideas.
 - The agent's wave prompt carries the sampler's state: the knobs it tunes, its top configurations
   and, for CMA-ES, the search distribution's mean and 1-sigma range per knob.
 - The agent may propose knob values or code edits. Knob values inside the space on the sampler's
   code are enqueued into the sampler's Optuna study and run as its trials (Optuna's enqueue_trial),
   so TPE learns from them and CMA-ES counts them in its current generation (an injected solution). Any other result on the
   sampler's code is added to its study as a finished trial (add_trial).
-- A sampler tunes knobs on one code base. The active code base is that of the study's best
-  whole-budget result: when an agent code edit becomes the best, a sampler for that code starts
-  (its own Optuna study, seeded with every result already on that code) and the sampler's share
-  goes on tuning knobs on top of it. Each candidate's meta records its code base.
+- A sampler tunes knobs on one code base. The active code base is that of the study's best, and
+  the best is the agent's incumbent (its keep rule): a margin over the baseline's seed noise, judged
+  against the baseline on the same device kind, confirmed on fresh seeds when close. One lucky seed
+  or a faster GPU never moves the sampler. When an agent code edit becomes the incumbent, a sampler
+  for that code starts (its own Optuna study, seeded with every result already on that code) and
+  the sampler's share goes on tuning knobs on top of it; a CMA-ES there carries the old one's
+  adaptation over (searchers/cma_carry.py: step size, covariance, the mean at the same offset from
+  the new incumbent). Each candidate's meta records its code base.
 - Every result goes to the agent (its scoreboard, keep rule and results table) and to the sampler
   of that result's code base. Under `study.rungs` both hear each candidate's lowest-rung result
   (searchers/rungs.py), and the best that moves the sampler is the best at that fidelity.
@@ -46,7 +52,8 @@ from optuna.trial import TrialState
 
 from searchers import space as sp
 from searchers.claude import ClaudeSearcher
-from searchers.claude_board import code_key
+from searchers.claude_board import BASELINE, CONFIRM, RERUN, code_key
+from searchers.cma_carry import CarriedCmaEsSampler, carried_state
 from searchers.optuna_search import LABELS, OptunaSearcher
 from study.core import KnobError, SearchContext, Searcher
 from study.records import INFRA_STATUSES, Candidate, Result, Trial
@@ -55,6 +62,8 @@ log = logging.getLogger("arena.hybrid")
 
 SAMPLER, AGENT = "sampler", "agent"
 TOP_CONFIGS = 5
+OVERHEAD = (BASELINE, CONFIRM, RERUN)  # roles handed out on the agent's side that are not proposals
+CARRIED = "carried_cma"  # the Optuna study attribute holding the adaptation a code base started from
 
 
 class HybridSearcher(Searcher):
@@ -75,10 +84,12 @@ class HybridSearcher(Searcher):
         self._waiting: list[Candidate] = []  # what that wave proposed, handed out on the agent's turns
         self.samplers: dict[str, OptunaSearcher] = {}  # code base key -> its sampler
         self.on_base: dict[str, list[tuple[Trial, Result]]] = {}  # code base key -> results on it
-        self.proposed = {SAMPLER: 0, AGENT: 0}
+        self.proposed = {SAMPLER: 0, AGENT: 0}  # proposals only: what the share is about
+        self.overhead = 0  # baseline seeds, confirmations, re-runs and promotions
         self.improvements = {SAMPLER: 0, AGENT: 0}
         self.best: tuple[float, str] | None = None  # (score, trial id)
         self.counted: set[str] = set()  # trial ids whose side is in `proposed`
+        self._kept_seen = 0  # how many of the agent board's incumbents have been credited
         self._caught_up = False
 
     # -- Searcher ---------------------------------------------------------------------------------
@@ -96,7 +107,7 @@ class HybridSearcher(Searcher):
             for trial in ctx.in_flight:
                 if trial.trial_id not in self.counted:
                     self.counted.add(trial.trial_id)
-                    self.proposed[self._side(trial)] += 1
+                    self._add(trial.candidate)
         self._collect_wave()
         plan = self._plan(n)
         out: list[Candidate] = []
@@ -115,7 +126,7 @@ class HybridSearcher(Searcher):
             for candidate in self._sampler_for(self.active).ask(n - len(out), ctx):
                 out.append(self._on_active_base(candidate))
         for candidate in out:
-            self.proposed[candidate.meta["hybrid_side"]] += 1
+            self._add(candidate)
         return out
 
     def tell(self, trial: Trial, result: Result) -> None:
@@ -125,17 +136,28 @@ class HybridSearcher(Searcher):
         self.on_base.setdefault(key, []).append((trial, result))
         if key in self.samplers:
             self._tell_sampler(self.samplers[key], trial, result)
-        if not result.ok:
+        self._follow_incumbent()
+
+    def _follow_incumbent(self) -> None:
+        """The best is the agent board's incumbent (noise- and kind-aware); when it changes, the
+        side that proposed it is credited, and the sampler moves onto its code base if that differs."""
+        board = self.agent.board
+        kept = board.kept  # every incumbent in turn (one tell can make two: the baseline, then a waiting run)
+        for i in range(self._kept_seen, len(kept)):
+            if i > 0 and kept[i] != kept[i - 1]:
+                self.improvements[board.runs[kept[i]].meta.get("hybrid_side", AGENT)] += 1
+        self._kept_seen = len(kept)
+        run = board.best()
+        if run is None or (self.best is not None and self.best[1] == run.trial_id):
             return
-        if self.best is None or result.score() < self.best[0]:
-            if self.best is not None:
-                self.improvements[self._side(trial)] += 1
-            self.best = (result.score(), trial.trial_id)
-            if key != self.active:
-                log.info("%s is the new best on another code base: the sampler now tunes its knobs", trial.trial_id)
-                self.active = key
-                self.base_source[key] = trial.candidate.source
-                self._sampler_for(key)
+        previous, self.best = self.best, (board.best_score(), run.trial_id)
+        key = self._base_key(run.source)
+        if key != self.active:
+            log.info("%s is the new incumbent on another code base: the sampler now tunes its knobs", run.trial_id)
+            old, old_best = self.active, board.runs.get(previous[1]) if previous else None
+            self.active = key
+            self.base_source[key] = run.source
+            self._sampler_for(key, carry_from=(old, old_best.source if old_best else self.base_source[old]))
 
     def done(self) -> bool:
         return False  # the sampler always has another point to propose
@@ -171,6 +193,7 @@ class HybridSearcher(Searcher):
         out.update({
             "hybrid_sampler_trials": self.proposed[SAMPLER], "hybrid_agent_trials": self.proposed[AGENT],
             "hybrid_sampler_trial_share": self.proposed[SAMPLER] / total,
+            "hybrid_overhead_trials": self.overhead,
             "hybrid_sampler_improvements": self.improvements[SAMPLER],
             "hybrid_agent_improvements": self.improvements[AGENT],
             "hybrid_code_bases": len(self.samplers),
@@ -244,9 +267,10 @@ class HybridSearcher(Searcher):
         candidate.meta["code_base"] = self._base_key(candidate.source)
         return candidate
 
-    def _sampler_for(self, key: str) -> OptunaSearcher:
+    def _sampler_for(self, key: str, carry_from: tuple[str, str] | None = None) -> OptunaSearcher:
         """The sampler of a code base, made (or reloaded from optuna.db) the first time it is needed
-        and told every result already on that code."""
+        and told every result already on that code. `carry_from` is (the code base the best left,
+        the old incumbent's source): a CMA-ES on the new base starts from that one's adaptation."""
         if key in self.samplers:
             return self.samplers[key]
         first = not self.samplers
@@ -260,10 +284,32 @@ class HybridSearcher(Searcher):
         with warnings.catch_warnings():  # x0 goes in Optuna 6; pyproject pins optuna < 6
             warnings.simplefilter("ignore", FutureWarning)
             sampler.setup(self.ctx)
+            if self.sampler_name == "cmaes":
+                self._carry(sampler, carry_from, start)
         self.samplers[key] = sampler
         for trial, result in self.on_base.get(key, []):
             self._tell_sampler(sampler, trial, result)
         return sampler
+
+    def _carry(self, sampler: OptunaSearcher, carry_from: tuple[str, str] | None, start: dict | None) -> None:
+        """Start this code base's CMA-ES from the adaptation the previous one reached, moved to the
+        new incumbent: computed once and kept in the new Optuna study, so a resume starts it the same."""
+        carried = sampler.study.user_attrs.get(CARRIED)
+        if carried is None and carry_from is not None and start is not None and carry_from[0] in self.samplers:
+            old = self.samplers[carry_from[0]]
+            old_values = self._space_values(carry_from[1])
+            old_center = old._params(old_values) if old_values is not None else None
+            new_center = old._params(start)
+            if old_center is not None and new_center is not None:
+                carried = carried_state(old.study, old_center, new_center)
+                if carried is not None:
+                    sampler.study.set_user_attr(CARRIED, carried)
+        if carried is None:
+            return
+        options = {k: v for k, v in self.sampler_options.items() if k not in ("x0", "sigma0", "source_trials")}
+        new = CarriedCmaEsSampler(carried=carried, seed=self.ctx.seed, **options)
+        sampler.study.sampler = new
+        sampler.checkpoint.restore(new, len(sampler.study.get_trials(deepcopy=False)), self.ctx.seed)
 
     def _tell_sampler(self, sampler: OptunaSearcher, trial: Trial, result: Result) -> None:
         """A result on this sampler's code, as a trial over its space (an agent's candidate lists
@@ -311,11 +357,14 @@ class HybridSearcher(Searcher):
         if trial.trial_id not in self.counted:
             self.counted.add(trial.trial_id)
             if not self._caught_up:  # a replayed trial: the proposal was made before the restart
-                self.proposed[self._side(trial)] += 1
+                self._add(trial.candidate)
 
-    @staticmethod
-    def _side(trial: Trial) -> str:
-        return trial.candidate.meta.get("hybrid_side", AGENT)
+    def _add(self, candidate: Candidate) -> None:
+        """Count a handed-out candidate: a proposal for its side's share, or overhead."""
+        if candidate.meta.get("role") in OVERHEAD:
+            self.overhead += 1
+        else:
+            self.proposed[candidate.meta.get("hybrid_side", AGENT)] += 1
 
 
 def _inject_into_generation(sampler: OptunaSearcher, number: int) -> None:

@@ -19,22 +19,27 @@ from searchers.claude import ClaudeSearcher, ClaudeSearcherError
 from searchers.claude_board import Board
 from study.core import SearchContext
 from study.records import Candidate, Result, Trial
+from tests import fake_anthropic
 from tests.conftest import ROOT, run_arena
 from tests.fake_anthropic import (
     EDITOR, ENV_DUMP, Drop, FakeMessagesAPI, Hang, KnobAgent, PromptCache, bad_key, credit_too_low, empty_reply,
-    PopulationAgent, knob_line, simulated_study, message, overloaded, rate_limited, refusal, spend_limit, text,
-    thinking, tool_use, truncated,
+    PopulationAgent, VirtualClock, knob_line, simulated_study, message, overloaded, rate_limited, refusal,
+    spend_limit, text, thinking, tool_use, truncated,
 )
 from train.contract import LOG_FILE
 from train.knobs import read_knobs, write_knobs
 
 KEY = "sk-ant-api03-arenaTEST-0123456789abcdefghijklmnopqrstuvwxyz-SECRETSECRET"
-CONF = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml"))
+# the searcher's settings as a study gives them (the study's limits are interpolated from its config)
+CONF = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml")),
+        "study_max_trials": None, "study_max_hours": None}
+strict_fake = fake_anthropic.strict_fake  # the shared strictness fixture (autouse): no request the API refuses
 TINY_KNOBS = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"))["knobs"]
 BASELINE = write_knobs((ROOT / "train" / "train.py").read_text(), TINY_KNOBS)
 
 
-APIS: list[FakeMessagesAPI] = []
+
+CLOCK: list[VirtualClock] = []
 
 
 @pytest.fixture(autouse=True)
@@ -43,19 +48,26 @@ def api_key(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def strict_api():
-    """Every request any test sent is one the real API accepts."""
-    APIS.clear()
-    yield
-    for api in APIS:
-        assert api.rejected == [], api.rejected
+def virtual_time(monkeypatch) -> VirtualClock:
+    """The searcher's waits and the SDK's retry sleeps (a 429's retry-after, its own backoff) pass
+    on a virtual clock: an hour-long storm costs no real time; hung calls still time out for real."""
+    CLOCK[:] = [VirtualClock().install_in_sdk(monkeypatch)]
+    return CLOCK[0]
+
+
+def _price(usage: dict, p: dict, multiplier: float = 1.0) -> float:
+    """What one usage block costs at price row `p`, written out from the pricing page's definitions."""
+    split = usage["cache_creation"]
+    return multiplier * (usage["input_tokens"] * p["input"] + split["ephemeral_5m_input_tokens"] * p["cache_write_5m"]
+                         + split["ephemeral_1h_input_tokens"] * p["cache_write_1h"]
+                         + usage["cache_read_input_tokens"] * p["cache_read"] + usage["output_tokens"] * p["output"]) / 1e6
 
 
 def build(api: FakeMessagesAPI, **overrides) -> ClaudeSearcher:
-    APIS.append(api)
     kwargs = {k: v for k, v in CONF.items() if k != "_target_"}
     # one wave per ask and one baseline seed, unless a test says otherwise: the conversation tests read simply
-    kwargs.update({"max_retries": 2, "wave_backoff_s": 0, "background": False, "noise_seeds": 1, **overrides})
+    kwargs.update({"max_retries": 2, "wave_backoff_s": 0, "background": False, "noise_seeds": 1, "clock": CLOCK[0],
+                   **overrides})
     return ClaudeSearcher(**kwargs, http_client=api.client())
 
 
@@ -114,6 +126,43 @@ def test_a_model_without_a_price_is_refused():
         build(FakeMessagesAPI(), model="claude-unknown")
 
 
+@pytest.mark.parametrize("settings, words", [
+    ({"thinking": {"type": "enabled", "budget_tokens": 4000}}, "does not take thinking type 'enabled'"),
+    ({"thinking": {"type": "disabled"}}, "does not take thinking type 'disabled'"),
+    ({"thinking": {"type": "sometimes"}}, "thinking.type must be one of"),
+    ({"effort": "ultra"}, "has no effort 'ultra'"),
+    ({"max_tokens": 200_000}, "outside 1..128000"),
+    ({"truncation_max_tokens": 130_000}, "outside 1..128000"),
+    ({"model": "claude-sonnet-5-5", "effort": "xhigh"}, "claude-sonnet-5-5 has no effort 'xhigh'"),
+    ({"fallback_models": ["claude-opus-9"]}, "no price for model 'claude-opus-9'"),
+    ({"fallback_models": [{"model": "claude-sonnet-5-5"}], "effort": "xhigh"}, "claude-sonnet-5-5 has no effort"),
+    ({"fallback_models": [{"model": "claude-opus-4-8", "thinking": {"type": "enabled", "budget_tokens": 2000}}]},
+     "claude-opus-4-8 does not take thinking type 'enabled'"),
+    ({"models": {}}, "searcher.models is empty"),
+])
+def test_settings_a_model_refuses_are_one_line_errors_before_any_call(settings, words):
+    api = FakeMessagesAPI()
+    with pytest.raises(ClaudeSearcherError, match=re.escape(words)) as e:
+        build(api, **settings)
+    assert "\n" not in str(e.value) and api.requests == []
+
+
+def test_every_setting_the_searcher_accepts_the_strict_fake_accepts_too():
+    """The config's model table and the fake's agree: what passes the check at construction is
+    what the API takes (so neither can drift into accepting what the other refuses)."""
+    from tests.fake_anthropic import MODELS, validate
+
+    for model, row in CONF["models"].items():
+        assert MODELS[model] == row, model
+    for model, row in CONF["models"].items():
+        for thinking_type in row["thinking"]:
+            thinking_conf = {"type": thinking_type}
+            searcher = build(FakeMessagesAPI(), model=model, thinking=thinking_conf, effort=row["effort"][-1],
+                             max_tokens=row["max_tokens"], truncation_max_tokens=row["max_tokens"], fallback_models=[])
+            searcher.tools, searcher.system = [], "the program"
+            validate(searcher._request([{"role": "user", "content": [{"type": "text", "text": "x"}]}], None), {})
+
+
 # -- a wave through the SDK -------------------------------------------------------------------------
 def test_a_wave_edits_candidates_through_the_sdk(tmp_path):
     api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 2.0]))
@@ -135,7 +184,8 @@ def test_a_wave_edits_candidates_through_the_sdk(tmp_path):
     assert first["model"] == CONF["model"] and first["thinking"] == CONF["thinking"]
     assert {"type": "text_editor_20250728", "name": EDITOR} == {k: first["tools"][0][k] for k in ("type", "name")}
     assert {t["name"] for t in first["tools"][1:]} == {"read_results", "read_trial", "start_from", "combine",
-                                                        "submit_candidate", "sweep", "rerun", "reflect", "keep_note"}
+                                                        "submit_candidate", "sweep", "rerun", "reflect", "keep_note",
+                                                        "analyze"}
     system = first["system"][0]
     assert system["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     assert BASELINE in system["text"] and "`cpu`: 2 slot(s), relative speed 1.0" in system["text"]
@@ -507,7 +557,7 @@ def test_an_empty_reply_is_never_sent_back_and_the_model_is_asked_to_continue(tm
     assert searcher.summary()["agent_empty_replies"] == 1
 
 
-def test_a_reply_cut_off_at_max_tokens_runs_none_of_its_tool_calls(tmp_path):
+def test_a_reply_cut_off_at_max_tokens_is_asked_again_once_with_more_room_streamed(tmp_path):
     half_file = "\n".join(BASELINE.splitlines()[:2])  # what a create cut off mid-file would write
     api = FakeMessagesAPI([
         truncated(thinking(), tool_use(EDITOR, {"command": "create", "path": "c1/train.py", "file_text": half_file}),
@@ -517,37 +567,147 @@ def test_a_reply_cut_off_at_max_tokens_runs_none_of_its_tool_calls(tmp_path):
     searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
     searcher.setup(ctx)
     out = searcher.ask(1, ctx)
-    assert len(out) == 1 and len(out[0].source.splitlines()) == len(BASELINE.splitlines())
-    retry = api.requests[1]["messages"]
-    assert len(retry) == 1 and "cut off at max_tokens" in retry[0]["content"][-1]["text"]
-    assert searcher.summary()["agent_truncated_replies"] == 1
+    assert len(out) == 1 and len(out[0].source.splitlines()) == len(BASELINE.splitlines()), "the cut call never ran"
+    first, again = api.requests[:2]
+    assert again["messages"] == first["messages"] or [m["content"] for m in again["messages"]] == \
+        [m["content"] for m in first["messages"]], "the same request, nothing of the cut reply in it"
+    assert (first["max_tokens"], again["max_tokens"]) == (CONF["max_tokens"], CONF["truncation_max_tokens"])
+    assert not first.get("stream") and again["stream"] is True, "over the SDK's non-streaming limit: streamed"
+    summary = searcher.summary()
+    assert summary["agent_truncated_replies"] == 1 and summary["agent_larger_retries"] == 1
+    # the streamed answer was priced like any other (usage from the final message)
+    assert summary["agent_calls"] == 2 and summary["agent_output_tokens"] == sum(u["output_tokens"] for u in api.usages())
 
 
-def test_a_refusal_restarts_the_wave_from_a_fresh_context_and_is_counted(tmp_path):
+def test_a_reply_cut_off_even_with_more_room_is_dropped_and_the_model_told_to_take_smaller_steps(tmp_path):
+    cut = lambda: truncated(thinking(), tool_use(EDITOR, {"command": "view", "path": "c1/train.py"}))  # noqa: E731
+    api = FakeMessagesAPI([cut(), cut(), _edit_and_submit()])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    nudged = api.requests[2]
+    assert nudged["max_tokens"] == CONF["max_tokens"] and "cut off at max_tokens" in nudged["messages"][0]["content"][-1]["text"]
+    assert [m["role"] for m in nudged["messages"]] == ["user"], "no cut-off turn goes back"
+    assert searcher.summary()["agent_truncated_replies"] == 2
+
+
+def test_a_full_context_window_restarts_the_conversation_from_the_compact_state(tmp_path):
+    api = FakeMessagesAPI([message(thinking(), tool_use(EDITOR, {"command": "view", "path": "c1/train.py"})),
+                           fake_anthropic.context_full(thinking(), text("Let me look at")), _edit_and_submit()])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    restarted = api.requests[2]["messages"]
+    assert len(restarted) == 1 and restarted[0]["content"][0]["text"].startswith("# Wave 1")
+    assert "filled the model's context window" in restarted[0]["content"][0]["text"]
+    assert api.requests[2]["max_tokens"] == CONF["max_tokens"], "more output room would not help a full context"
+    summary = searcher.summary()
+    assert summary["agent_context_resets"] == 1 and summary["agent_truncated_replies"] == 0
+
+
+def test_a_blank_text_block_is_dropped_before_the_turn_goes_back_and_thinking_is_untouched(tmp_path):
+    thought = thinking("Viewing first.")
+    api = FakeMessagesAPI([message(thought, text("  \n\t"), tool_use(EDITOR, {"command": "view", "path": "c1/train.py"})),
+                           message(thinking(), text("\n"), text("Now the edit."), *_edit_and_submit()[1]["content"][1:])])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    returned = api.requests[1]["messages"][1]["content"]
+    assert [b["type"] for b in returned] == ["thinking", "tool_use"] and returned[0] == thought
+    assert searcher.summary()["agent_blank_blocks_dropped"] == 2
+    transcript = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
+    assert [b["type"] for b in transcript["messages"][3]["content"]] == ["thinking", "text", "tool_use", "tool_use"]
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+def refusing(model: str, then, category: str | None = "frontier_llm"):
+    """A policy: `model` refuses every request; any other model answers as `then` does."""
+    def answer(body):
+        return refusal(category) if body["model"] == model else then(body)
+    return answer
+
+
+def test_a_refusal_is_answered_by_the_fallback_model_which_keeps_the_rest_of_the_wave(tmp_path):
+    api = FakeMessagesAPI(policy=refusing(CONF["model"], KnobAgent("MATRIX_LR", [0.5])), cache=True)
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    out = searcher.ask(1, ctx)
+    assert len(out) == 1 and out[0].knobs == {"MATRIX_LR": read_knobs(BASELINE)["MATRIX_LR"] * 0.5}
+    fallback = CONF["fallback_models"][0]
+    # refused once, then the SDK's middleware re-sent it to the fallback; the wave stays pinned there
+    assert api.models() == [CONF["model"], fallback, fallback, fallback]
+    retry = api.requests[1]
+    assert retry["fallback_credit_token"]["token"].startswith("fct_")
+    assert "fallback-credit-2026-07-01" in api.headers[1]["anthropic-beta"]
+    assert api.usages()[1]["fallback_credit"] == {"status": {"type": "redeemed"}}
+    assert {k: v for k, v in retry.items() if k != "fallback_credit_token" and k != "model"} == \
+        {k: v for k, v in api.requests[0].items() if k != "model"}, "the same request, on another model"
+
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "costs.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == api.models()
+    assert rows[0]["refusal"] == {"model": CONF["model"], "category": "frontier_llm", "fallback": True,
+                                  "explanation": "This request may assist the development of competing AI models."}
+    for row, usage in zip(rows[1:], api.usages()[1:]):  # each answer at its own model's price row
+        assert row["usd"] == pytest.approx(_price(usage, CONF["prices"][fallback]))
+    wave = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
+    assert wave["outcome"] == "ok" and wave["refusals"] == [rows[0]["refusal"]]
+    assert wave["fallbacks"] == [{"from": CONF["model"], "to": fallback, "category": "frontier_llm"}]
+    assert all(b["type"] != "fallback" for m in api.requests[2]["messages"] for b in m["content"])
+    summary = searcher.summary()
+    assert summary["agent_refusals_frontier_llm"] == 1 and summary["agent_fallback_answers"] == 1
+
+
+def test_a_refusal_storm_on_the_requested_model_is_survived_wave_after_wave(tmp_path):
+    api = FakeMessagesAPI(policy=refusing(CONF["model"], KnobAgent("MATRIX_LR", [0.5, 0.6, 0.7, 0.8, 0.9, 1.1])))
+    searcher, ctx = build(api, run_baseline=False, max_failed_waves=2, max_refusals=0), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    for wave in range(6):
+        assert len(searcher.ask(1, ctx)) == 1 and not searcher.done(), wave
+    summary = searcher.summary()
+    assert summary["agent_refusals"] == 6 and summary["agent_fallback_answers"] == 6
+    assert summary["agent_waves"] == 6 and summary["agent_waves_skipped"] == 0 and summary["agent_stop_reason"] == ""
+
+
+def test_a_refusal_before_any_output_costs_nothing_and_says_why(tmp_path):
+    api = FakeMessagesAPI([refusal("frontier_llm", before_output=True)], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    row = json.loads((tmp_path / "study" / "agent" / "costs.jsonl").read_text().splitlines()[0])
+    assert row["usd"] == 0.0 and row["unbilled"] == "refused before any output" and row["tokens"]["input"] > 0
+
+
+def test_when_every_model_refuses_the_wave_restarts_from_a_fresh_context(tmp_path):
     api = FakeMessagesAPI([message(thinking(), tool_use(EDITOR, {"command": "view", "path": "c1/train.py"})),
                            refusal("frontier_llm"), _edit_and_submit()])
-    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher, ctx = build(api, run_baseline=False, fallback_models=[]), make_ctx(tmp_path)
     searcher.setup(ctx)
     out = searcher.ask(1, ctx)
     assert len(out) == 1
     assert len(api.requests[2]["messages"]) == 1, "the refused conversation is dropped"
-    assert api.requests[2]["messages"][0]["content"][0]["text"] == api.requests[0]["messages"][0]["content"][0]["text"]
+    spent = re.compile(r"- money: .*\n")  # the refused call was paid for meanwhile
+    assert spent.sub("", api.requests[2]["messages"][0]["content"][0]["text"]) == \
+        spent.sub("", api.requests[0]["messages"][0]["content"][0]["text"])
     summary = searcher.summary()
     assert summary["agent_refusals"] == 1 and summary["agent_refusals_frontier_llm"] == 1
     wave = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
-    assert wave["refusals"] == ["frontier_llm"] and wave["outcome"] == "ok"
+    assert [r["category"] for r in wave["refusals"]] == ["frontier_llm"] and wave["outcome"] == "ok"
+    assert "competing AI models" in wave["refusals"][0]["explanation"]
 
 
-def test_a_model_that_keeps_refusing_ends_the_wave_and_the_study_goes_on(tmp_path):
-    api = FakeMessagesAPI([refusal("frontier_llm"), refusal(None), refusal("frontier_llm")],
+def test_waves_every_model_refuses_never_count_as_waves_without_ideas(tmp_path):
+    api = FakeMessagesAPI([refusal("frontier_llm"), refusal(None), refusal("frontier_llm"), refusal("cyber")],
                           policy=KnobAgent("MATRIX_LR", [0.5]))
-    searcher, ctx = build(api, run_baseline=False, max_refusals=2), make_ctx(tmp_path)
+    searcher, ctx = build(api, run_baseline=False, max_refusals=1, fallback_models=[], max_failed_waves=1,
+                          wave_backoff_s=CONF["wave_backoff_s"]), make_ctx(tmp_path)
     searcher.setup(ctx)
-    assert searcher.ask(1, ctx) == [] and not searcher.done()
+    assert searcher.ask(1, ctx) == [] and searcher.ask(1, ctx) == [] and not searcher.done()
     assert len(searcher.ask(1, ctx)) == 1, "the next wave starts afresh"
     summary = searcher.summary()
-    assert summary["agent_refusals"] == 3 and summary["agent_refusals_uncategorised"] == 1
+    assert summary["agent_refusals"] == 4 and summary["agent_refusals_uncategorised"] == 1
+    assert summary["agent_refused_waves"] == 2 and summary["agent_stop_reason"] == ""
     assert json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())["outcome"] == "refused"
+    assert searcher.clock.slept == [CONF["wave_backoff_s"], 2 * CONF["wave_backoff_s"]], "backed off like an outage"
 
 
 def test_a_hung_call_is_bounded_despite_the_sdks_retries(tmp_path):
@@ -599,30 +759,92 @@ def test_long_turns_still_read_the_cache_and_the_ledger_pays_what_the_request_co
     assert api.usages()[0]["cache_creation"]["ephemeral_1h_input_tokens"] > 0  # the system prompt, for an hour
 
 
+def _request(**fields) -> dict:
+    """A minimal request the fake accepts, with `fields` changed."""
+    body = {"model": CONF["model"], "max_tokens": 1000,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    body.update(fields)
+    return body
+
+
 def test_the_strict_fake_refuses_what_the_api_refuses():
     from tests.fake_anthropic import Invalid, validate
 
     ok_user = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
     use = tool_use("read_results", {})
+    issued = {use["id"]: {"[]"}, "turn": {"[]"}}  # as if the fake had returned `use` without thinking
+    tool = {"name": "read_results", "input_schema": {"type": "object", "properties": {}}}
     cases = {
-        "non-empty content": [ok_user, {"role": "assistant", "content": []}, ok_user],
-        "without `tool_result`": [ok_user, {"role": "assistant", "content": [use]}, ok_user],
-        "passed back exactly": [ok_user, {"role": "assistant", "content": [thinking("edited")]}, ok_user],
-        "Extra inputs": [{"role": "user", "content": [{"type": "text", "text": "x", "foo": 1}]}],
+        "non-empty content": _request(messages=[ok_user, {"role": "assistant", "content": []}, ok_user]),
+        "without `tool_result`": _request(messages=[ok_user, {"role": "assistant", "content": [use]}, ok_user]),
+        "modified": _request(messages=[ok_user, {"role": "assistant", "content": [thinking("edited")]}, ok_user]),
+        "passed back exactly": _request(messages=[ok_user, {"role": "assistant", "content": [thinking(), use]},
+                                                  {"role": "user", "content": [{"type": "tool_result",
+                                                                                "tool_use_id": use["id"], "content": "x"}]}]),
+        "Extra inputs": _request(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "foo": 1}]}]),
+        "non-whitespace text": _request(messages=[{"role": "user", "content": [{"type": "text", "text": " \n "}]}]),
+        "thinking.type.enabled": _request(thinking={"type": "enabled", "budget_tokens": 2000}),
+        "thinking.type.disabled": _request(thinking={"type": "disabled"}),
+        "forces tool use": _request(tools=[tool], tool_choice={"type": "any"}),
+        "maximum allowed number of output tokens": _request(max_tokens=200_000),
+        "effort": _request(output_config={"effort": "xhigh"}, model="claude-sonnet-5-5"),
+        "model: claude-opus-9": _request(model="claude-opus-9"),
+        "should match pattern": _request(tools=[{**tool, "name": "read results"}]),
+        "input_schema.type": _request(tools=[{**tool, "input_schema": {"type": "array"}}]),
+        "must be unique": _request(tools=[tool, tool]),
+        "requires the anthropic-beta header": _request(fallback_credit_token={"token": "fct_1", "mode": "best_effort"}),
+        "maximum of 4": _request(messages=[{"role": "user", "content": [
+            {"type": "text", "text": str(i), "cache_control": {"type": "ephemeral"}} for i in range(5)]}]),
+        "must not come after": _request(system=[{"type": "text", "text": "s", "cache_control": {"type": "ephemeral",
+                                                                                            "ttl": "1h"}}],
+                                        messages=[{"role": "user", "content": [
+                                            {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}},
+                                            {"type": "text", "text": "b", "cache_control": {"type": "ephemeral",
+                                                                                            "ttl": "1h"}}]}]),
+        "betas: Extra inputs": _request(betas=[]),
     }
-    issued = {json.dumps([use], sort_keys=True, separators=(",", ":"))}  # as if the fake had returned it
-    for words, messages in cases.items():
-        with pytest.raises(Invalid, match=re.escape(words)):
-            validate({"model": "m", "max_tokens": 1, "messages": messages}, issued=issued)
-    marked = [{"type": "text", "text": str(i), "cache_control": {"type": "ephemeral"}} for i in range(5)]
-    with pytest.raises(Invalid, match="maximum of 4"):
-        validate({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": marked}]}, issued=set())
-    with pytest.raises(Invalid, match="must not come after"):
-        validate({"model": "m", "max_tokens": 1, "system": [dict(marked[0], cache_control={"type": "ephemeral", "ttl": "1h"})],
-                  "messages": [{"role": "user", "content": [marked[0], dict(marked[1], cache_control={
-                      "type": "ephemeral", "ttl": "1h"})]}]}, issued=set())
-    with pytest.raises(Invalid, match="Extra inputs"):
-        validate({"model": "m", "max_tokens": 1, "messages": [ok_user], "betas": []}, issued=set())
+    for words, body in cases.items():
+        with pytest.raises(Invalid, match=re.escape(words)) as e:
+            validate(body, issued=issued)
+        assert e.value.status == (404 if words.startswith("model:") else 400), words
+    with pytest.raises(Invalid, match="malformed or unknown token"):
+        validate(_request(fallback_credit_token={"token": "fct_never_minted"}), issued,
+                 betas={"fallback-credit-2026-07-01"}, minted={})
+
+
+def test_the_strict_fake_accepts_what_the_api_accepts():
+    """Text blocks of a returned turn may be changed or dropped; only thinking comes back verbatim."""
+    from tests.fake_anthropic import validate
+
+    thought, use = thinking("plan"), tool_use("read_results", {})
+    issued = {use["id"]: {json.dumps([thought], sort_keys=True, separators=(",", ":"))}}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "x"}]}
+    ok_user = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    for turn in ([thought, text("I will read the results."), use], [thought, use], [thought, text("reworded"), use]):
+        validate(_request(messages=[ok_user, {"role": "assistant", "content": turn}, result]), issued)
+    validate(_request(thinking={"type": "adaptive", "display": "summarized"}, output_config={"effort": "max"}), {})
+    validate(_request(model="claude-opus-4-8", thinking={"type": "disabled"}, tool_choice={"type": "any"},
+                      tools=[{"name": "t", "input_schema": {"type": "object"}}]), {})
+
+
+def test_the_fake_sends_the_apis_retry_after_and_rate_limit_headers():
+    status, body, headers = rate_limited(retry_after=17)
+    assert status == 429 and headers["retry-after"] == "17" and "retry-after-ms" not in headers
+    assert headers["anthropic-ratelimit-input-tokens-remaining"] == "0"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", headers["anthropic-ratelimit-requests-reset"])
+    status, body, headers = overloaded()
+    assert status == 529 and "retry-after" not in headers and body["error"]["type"] == "overloaded_error"
+
+
+def test_the_strictness_fixture_is_shared_by_every_module_that_drives_the_fake():
+    import tests.test_hybrid as hybrid
+
+    assert strict_fake is hybrid.strict_fake is fake_anthropic.strict_fake
+    rejected = FakeMessagesAPI()
+    rejected.rejected.append("thinking blocks must be passed back exactly")
+    assert rejected.unexpected() and rejected in fake_anthropic.LIVE
+    rejected.expect_rejection("passed back exactly")  # announced: the fixture lets it pass
+    assert rejected.unexpected() == []
 
 
 # -- API errors --------------------------------------------------------------------------------------
@@ -657,19 +879,139 @@ def test_errors_no_retry_can_fix_end_the_searcher_cleanly(tmp_path, error, reque
     assert searcher.board.best_id == "t0000"
 
 
-def test_a_transient_failure_skips_the_wave_and_repeated_failures_stop(tmp_path, monkeypatch):
-    waits = []
-    monkeypatch.setattr("searchers.claude.time.sleep", waits.append)
-    api = FakeMessagesAPI([overloaded() for _ in range(9)])
-    searcher, ctx = build(api, run_baseline=False, max_failed_waves=3, wave_backoff_s=7), make_ctx(tmp_path)
+def _overload_storm(minutes: float, clock: VirtualClock, then=None):
+    """A policy: 529 for every request until `minutes` of the clock have passed, then `then`."""
+    start = clock.monotonic()
+
+    def answer(body):
+        if clock.monotonic() - start < minutes * 60:
+            return overloaded()
+        return then(body)
+    return answer
+
+
+def test_a_20_minute_overload_storm_pauses_the_agent_but_never_ends_it(tmp_path, virtual_time):
+    api = FakeMessagesAPI(policy=_overload_storm(20, virtual_time, KnobAgent("MATRIX_LR", [0.5])))
+    searcher, ctx = build(api, run_baseline=False, max_failed_waves=2, wave_backoff_s=30), make_ctx(tmp_path)
     searcher.setup(ctx)
-    for i in range(3):
-        assert not searcher.done()
+    waves = 0
+    while not (out := searcher.ask(1, ctx)):
+        waves += 1
+        assert not searcher.done() and waves < 30, f"wave {waves}: {searcher.summary()['agent_stop_reason']}"
+    assert len(out) == 1 and searcher.summary()["agent_stop_reason"] == ""
+    assert waves >= 5, "the old rule (5 failed waves end the agent) would have stopped it"
+    backoffs = [w for w in virtual_time.slept if w >= 30]
+    assert backoffs[:5] == [30, 60, 120, 240, 300] and set(backoffs[5:]) <= {300}, "it backs off, at most 300 s"
+    summary = searcher.summary()
+    assert summary["agent_error_waves"] == waves and summary["agent_waves_skipped"] == waves
+    assert json.loads((tmp_path / "study" / "agent" / "state.json").read_text())["failing_waves"] == 0, "the storm ended"
+
+
+def test_an_hour_of_nothing_but_errors_stops_the_agent_and_says_why(tmp_path, virtual_time):
+    api = FakeMessagesAPI(policy=lambda body: rate_limited(retry_after=5))
+    searcher, ctx = build(api, run_baseline=False, wave_backoff_s=30, give_up_after_s=3600), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    started = virtual_time.monotonic()
+    for _ in range(40):
+        if searcher.done():
+            break
         assert searcher.ask(1, ctx) == []
-    assert searcher.done() and "3 waves in a row" in searcher.summary()["agent_stop_reason"]
-    outcomes = [json.loads(l)["outcome"] for l in (tmp_path / "study" / "agent" / "waves.jsonl").read_text().splitlines()]
-    assert outcomes == ["error"] * 3 and len(api.requests) == 9
-    assert [w for w in waits if w >= 1] == [7, 14], "an outage gets time to pass between waves"
+    assert searcher.done() and virtual_time.monotonic() - started >= 3600
+    reason = searcher.summary()["agent_stop_reason"]
+    assert reason.startswith("the API failed for 6") and "RateLimitError 429" in reason and "give_up_after_s=3600" in reason
+    state = json.loads((tmp_path / "study" / "agent" / "state.json").read_text())
+    assert state["stop_reason"] == reason
+
+
+def test_a_resumed_study_continues_the_agents_state(tmp_path, virtual_time):
+    ctx = make_ctx(tmp_path)
+    first = build(FakeMessagesAPI(policy=lambda body: overloaded()), run_baseline=False, wave_backoff_s=30)
+    first.setup(ctx)
+    for _ in range(3):
+        assert first.ask(1, ctx) == []
+    assert not first.done()
+    # a restart mid-storm: the streak (and its backoff) continues instead of starting over
+    second = build(FakeMessagesAPI(policy=lambda body: overloaded()), run_baseline=False, wave_backoff_s=30)
+    second.setup(ctx)
+    assert (second.failing_waves, second.failing_for_s) == (first.failing_waves, pytest.approx(first.failing_for_s))
+    slept = len(virtual_time.slept)
+    assert second.ask(1, ctx) == [] and virtual_time.slept[slept] == 120, "the fourth failed wave waits 120 s"
+    second.stop("API: AuthenticationError 401: invalid x-api-key")
+    # a stopped agent stays stopped across a resume, and says so; revive starts it again
+    third = build(FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5])), run_baseline=False)
+    third.setup(ctx)
+    assert third.done() and third.summary()["agent_stop_reason"] == second.stop_reason and third.ask(1, ctx) == []
+    fourth = build(FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5])), run_baseline=False, revive=True)
+    fourth.setup(ctx)
+    assert not fourth.done() and fourth.failing_waves == 0 and len(fourth.ask(1, ctx)) == 1
+
+
+# -- deadlines ----------------------------------------------------------------------------------------
+def test_a_retry_after_past_the_deadline_raises_at_once_naming_the_status(tmp_path, virtual_time):
+    api = FakeMessagesAPI([rate_limited(retry_after=60)], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False, max_call_s=10.0), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    before = virtual_time.monotonic()
+    assert searcher.ask(1, ctx) == []
+    assert virtual_time.monotonic() - before < 5, "the SDK did not sleep the 60 s the API asked for"
+    assert len(api.requests) == 1, "and sent no retry"
+    wave = json.loads((tmp_path / "study" / "agent" / "wave_0001.json").read_text())
+    assert wave["outcome"] == "error" and wave["reason"].startswith("CallTimeLimit: 429 rate_limit_error")
+    assert "retry after 60 s" in wave["reason"] and not searcher.done()
+    assert len(searcher.ask(1, ctx)) == 1, "the next wave goes on"
+
+
+def test_a_retry_after_within_the_deadline_is_waited_for(tmp_path, virtual_time):
+    api = FakeMessagesAPI([rate_limited(retry_after=7)], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False, max_call_s=10.0), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    assert 7.0 in virtual_time.slept and searcher.summary()["agent_api_retries"] == 1
+
+
+# -- the ledger -----------------------------------------------------------------------------------------
+def test_regional_inference_is_priced_at_its_multiplier(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5]), inference_geo="us")  # the workspace's default
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    p = CONF["prices"][CONF["model"]]
+    expected = sum(_price(u, p, 1.1) for u in api.usages())
+    assert searcher.summary()["agent_usd_total"] == pytest.approx(expected)
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "costs.jsonl").read_text().splitlines()]
+    assert {r["inference_geo"] for r in rows} == {"us"}
+    global_api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5]))
+    other = build(global_api, run_baseline=False, inference_geo="global")
+    other.setup(make_ctx(tmp_path / "global"))
+    assert len(other.ask(1, make_ctx(tmp_path / "global"))) == 1 and global_api.requests[0]["inference_geo"] == "global"
+    assert other.summary()["agent_usd_total"] == pytest.approx(sum(_price(u, p) for u in global_api.usages()))
+
+
+def test_an_answer_is_priced_at_the_row_of_the_model_that_gave_it_even_under_a_dated_id(tmp_path):
+    from searchers.claude_cost import Ledger, PriceBook
+
+    book = PriceBook(CONF["prices"], [CONF["model"], "claude-opus-4-8"], CONF["regional_multiplier"])
+    ledger = Ledger(tmp_path / "costs.jsonl", book)
+    u = fake_anthropic.usage(input_tokens=1000, cache_read=5000, output_tokens=300, inference_geo="us")
+    _, usd, row = ledger.record(u, model="claude-opus-4-8-20260528", wave=1, turn=1)
+    assert usd == pytest.approx(_price(u, CONF["prices"]["claude-opus-4-8"], 1.1))
+    _, usd, _ = ledger.record(u, model="claude-unlisted", wave=1, turn=2)  # a model it does not know: the requested one's
+    assert usd == pytest.approx(_price(u, CONF["prices"][CONF["model"]], 1.1))
+    assert Ledger(tmp_path / "costs.jsonl", book).usd == pytest.approx(ledger.usd), "a resume reloads the total"
+
+
+def test_a_call_cut_by_a_timeout_after_it_went_out_is_priced_as_an_estimate(tmp_path):
+    api = FakeMessagesAPI([Hang(30.0), Drop()], policy=KnobAgent("MATRIX_LR", [0.5]))
+    searcher, ctx = build(api, run_baseline=False, timeout_s=0.3), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "costs.jsonl").read_text().splitlines()]
+    cut = [r for r in rows if r.get("estimated")]
+    assert len(cut) == 1, "the hung call (sent, never answered) is estimated; the dropped connection never went out"
+    assert cut[0]["usd"] > 0 and cut[0]["tokens"]["input"] > 1000 and "read timeout" in cut[0]["note"]
+    summary = searcher.summary()
+    assert summary["agent_estimated_calls"] == 1
+    assert summary["agent_usd_total"] == pytest.approx(sum(r["usd"] for r in rows))
 
 
 def test_a_model_that_submits_nothing_is_reminded_then_the_wave_is_skipped(tmp_path):
@@ -979,7 +1321,6 @@ def test_a_simulated_study_on_8_slots_uses_the_frontier_and_survives_what_the_ap
     api = FakeMessagesAPI([refusal("frontier_llm"), Hang(30.0), truncated(thinking(), tool_use(
         EDITOR, {"command": "create", "path": "c1/train.py", "file_text": "DEPTH = 1\n"})), empty_reply()],
         policy=PopulationAgent(), cache=True)
-    APIS.append(api)
     # A keep margin of 6 sigma (not 2): which gains land inside it depends on how the waves and the
     # finishing trials interleave, and at 2 sigma about one study in six had none, so no confirmation.
     # The confirmations go ahead of the queue, so 56 trials (not 40) leave room for the late merges.
@@ -1004,6 +1345,36 @@ def test_a_simulated_study_on_8_slots_uses_the_frontier_and_survives_what_the_ap
     assert [t.seed for t in baselines][:3] == [0, 1, 2]  # handed out in this order; they finish in any
     assert searcher.board.sigma(None) is not None and searcher.board.best_id is not None
     assert summary["agent_cache_read_tokens"] > 0
+
+
+def test_a_scripted_8_slot_study_survives_a_bad_day_of_the_real_api(tmp_path, virtual_time):
+    """A pure-agent study through a refusal storm on the requested model, a 20-minute storm of
+    529s, a retry-after of an hour and a blank text block: every trial runs, the agent never stops."""
+    searcher, finished, idle, api, researcher = fake_anthropic.scripted_study(tmp_path, virtual_time)
+    summary = searcher.summary()
+    waves = [json.loads(l) for l in (tmp_path / "study" / "agent" / "waves.jsonl").read_text().splitlines()]
+    print(f"\nscripted 8-slot study, 56 trials: idle share {idle['after_first_wave']:.1%} after the first wave "
+          f"({idle['all']:.1%} in all); API events {researcher.events}; waves {len(waves)} "
+          f"({summary['agent_error_waves']} lost to errors); ${summary['agent_usd_total']:.2f}")
+    assert len(finished) == 56 and all(r.status == "ok" for _, r in finished), "the study never ended early"
+    assert summary["agent_stop_reason"] == "" and not searcher.done()
+    agent_waves = {t.candidate.meta.get("agent_wave") for t, _ in finished if t.candidate.meta.get("role") == "agent"}
+    # a refusal storm survived on the fallback model: every refused request was answered by it
+    assert researcher.events["refusals"] >= 3 and summary["agent_fallback_answers"] == researcher.events["refusals"]
+    assert {2, 3, 4} <= agent_waves, "the refused waves still produced candidates"
+    # a 20-minute overload storm survived: more failed waves than the old rule allowed, and ideas after it
+    storm = [w for w in waves if w["outcome"] == "error" and "529" in w["reason"]]
+    assert len(storm) >= 5 and researcher.events["overloaded"] >= 3 * len(storm)
+    assert max(agent_waves) > max(w["wave"] for w in storm), "the agent went on after the storm"
+    # a retry-after of an hour raised at once instead of holding the wave
+    long_wait = [w for w in waves if w["reason"].startswith("CallTimeLimit: 429")]
+    assert len(long_wait) == 1 and "retry after 3600 s" in long_wait[0]["reason"]
+    assert 3600 not in virtual_time.slept
+    # the blank text block was dropped (the strict fake refuses it), thinking went back untouched
+    assert summary["agent_blank_blocks_dropped"] == 1
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "costs.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"claude-opus-5-5", "claude-opus-4-8"}
+    assert sum(r["usd"] for r in rows) == pytest.approx(summary["agent_usd_total"])
 
 
 def test_a_stored_noise_floor_sets_the_margin_before_any_baseline_seed(tmp_path):
@@ -1043,7 +1414,10 @@ def test_queued_candidates_survive_a_restart_unless_the_journal_shows_they_ran(t
     api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.6, 0.7]))
     first, ctx = build(api, run_baseline=False, background=True, queue_depth=2, idle_wait_s=60), make_ctx(tmp_path)
     first.setup(ctx)
-    (handed,) = first.ask(1, ctx)  # nothing was ready: it waited for a wave of 1 + 2 for the queue
+    (handed,) = first.ask(1, ctx)  # nothing was ready: it waited for the first candidate of a wave of 1 + 2
+    if first._thinking is not None:  # the rest of the wave lands in the queue
+        first._thinking.result(timeout=60)
+        first._collect_wave()
     assert len(first.queue) == 2 and first._thinking is None
     ran = started(ctx, first, first.ask(1, ctx)[0], 0)  # one queued candidate ran; a wave refills the queue
     first._thinking.result(timeout=60)  # (its candidates were paid for: they are queued too)
@@ -1059,3 +1433,149 @@ def test_queued_candidates_survive_a_restart_unless_the_journal_shows_they_ran(t
     assert [c.source for c in again.queue] == [ran.candidate.source, *left]
     again.tell(ran, Result(status="ok", val_bpb=2.0, device_kind="cpu"))  # the journal's replay
     assert [c.source for c in again.queue] == left, "what ran is not run again; the rest is kept in order"
+
+
+# -- a researcher that knows its budget and reads its evidence -------------------------------------------
+def _history(ctx: SearchContext, n: int, seconds: float = 240.0) -> None:
+    """`n` finished trials, one submitted every `seconds` of study time, each running a minute."""
+    trials = []
+    for i in range(n):
+        t = Trial(trial_id=f"t{i:04d}", index=i, candidate=Candidate(source=BASELINE), objective=ctx.objective,
+                  submitted_at=i * seconds)
+        trials.append((t, Result(status="ok", val_bpb=2.0, started_at=1000 + i * seconds,
+                                 finished_at=1060 + i * seconds, queue_seconds=0.0)))
+    ctx.history = trials
+
+
+def test_each_wave_says_the_trials_hours_and_dollars_left_and_plans_for_them(tmp_path):
+    api = FakeMessagesAPI(policy=KnobAgent("MATRIX_LR", [0.5, 0.6]))
+    searcher, ctx = build(api, run_baseline=False, study_max_trials=20, study_max_hours=1.0), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    _history(ctx, 5)  # the last submitted at 960 s and ran 60 s: 0.28 h of the study's hour used
+    ctx.in_flight = [Trial(trial_id="t0005", index=5, candidate=Candidate(source=BASELINE), objective=ctx.objective,
+                           submitted_at=1000.0)]
+    searcher.ask(1, ctx)
+    state = fake_anthropic.state_text(api.requests[0])
+    budget = state.split("## Budget left\n", 1)[1].split("\n\n", 1)[0]
+    assert "- trials: 14 of 20 left (5 finished, 1 running, 0 queued here)" in budget
+    assert "- time: about 0.72 h of 1 h left" in budget
+    assert re.search(r"- money: \$20\.00 of \$20 left", budget)
+    assert "Phase: Early" in budget and "explore" in budget  # 6 of 20 trials and 0.28 h of 1 h: under a third
+    _history(ctx, 15)
+    ctx.in_flight = []
+    searcher.ask(1, ctx)
+    later = fake_anthropic.state_text(api.requests[3]).split("## Budget left\n", 1)[1].split("\n\n", 1)[0]
+    assert "- trials: 5 of 20 left" in later and "Phase: Late" in later and "confirm" in later
+    assert re.search(r"about \d+ more waves at the recent rate", later)
+
+
+def test_the_analysis_tool_reads_knob_effects_interactions_edits_and_queries(tmp_path):
+    base_wd = read_knobs(BASELINE)["WEIGHT_DECAY"]
+    asks = [{"by": "knob", "knob": "MATRIX_LR"}, {"by": "pair", "knobs": ["MATRIX_LR", "WEIGHT_DECAY"]},
+            {"by": "edit"}, {"by": "runs", "idea": "weight_decay"}, {"by": "kind"}, {"by": "parent"},
+            {"by": "pair", "knobs": ["MATRIX_LR"]}]
+    api = FakeMessagesAPI([message(*[tool_use("analyze", a) for a in asks]), message(text("Noted."))])
+    searcher, ctx = _study_with(tmp_path, [({"MATRIX_LR": 0.03}, 1.98), ({"WEIGHT_DECAY": 0.1}, 1.99),
+                                           ({"MATRIX_LR": 0.03, "WEIGHT_DECAY": 0.1}, 1.95)], api)
+    child = Candidate(source=write_knobs(BASELINE, {"MATRIX_LR": 0.025}) + "\n_extra_norm = True\n", parent="t0001",
+                      hypothesis="a code edit and a lower LR on top of t0001")
+    finish(searcher, started(ctx, searcher, child, 4), 1.97)
+    searcher.ask(1, ctx)
+    knob, pair, edit, runs, kind, parent, bad = (r["content"] for r in tool_results(api.requests[1]))
+    # MATRIX_LR 0.03 in t0001 (-0.02) and t0003 (-0.05); the baseline's 0.04 in t0000 (0) and t0002 (-0.01)
+    assert "MATRIX_LR\t0.03\t2\t-0.0350\t" in knob and knob.splitlines()[1].endswith("\tbetter")
+    assert "MATRIX_LR\t0.04 (baseline)\t2\t-0.0050\t" in knob and "MATRIX_LR\t0.025\t1\t-0.0300" in knob
+    # both changes together: -0.05 observed, -0.03 predicted from each alone: an interaction of -0.02
+    assert f"0.03\t{base_wd}\t1\t-0.0200" in pair and "0.03\t0.1\t1\t-0.0500\t" in pair
+    assert pair.splitlines()[1].endswith("\t-0.0200"), pair
+    assert edit.splitlines()[1].startswith("code edit + knob MATRIX_LR\t1\t-0.0100\t") and edit.endswith("\t1/1")
+    assert [line.split("\t")[0] for line in runs.splitlines()[1:]] == ["t0003", "t0002"]
+    assert kind.splitlines()[1].startswith("cpu\t5\t") and kind.splitlines()[1].endswith("\t2.0000")
+    assert "t0001\t1\t-0.0300\t" in parent
+    assert "pair needs knobs" in bad and tool_results(api.requests[1])[-1]["is_error"]
+    assert searcher.summary()["agent_tool_analyze"] == 7
+
+
+def test_the_frontier_counts_each_elites_children_and_keeps_room_for_a_different_idea():
+    b = _board(confirm_seeds=0, diverse_elites=1)
+    lr = write_knobs(BASELINE, {"MATRIX_LR": 0.03})
+    _run(b, "t0000", BASELINE, 2.000)
+    _run(b, "t0001", lr, 1.970)  # kept
+    for tid, source, val in (("t0002", write_knobs(lr, {"WEIGHT_DECAY": 0.1}), 1.965),  # child, within noise: elite
+                             ("t0003", write_knobs(lr, {"WEIGHT_DECAY": 0.3}), 2.050)):  # child, discarded
+        b.record(Trial(trial_id=tid, index=int(tid[1:]), objective={}, seed=0, device_kind="cpu",
+                       candidate=Candidate(source=source, parent="t0001", seed=0)),
+                 Result(status="ok", val_bpb=val, device_kind="cpu"))
+    _run(b, "t0004", write_knobs(BASELINE, {"MATRIX_LR": 0.031}), 1.985)  # worse by 0.015, the same idea: out
+    _run(b, "t0005", BASELINE + "\n_extra_norm = True\n", 1.985)  # worse by 0.015, a code edit: a diverse elite
+    _run(b, "t0006", BASELINE + "\n_other_edit = True\n", 1.984)  # a code edit again: the diverse place is taken
+    assert b.runs["t0004"].decision.startswith("discarded") and b.runs["t0006"].decision.startswith("discarded")
+    assert b.runs["t0005"].decision.startswith("diverse elite: -0.0150") and "code edit" in b.runs["t0005"].decision
+    lines = "\n".join(b.frontier_lines())
+    assert "t0001 (incumbent): -0.0300 vs baseline over 1 run(s) on cpu; children tried 2, improved on it 1" in lines
+    assert "t0005 (diverse elite)" in lines
+    _run(b, "t0007", write_knobs(BASELINE, {"MATRIX_LR": 0.02}), 1.90)  # a clear win: far ahead of everyone
+    assert [e.trial_id for e, _ in b.frontier()] == ["t0007"], "the diverse elite goes once it is far behind"
+
+
+def _screening_study(tmp_path, api, **overrides):
+    kinds = {"slow": {"count": 2, "speed": 1.0}, "fast": {"count": 1, "speed": 2.0}}
+    searcher, ctx = build(api, confirm_seeds=0, **overrides), make_ctx(tmp_path, "seconds", kinds)
+    searcher.setup(ctx)
+    return searcher, ctx
+
+
+def _screened(*values: float) -> tuple:
+    uses = []
+    for i, v in enumerate(values, start=1):
+        uses += [tool_use(EDITOR, {"command": "str_replace", "path": f"c{i}/train.py",
+                                   "old_str": baseline_line("MATRIX_LR"), "new_str": f"MATRIX_LR = {v}"}),
+                 tool_use("submit_candidate", {"candidate": f"c{i}", "hypothesis": f"LR {v}", "screen": True})]
+    return message(thinking(), *uses)
+
+
+def test_screened_candidates_the_keep_rule_likes_are_promoted_to_the_faster_kind_without_a_model_call(tmp_path):
+    api = FakeMessagesAPI([_screened(0.03, 0.02, 0.05)])
+    searcher, ctx = _screening_study(tmp_path, api, promote_top=2, promote_seeds=1)
+    out = searcher.ask(5, ctx)
+    assert [(c.meta["role"], c.device_kind) for c in out] == [("baseline", "fast"), ("baseline", "slow")] + \
+        [("agent", "slow")] * 3, "screened on the slower kind"
+    tools = {t["name"]: t for t in api.requests[0]["tools"]}
+    assert "screen" in tools["submit_candidate"]["input_schema"]["properties"]
+    assert "with `screen: true`: it runs on `slow`" in api.requests[0]["system"][0]["text"]
+    finish(searcher, started(ctx, searcher, out[0], 0, "fast"), 1.90)
+    finish(searcher, started(ctx, searcher, out[1], 1, "slow"), 2.00)
+    for i, (cand, v) in enumerate(zip(out[2:], (1.975, 1.96, 2.01)), start=2):  # kept, kept (better), discarded
+        finish(searcher, started(ctx, searcher, cand, i, "slow"), v)
+    calls = len(api.requests)
+    promoted = searcher.ask(2, ctx)
+    assert len(api.requests) == calls, "promotions need no model call"
+    assert sorted((c.parent, c.device_kind, c.meta["role"]) for c in promoted) == \
+        [("t0002", "fast", "rerun"), ("t0003", "fast", "rerun")]
+    assert all(c.meta["promotes"] == c.parent for c in promoted)
+    for i, c in enumerate(promoted, start=5):
+        finish(searcher, started(ctx, searcher, c, i, "fast"), 1.86)
+    best = searcher.board.best_elite()
+    assert best.trial_id == "t0003" and sorted(r.device_kind for r in best.evidence) == ["fast", "slow"]
+    rows = [json.loads(l) for l in (tmp_path / "study" / "agent" / "promotions.jsonl").read_text().splitlines()]
+    assert sorted(r["trial_id"] for r in rows) == ["t0002", "t0003"] and searcher.summary()["agent_promotions"] == 2
+
+    again, _ = _screening_study(tmp_path, FakeMessagesAPI(), promote_top=2)  # a resume replays every result
+    for tid in sorted(searcher.board.runs):
+        run = searcher.board.runs[tid]
+        trial = Trial(trial_id=tid, index=run.index, objective=ctx.objective, directory=run.directory, seed=run.seed,
+                      device_kind=run.device_kind, candidate=Candidate(source=run.source, parent=run.parent,
+                                                                       seed=run.seed, meta=dict(run.meta, role=run.role)))
+        again.tell(trial, Result(status="ok", val_bpb=run.score, device_kind=run.device_kind))
+    assert not [c for c in again.queue if c.meta.get("promotes")], "promotions are issued once, across a resume"
+
+
+def test_screening_is_refused_with_one_kind(tmp_path):
+    api = FakeMessagesAPI([_screened(0.03), _edit_and_submit()])
+    searcher, ctx = build(api, run_baseline=False), make_ctx(tmp_path)
+    searcher.setup(ctx)
+    assert len(searcher.ask(1, ctx)) == 1
+    refused = tool_results(api.requests[1])[1]
+    assert refused["is_error"] and "screening needs two device kinds of different speeds" in refused["content"]
+    assert "screen" not in {t["name"]: t for t in api.requests[0]["tools"]}["submit_candidate"]["input_schema"]["properties"]
+    assert "nothing to screen on" in api.requests[0]["system"][0]["text"]

@@ -12,23 +12,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from searchers.claude import ClaudeSearcher
 from searchers import claude_board
-from searchers.hybrid import AGENT, SAMPLER, HybridSearcher
+from searchers.hybrid import AGENT, CARRIED, OVERHEAD, SAMPLER, HybridSearcher
 from study.core import Launcher, SearchContext, Slot
 from study.journal import Journal, JournalState
 from study.loop import StopRules, StudyLoop
-from study.records import Result, Trial
+from study.records import Candidate, Result, Trial
+from tests import fake_anthropic
 from tests.fake_anthropic import EDITOR, FakeMessagesAPI, KnobAgent, state_text, tool_use, wave_number
 from train.knobs import read_knobs, write_knobs
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ant-api03-arenaTEST-hybrid-0123456789abcdefghijklmnopqrstuvwxyz"
-CONF = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml"))
+CONF = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "claude.yaml")),
+        "study_max_trials": None, "study_max_hours": None}
 HYBRID = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "searcher" / "hybrid.yaml"))
 TINY_KNOBS = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "objective" / "tiny.yaml"))["knobs"]
 BASELINE = write_knobs((ROOT / "train" / "train.py").read_text(), TINY_KNOBS)
@@ -37,6 +40,7 @@ SPACE = {"MATRIX_LR": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
 OBJECTIVE = {"budget_kind": "steps", "budget": 8, "hard_limit_s": 60, "warmup_steps": 1, "corpus": "austen",
              "vocab_size": 512}
 CODE_EDIT = "_hybrid_code_edit = True  # a code change, not a knob\n"
+strict_fake = fake_anthropic.strict_fake  # the shared strictness fixture (autouse): no request the API refuses
 
 
 def synthetic_val_bpb(source: str) -> float:
@@ -120,7 +124,9 @@ def api_key(monkeypatch):
 
 
 def sides(journal: Path) -> Counter:
-    return Counter(t.candidate.meta["hybrid_side"] for t in JournalState.load(journal).trials.values())
+    """Each side's proposals (the baseline's seeds, confirmations and re-runs are evidence, not ideas)."""
+    return Counter(t.candidate.meta["hybrid_side"] for t in JournalState.load(journal).trials.values()
+                   if t.candidate.meta.get("role") not in OVERHEAD)
 
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
@@ -129,9 +135,11 @@ def test_the_sampler_proposes_its_share_and_both_sides_hear_every_result(tmp_pat
     # and at 20 a slow machine could spend all six agent-side trials on those (seen once in CI)
     searcher, api, state = run_hybrid(str(tmp_path), 40, edit_wave=None, sampler=sampler)
     split = sides(tmp_path / "journal.jsonl")
-    assert split[SAMPLER] + split[AGENT] == 40
-    assert abs(split[SAMPLER] - 0.7 * 40) <= 1, split
-    assert searcher.summary()["hybrid_sampler_trials"] == split[SAMPLER]
+    proposals = split[SAMPLER] + split[AGENT]
+    assert abs(split[SAMPLER] - 0.7 * proposals) <= 1, split
+    summary = searcher.summary()
+    assert summary["hybrid_sampler_trials"] == split[SAMPLER] and summary["hybrid_agent_trials"] == split[AGENT]
+    assert summary["hybrid_overhead_trials"] == 40 - proposals >= 3, "the baseline's three seeds at least"
 
     history = state.history
     assert set(searcher.agent.board.runs) == {t.trial_id for t, _ in history}, "the agent hears every result"
@@ -204,7 +212,8 @@ def test_kill_9_mid_hybrid_then_resume_keeps_the_split_and_both_sides_state(tmp_
         assert after.results[tid].to_dict() == result.to_dict()
     split = sides(journal)
     ran = len(after.trials)  # a trial folder made just before the kill skips its id, not a trial
-    assert ran == total and abs(split[SAMPLER] - 0.7 * ran) <= 1.5, split
+    proposals = split[SAMPLER] + split[AGENT]
+    assert ran == total and abs(split[SAMPLER] - 0.7 * proposals) <= 1.5, split
     assert set(searcher.agent.board.runs) == set(after.results), "the agent's scoreboard was rebuilt"
     for key, sampler in searcher.samplers.items():  # each code base's study holds each of its results once
         finished = [t for t, r in after.finished() if t.candidate.meta["code_base"] == key and r.status == "ok"]
@@ -236,8 +245,8 @@ def test_in_the_background_the_sampler_fills_the_slots_while_the_agent_thinks(tm
     assert first_wave >= 10 and all(t.candidate.meta["hybrid_side"] == SAMPLER or
                                     t.candidate.meta.get("role") in handed_out_by_the_agent_alone
                                     for t in order[:first_wave]), "no slot waited for the model"
-    split = Counter(t.candidate.meta["hybrid_side"] for t in order)
-    assert split[AGENT] >= 0.3 * 40 - 4, f"the agent caught up on its share once it answered: {split}"
+    split = sides(journal)
+    assert split[AGENT] >= 0.3 * sum(split.values()) - 4, f"the agent caught up on its share once it answered: {split}"
     assert set(searcher.agent.board.runs) == {t.trial_id for t, _ in state.history}
 
 
@@ -273,23 +282,107 @@ def test_a_hybrid_study_end_to_end_logs_each_sides_share(tmp_path, monkeypatch):
 
     finished = JournalState.load(tmp_path / "study" / "journal.jsonl").finished()
     assert len(finished) == 7 and all(r.status == "ok" for _, r in finished), [r.error for _, r in finished]
-    split = Counter(t.candidate.meta["hybrid_side"] for t, _ in finished)
-    assert split == {SAMPLER: 5, AGENT: 2}  # 0.7 of 7, rounded by the largest-deficit rule
+    split = sides(tmp_path / "study" / "journal.jsonl")
+    assert split == {SAMPLER: 4, AGENT: 2}  # 0.7 of the 6 proposals (the baseline's seed is evidence, not an idea)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.study.experiment).experiment_id])
     parent = next(r for r in runs if r.data.tags.get("arena.kind") == "study")
     metrics = parent.data.metrics
-    assert metrics["hybrid_sampler_trials"] == 5 and metrics["hybrid_agent_trials"] == 2
-    assert metrics["hybrid_sampler_trial_share"] == pytest.approx(5 / 7)
+    assert metrics["hybrid_sampler_trials"] == 4 and metrics["hybrid_agent_trials"] == 2
+    assert metrics["hybrid_overhead_trials"] == 1 and metrics["hybrid_sampler_trial_share"] == pytest.approx(4 / 6)
     wins = metrics["hybrid_sampler_improvements"] + metrics["hybrid_agent_improvements"]
-    assert wins == improvements(client, parent)  # every step down of the staircase is credited to a side
+    kept = [t for i, t in enumerate(searcher.agent.board.kept) if i == 0 or t != searcher.agent.board.kept[i - 1]]
+    assert wins == len(kept) - 1  # every change of the incumbent after the first is credited to a side
     assert metrics["agent_usd_total"] > 0
     proposers = Counter(r.data.tags["proposer"] for r in runs if r.data.tags.get("arena.kind") == "trial")
-    assert proposers == {SAMPLER: 5, AGENT: 2}
+    assert proposers == {SAMPLER: 4, AGENT: 3}  # who handed each trial out, the baseline's seed included
     assert state.best is not None
 
 
-def improvements(client, parent) -> int:
-    """Steps down of the parent run's best_val_bpb (logged at every trial) after its first value."""
-    history = sorted(client.get_metric_history(parent.info.run_id, "best_val_bpb"), key=lambda m: m.step)
-    return sum(b.value < a.value for a, b in zip(history, history[1:]))
+def test_the_best_is_the_agents_incumbent_so_noise_or_a_faster_kind_never_moves_the_sampler(tmp_path):
+    searcher = build(FakeMessagesAPI())
+    kinds = {"cpu": {"count": 3, "speed": 1.0}, "fast": {"count": 1, "speed": 2.0}}
+    ctx = SearchContext(baseline_source=BASELINE, baseline_knobs=read_knobs(BASELINE), space=SPACE, seed=0,
+                        study_dir=str(tmp_path), objective={**OBJECTIVE, "budget_kind": "seconds"}, device_kinds=kinds)
+    searcher.setup(ctx)
+    edited = CODE_EDIT + BASELINE
+    told = iter(range(100))
+
+    def tell(source: str, val: float, kind: str, side: str, seed: int = 0, role: str | None = None) -> str:
+        i = next(told)
+        meta = {"hybrid_side": side, "code_base": searcher._base_key(source), **({"role": role} if role else {})}
+        trial = Trial(trial_id=f"t{i:04d}", index=i, objective=ctx.objective, seed=seed, device_kind=kind,
+                      candidate=Candidate(source=source, seed=seed, meta=meta), directory=str(tmp_path))
+        searcher.tell(trial, Result(status="ok", val_bpb=val, device_kind=kind))
+        return trial.trial_id
+
+    for seed, val in enumerate((2.000, 2.004, 1.996)):  # the baseline's noise on cpu: margin 0.0113
+        tell(BASELINE, val, "cpu", AGENT, seed, role="baseline")
+    tell(BASELINE, 1.90, "fast", AGENT, role="baseline")  # the faster kind trains more in the same seconds
+    base = searcher.active
+    lucky = tell(write_knobs(BASELINE, {"MATRIX_LR": 0.03}), 1.995, "cpu", SAMPLER)  # within the seed noise
+    assert searcher.best[1] == "t0000" and searcher.agent.board.runs[lucky].decision.startswith("confirming")
+    tell(edited, 1.895, "fast", AGENT)  # below every cpu run, but only as good as the baseline on its own kind
+    assert searcher.best[1] == "t0000" and searcher.active == base and len(searcher.samplers) == 1
+    winner = tell(edited.replace("True", "1"), 1.95, "cpu", AGENT)  # a real gain: 0.05 over the margin
+    assert searcher.best[1] == winner and searcher.active != base and len(searcher.samplers) == 2
+    assert searcher.summary()["hybrid_agent_improvements"] == 1
+
+
+def test_cma_es_carries_its_adaptation_to_the_new_code_base_and_a_resume_starts_it_the_same(tmp_path):
+    from optuna._transform import _SearchSpaceTransform
+    from optuna.study import StudyDirection
+
+    from searchers.cma_carry import CarriedCmaEsSampler
+
+    ctx = SearchContext(baseline_source=BASELINE, baseline_knobs=read_knobs(BASELINE), space=SPACE, seed=0,
+                        study_dir=str(tmp_path), objective=OBJECTIVE, device_kinds={"cpu": {"count": 4}})
+    searcher = build(FakeMessagesAPI())
+    searcher.setup(ctx)
+    told: list[tuple[Trial, Result]] = []
+
+    def tell(candidate: Candidate) -> str:
+        trial = Trial(trial_id=f"t{len(told):04d}", index=len(told), objective=OBJECTIVE, candidate=candidate,
+                      seed=0, device_kind="cpu", directory=str(tmp_path))
+        told.append((trial, Result(status="ok", val_bpb=synthetic_val_bpb(candidate.source), device_kind="cpu")))
+        searcher.tell(*told[-1])
+        return trial.trial_id
+
+    for seed in range(3):  # the baseline's seeds: the keep rule's reference
+        tell(searcher._mark(Candidate(source=BASELINE, seed=seed, meta={"role": "baseline"}), AGENT))
+    old = searcher.samplers[searcher.active]
+    cma = old.study.sampler
+    for _ in range(60):  # CMA-ES's own trials until it has told (and stored) a generation
+        tell(searcher._on_active_base(old.ask(1, ctx)[0]))
+        if (optimizer := cma._restore_optimizer(cma._get_trials(old.study))) is not None:
+            break
+    assert optimizer is not None and optimizer.generation >= 1
+    old_best = searcher.best[1]
+    new_best = tell(searcher._mark(Candidate(source=CODE_EDIT + searcher.base_source[searcher.active],
+                                             hypothesis="a code edit"), AGENT))
+    assert searcher.best[1] == new_best and len(searcher.samplers) == 2, "the code edit is the new incumbent"
+    new = searcher.samplers[searcher.active]
+    carried = new.study.user_attrs[CARRIED]
+    assert carried["sigma"] == pytest.approx(optimizer._sigma) and carried["generation"] == optimizer.generation
+    assert np.asarray(carried["cov"]) == pytest.approx(optimizer._C)
+    trans = _SearchSpaceTransform(cma.infer_relative_search_space(old.study, None), transform_step=True,
+                                  transform_0_1=True)
+    board = searcher.agent.board
+    center = lambda tid: trans.transform(old._params(searcher._space_values(board.runs[tid].source)))  # noqa: E731
+    expected = np.clip(center(new_best) + optimizer.mean - center(old_best), trans.bounds[:, 0], trans.bounds[:, 1])
+    assert carried["mean"] == pytest.approx(expected.tolist()), "the mean keeps its offset from the incumbent"
+    assert isinstance(new.study.sampler, CarriedCmaEsSampler)
+    start = new.study.sampler._init_optimizer(trans, StudyDirection.MINIMIZE)
+    assert start.mean == pytest.approx(carried["mean"]) and start._sigma == pytest.approx(carried["sigma"])
+    assert start._C == pytest.approx(np.asarray(carried["cov"]))
+    first = new.ask(1, ctx)[0]  # the new code base's CMA-ES samples around the carried mean, at the carried scale
+    x = trans.transform(old._params(first.knobs))
+    spread = carried["sigma"] * np.sqrt(np.diag(np.asarray(carried["cov"])))
+    assert np.all(np.abs(x - np.asarray(carried["mean"])) <= 6 * spread + 1e-9), (x, carried)
+
+    again = build(FakeMessagesAPI())  # a resume: the journal's results replayed into a fresh searcher
+    again.setup(ctx)
+    for trial, result in told:
+        again.tell(trial, result)
+    resumed = again.samplers[again.active]
+    assert isinstance(resumed.study.sampler, CarriedCmaEsSampler) and resumed.study.sampler.carried == carried
