@@ -98,7 +98,7 @@ def _verdict(best, base, floor: Floor, baseline_source: str, preset: str, out: F
                          "(the baseline on 8 seeds)")
         return "noise floor not measured"
     within = gain <= floor.margin
-    where = f" ({floor.note})" if floor.note else ""
+    where = f"; {floor.note}" if floor.note else ""
     out.lines.append(f"{head}: {'within noise' if within else 'beyond noise'} (margin {NOISE_Z:g}σ√2 = "
                      f"{floor.margin:.4f}, σ = {floor.sigma:.4f}{where})")
     return "within noise" if within else "beyond noise"
