@@ -10,7 +10,9 @@ live header, the end-of-study summary, `study.max_hours`, the trial metrics `t_s
 
 A gap runs from the last journal record of a session to the next session's `resumed` record,
 less any time a trial of the study was still running in it (a trial adopted on resume ran through
-the gap: that was compute, not idleness). A simulated clock has no gaps: a resumed virtual clock
+the gap: that was compute, not idleness). After a stop the last record is the `stopped` one; after
+a kill -9 it is the last event before the kill, so a silent stretch before it counts as idle unless
+a trial is known to have run through it. A simulated clock has no gaps: a resumed virtual clock
 carries on from its last event. Everything here is derived from the journal, so a resumed study
 rebuilds the same clock.
 """
