@@ -90,7 +90,7 @@ class StudyLoop:
         self.rules = rules
         self.observers = Observers(observers)
         self.journal_path = self.study_dir / "journal.jsonl"
-        self.state = StudyState()
+        self.state = StudyState(clock=StudyClock(origin=launcher.now()))  # rebuilt from the journal in run()
         self._history_view = HistoryView(self.state.history)
         self.pending: list[Candidate] = []
         self._pending_kinds: Counter = Counter()  # device kinds the pending candidates name, to skip a scan

@@ -416,7 +416,8 @@ class Mirror(StudyObserver):
         for p in points:
             base = now_ms if p.study_seconds is None else self.parent_start_ms + int(round(p.study_seconds * 1000))
             metrics.append(ent.Metric(p.key, p.value, base + p.offset_ms, p.step))
-        self.client.log_batch(self.parent_run_id, metrics=metrics)
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+            self.client.log_batch(self.parent_run_id, metrics=metrics[i:i + 1000])
 
 
 def _one_line(e: BaseException) -> str:

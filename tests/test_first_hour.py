@@ -532,3 +532,42 @@ def test_study_time_leaves_the_idle_gap_between_sessions_out_everywhere_and_show
     assert t2.data.metrics["t_finished_s"] <= study_seconds
     _, trials = load(uri, "autoresearch-arena")
     assert trials["t_finished"].max() == pytest.approx(t2.data.metrics["t_finished_s"]), "analysis reads the same"
+
+
+def test_a_trial_that_ran_through_the_gap_between_sessions_makes_that_time_study_time(tmp_path):
+    """A kill -9 of the orchestrator leaves its trials running; the next session adopts them. The
+    journal says when the first session went quiet and when the next began; the adopted trial's
+    result says it ran until it finished: only the time after that, with nothing running, is idle."""
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    journal.append("study", clock_origin=1000.0)
+    journal.close()
+    records = Journal.read(path)
+    quiet = records[-1]["wall_time"]
+    records.append({"event": "resumed", "wall_time": quiet + 100.0})
+    finished = Result(status="ok", val_bpb=1.0, started_at=quiet - 10.0, finished_at=quiet + 40.0)
+    records.append({"event": "finished", "trial_id": "t0000", "result": finished.to_dict(), "wall_time": quiet + 101.0})
+    clock = StudyClock.from_journal(records, simulated=False)
+    assert clock.gaps == [(quiet + 40.0, quiet + 100.0)] and clock.idle == pytest.approx(60.0)
+    assert clock.active(quiet + 40.0) == pytest.approx(quiet + 40.0 - 1000.0)
+    assert clock.active(quiet + 130.0) == pytest.approx(quiet + 130.0 - 1000.0 - 60.0)
+    assert StudyClock.from_journal(records, simulated=True).gaps == [], "a virtual clock has no idle time"
+
+
+def test_the_running_best_of_a_long_study_is_logged_as_steps_in_batches_mlflow_accepts(tmp_path):
+    """A study resumed with 600 improving trials to catch up logs ~2,400 points; MLflow takes 1,000 a call."""
+    from study.mirror import Mirror
+    from study.mlflow_content import RunningBest
+
+    mirror = Mirror(sqlite_uri(tmp_path), "long", "sid", "long", "tpe", {}, {}, (ROOT / "train" / "train.py").read_text())
+    mirror.check()
+    mirror._ensure_parent()
+    best = RunningBest()
+    points = [p for i in range(600) for p in best.add(
+        Trial(trial_id=f"t{i:04d}", index=i, candidate=Candidate(source=""), objective={}),
+        Result(status="ok", val_bpb=2.0 - i / 1000), float(i))]
+    mirror._log_running_best(points)
+    history = mlflow.MlflowClient(sqlite_uri(tmp_path)).get_metric_history(mirror.parent_run_id, "best_val_bpb")
+    assert len(history) == 1 + 2 * 599
+    by_step = sorted(history, key=lambda m: (m.step, m.timestamp))
+    assert [m.value for m in by_step[1:3]] == [2.0, 1.999], "at step 1: the old best, then the new"
