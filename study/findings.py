@@ -12,6 +12,7 @@ the baseline: how many scored trials changed it, the best and the mean change in
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -85,11 +86,12 @@ def _verdict(best, base, floor: Floor, baseline_source: str, preset: str, out: F
     runs = f" (mean of {n_base} runs)" if n_base > 1 else ""
     if floor.sigma is not None:
         out.metrics["noise_sigma"] = floor.sigma
-    if is_baseline(trial.candidate, baseline_source):
-        out.lines.append(f"search: no candidate beat the baseline ({base_bpb:.4f}{runs}); the best is the baseline "
-                         f"itself ({trial.trial_id})")
-        return "baseline not beaten"
     gain = base_bpb - result.val_bpb
+    if is_baseline(trial.candidate, baseline_source) or gain <= 0:
+        what = "the baseline itself" if is_baseline(trial.candidate, baseline_source) else "no better"
+        out.lines.append(f"search: no candidate beat the baseline ({base_bpb:.4f}{runs}); the best, "
+                         f"{trial.trial_id} ({result.val_bpb:.4f}), is {what}")
+        return "baseline not beaten"
     out.metrics["gain_vs_baseline"] = gain
     head = f"search: {trial.trial_id} ({result.val_bpb:.4f}) beats the baseline ({base_bpb:.4f}{runs}) by {gain:.4f}"
     if floor.margin is None:
@@ -136,7 +138,8 @@ def _effect_table(scored, base, baseline_source: str, baseline_knobs: Mapping[st
     for trial, result in scored:
         if is_baseline(trial.candidate, baseline_source):
             continue
-        changed = [k for k, v in trial.candidate.knobs.items() if baseline_knobs.get(k) != v]
+        changed = [k for k, v in trial.candidate.knobs.items()
+                   if json.dumps(baseline_knobs.get(k)) != json.dumps(v)]  # a tuple comes back from JSON a list
         if not changed:
             code_only += 1
         for k in changed:

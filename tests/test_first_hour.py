@@ -315,7 +315,8 @@ def test_the_end_of_a_study_says_what_search_found_which_knobs_mattered_and_what
     best_id, best = min(((t, r) for t, r in js.results.items() if r.ok), key=lambda kv: kv[1].val_bpb)
     [verdict] = [line for line in proc.stdout.splitlines() if line.startswith("search: ")]
     if best_id == "t0000":
-        assert f"no candidate beat the baseline ({base:.4f})" in verdict
+        assert f"no candidate beat the baseline ({base:.4f}); the best, t0000 ({base:.4f}), is the baseline itself" \
+            in verdict
     else:
         assert f"{best_id} ({best.val_bpb:.4f}) beats the baseline ({base:.4f}) by {base - best.val_bpb:.4f}" in verdict
         assert "noise floor not measured for the tiny preset" in verdict and "python -m analysis.noise objective=tiny" in verdict
