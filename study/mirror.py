@@ -88,6 +88,25 @@ def local_store_problem(tracking_uri: str | None) -> str | None:
     return None
 
 
+def server_problem(tracking_uri: str | None, timeout: float = 5.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (no answer within `timeout`), asked before
+    any data is prepared; any HTTP answer, even a refusal, proves it is there (the mirror's own
+    check then asks it properly). None when it answers, or when the URI is not a server."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"no answer from the server ({getattr(reason, 'strerror', None) or reason})"
+    return None
+
+
 @contextlib.contextmanager
 def _brief_http():
     """One short try per request while checking a tracking server at start-up."""

@@ -374,14 +374,14 @@ def baseline_source(conf: dict, objective: dict) -> str:
 
 
 def check_tracking(conf: dict) -> None:
-    """A local MLflow store that cannot take the study's records is named in one line here, before
-    the data is prepared (MLflow itself retries it for minutes); a server is asked when the mirror
-    is set up."""
+    """An MLflow store that cannot take the study's records is named in one line here, before the
+    data is prepared: a local database that cannot be written (MLflow itself retries it for
+    minutes), a server that does not answer within seconds."""
     if not conf["mlflow"].get("enabled", True):
         return
-    from study.mirror import local_store_problem
+    from study.mirror import local_store_problem, server_problem
 
-    why = local_store_problem(conf["mlflow"]["tracking_uri"])
+    why = local_store_problem(conf["mlflow"]["tracking_uri"]) or server_problem(conf["mlflow"]["tracking_uri"])
     if why:
         raise ConfigError(f"MLflow tracking URI {conf['mlflow']['tracking_uri']!r} is not usable: {why}")
 
