@@ -29,6 +29,7 @@ log = logging.getLogger("arena.findings")
 NOISE_Z = 2.0
 FIGURE = "running_best.png"
 TOP_KNOBS = 5
+MIN_FOR_IMPORTANCE = 10  # PED-ANOVA compares the top 10% of trials with all of them: fewer say nothing
 
 
 @dataclass
@@ -118,6 +119,9 @@ def _importance(study) -> list[str]:
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < MIN_FOR_IMPORTANCE:
+        return [f"knobs that mattered: too few scored trials ({len(complete)}; Optuna's importance needs "
+                f"{MIN_FOR_IMPORTANCE}) to say"]
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     try:
         importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
