@@ -16,6 +16,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from study.records import RESULT_NUMBERS
+
 # Study tags read from the parent run, and the column each one becomes.
 STUDY_TAGS = ("searcher", "launcher", "slots", "objective", "seed", "git_sha", "time_mode", "device_kinds")
 # Trial tags read from the child run.
@@ -155,6 +157,8 @@ def _trial_row(run: Run) -> dict:
     row.update({k: params[k] for k in TRIAL_PARAMS if k in params})
     row.update({k: v for k, v in params.items() if k.startswith(KNOB_PREFIX)})
     row.update(run.data.metrics)
+    # the mirror keeps a trial's single-value numbers as tags (study/mlflow_content.py): back as numbers
+    row.update({k: float(tags[k]) for k in RESULT_NUMBERS if k in tags and k not in row})
     for unit_named in ("t_submitted_s", "t_started_s", "t_finished_s"):  # the mirror names the unit
         if unit_named in row:
             row[unit_named[:-2]] = row.pop(unit_named)

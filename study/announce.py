@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from study.journal import Event, Journal, JournalState
+from study.journal import JournalState
 
 
 class UnequalArms(ValueError):
@@ -27,15 +27,14 @@ def check_trial_budget(existing: JournalState, max_trials: int | None, study_dir
             "another study.name, or move that folder away")
 
 
-def idle_seconds(journal_path) -> float:
-    """Wall time the study spent with no orchestrator: from the last record before each resume to
-    that resume. A study's elapsed time minus this is the time it actually ran."""
-    idle, previous = 0.0, None
-    for record in Journal.read(journal_path):
-        if record.get("event") == Event.RESUMED and previous is not None:
-            idle += max(0.0, record["wall_time"] - previous)
-        previous = record.get("wall_time", previous)
-    return idle
+def startup_warning(random_start: int, max_trials: int | None, sampler: str | None) -> str | None:
+    """A study too short for its sampler to model anything is random search under another name: an
+    ablation of TPE against random at 5 trials compares random with random. One line, with the fix."""
+    if max_trials is None or max_trials > random_start:
+        return None
+    return (f"warning: study.max_trials={max_trials} leaves {sampler} no modelled trial: all of them are drawn at "
+            f"random (its start-up is {random_start}), so this study is random search; use study.max_trials > "
+            f"{random_start}, or searcher.options.n_startup_trials < {max_trials}")
 
 
 def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stream: TextIO,
@@ -53,6 +52,9 @@ def banner(conf: dict, objective: dict, existing: JournalState, slots: int, stre
     if random_start:
         lines.append(f"sampler start-up: the first {random_start} trials are drawn at random before "
                      f"{searcher.get('sampler')} models anything (searcher.options.n_startup_trials)")
+        warning = startup_warning(random_start, max_trials, searcher.get("sampler"))
+        if warning:
+            lines.append(warning)
     done, in_flight = len(existing.results), len(existing.in_flight()) + len(existing.to_rerun())
     of = f" of {max_trials}" if max_trials else ""
     if existing.header is None:

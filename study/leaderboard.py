@@ -1,5 +1,6 @@
 """The end-of-study summary a person reads first: the best trials, the ones that did not score,
-and where to look next.
+what the study learned (study/findings.py), and where to look next: the MLflow page that ranks its
+trials, or, after a Ctrl-C, the command that resumes it.
 
 The same rows print as a rich table in a terminal and as plain aligned text anywhere else (a log
 file, a Slurm batch job), where a table sized for a terminal collapses. `leaderboard_text` is also
@@ -7,12 +8,16 @@ what the MLflow mirror attaches to the study's parent run.
 """
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 from study.changes import summary
+from study.observers import StopKind
+from study.progress import duration
 
 COLUMNS = ("rank", "trial", "val_bpb", "steps", "train s", "device", "changes against the baseline")
 
@@ -38,8 +43,7 @@ def title(state, conf: dict, top: int) -> str:
 
 
 def failures(state) -> list[str]:
-    return [f"{trial.trial_id} {result.status}: {' '.join((result.reason or result.error or '').split())[:160]}"
-            for trial, result in state.history if not result.ok]
+    return [f"{trial.trial_id} {result.status}: {result.why()[:160]}" for trial, result in state.history if not result.ok]
 
 
 def leaderboard_text(state, conf: dict, baseline_knobs: Mapping[str, Any], top: int | None = None) -> str:
@@ -54,8 +58,10 @@ def leaderboard_text(state, conf: dict, baseline_knobs: Mapping[str, Any], top: 
 
 def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simulated: bool, top: int = 10,
                       baseline_knobs: Mapping[str, Any] | None = None, stream: TextIO | None = None,
-                      idle_s: float = 0.0, experiment_id: str | None = None) -> None:
-    """`idle_s`: time between runs of a resumed study, left out of its elapsed time."""
+                      experiment_id: str | None = None, view: str | None = None,
+                      findings: list[str] = ()) -> None:
+    """The leaderboard, then the study time (idle between sessions apart), the best, what the study
+    learned, and where to look next."""
     stream = stream or sys.stdout
     baseline_knobs = baseline_knobs or {}
     if stream.isatty():
@@ -64,24 +70,46 @@ def print_leaderboard(state, conf: dict, study_dir: Path, mirrored: bool, simula
         stream.write(leaderboard_text(state, conf, baseline_knobs, top) + "\n")
     counts = Counter(r.status for _, r in state.history)
     clock = " (simulated clock)" if simulated else ""
-    idle = f" (plus {idle_s / 60:.1f} min idle between runs)" if idle_s >= 1 else ""
-    lines = [f"statuses: {dict(counts)}  elapsed{clock}: {(state.elapsed - idle_s) / 60:.1f} min{idle}  "
+    idle = state.clock.idle
+    apart = f" (+{duration(idle)} idle between sessions)" if idle >= 1 else ""
+    lines = [f"statuses: {dict(counts)}  study time{clock}: {duration(state.elapsed)}{apart}  "
              f"stopped: {state.stop_reason}"]
     if state.best:
         lines.append(f"best: {state.best[0].trial_id} val_bpb={state.best[1].val_bpb:.4f}  "
                      f"code: {study_dir / 'best_train.py'}  dir: {study_dir / 'best'}")
         lines.append(f"diff against the baseline: diff -u {study_dir / 'baseline_train.py'} "
                      f"{study_dir / 'best_train.py'}")
+    lines += list(findings)
     if mirrored:
-        uri = conf["mlflow"]["tracking_uri"]
-        # The UI opens in its GenAI view unless the link asks for model training (a browser setting,
-        # not one an experiment can carry).
-        page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else ""
-        hint = (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000, then open http://127.0.0.1:5000/{page}"
-                if not uri.startswith("http") else f"open {uri.rstrip('/')}/{page}")
-        lines.append(f"MLflow: {hint}  (experiment '{conf['study']['experiment']}', run '{conf['study']['name']}')")
+        lines.append(mlflow_hint(conf, experiment_id, view))
+    if state.stop is StopKind.INTERRUPTED:
+        lines.append(f"interrupted: {len(state.history)} trials are kept; the same command resumes the study: "
+                     f"{resume_command()}")
     stream.write("\n".join(lines) + "\n")
     stream.flush()
+
+
+def mlflow_hint(conf: dict, experiment_id: str | None, view: str | None) -> str:
+    """Where the study's trials are ranked in MLflow: the saved view, in the training sidebar."""
+    from study.mlflow_content import view_link
+
+    uri = conf["mlflow"]["tracking_uri"]
+    served = uri.startswith(("http://", "https://"))
+    base = uri if served else "http://127.0.0.1:5000"
+    page = view_link(base, experiment_id, conf["study"]["name"]) if experiment_id and view else base
+    serve = "" if served else f"{_here(Path(sys.executable).with_name('mlflow'))} ui --backend-store-uri {uri} --port 5000, then "
+    return (f"MLflow: {serve}open {page}  (the trials of '{conf['study']['name']}' ranked by val_bpb; "
+            f"experiment '{conf['study']['experiment']}')")
+
+
+def resume_command() -> str:
+    """The command this process was started with: the same command resumes the study."""
+    return shlex.join([_here(Path(sys.executable)), *sys.argv])
+
+
+def _here(program: Path) -> str:
+    """A program of this environment as a person would type it from here (.venv/bin/python)."""
+    return os.path.relpath(program) if program.is_relative_to(Path.cwd()) else str(program)
 
 
 def _print_table(state, conf: dict, baseline_knobs, top: int, stream: TextIO) -> None:

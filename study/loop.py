@@ -24,6 +24,8 @@ from pathlib import Path
 
 from study.core import HistoryView, Launcher, SearchContext, Searcher, Slot
 from study import storage
+from study.baseline import failed_baseline, failure_line, is_baseline
+from study.clock import StudyClock
 from study.journal import Event, Journal, JournalState
 from study.observers import Observers, StopKind, StudyObserver
 from study.records import INFRA_STATUSES, Candidate, Result, Trial, scaled_objective
@@ -69,7 +71,8 @@ class StudyState:
     running: dict[str, Running] = field(default_factory=dict)
     history: list[tuple[Trial, Result]] = field(default_factory=list)
     best: tuple[Trial, Result] | None = None
-    elapsed: float = 0.0
+    elapsed: float = 0.0  # study time (study/clock.py): idle gaps between sessions left out
+    clock: StudyClock = field(default_factory=StudyClock)
     thinking: bool = False
     stop: StopKind | None = None  # why the study stopped; `stop_reason` says it for people
     stop_reason: str | None = None
@@ -87,7 +90,7 @@ class StudyLoop:
         self.rules = rules
         self.observers = Observers(observers)
         self.journal_path = self.study_dir / "journal.jsonl"
-        self.state = StudyState()
+        self.state = StudyState(clock=StudyClock(origin=launcher.now()))  # rebuilt from the journal in run()
         self._history_view = HistoryView(self.state.history)
         self.pending: list[Candidate] = []
         self._pending_kinds: Counter = Counter()  # device kinds the pending candidates name, to skip a scan
@@ -120,6 +123,7 @@ class StudyLoop:
                 last += [(r.finished_at or 0.0) - self.clock_origin for r in journal_state.results.values()]
                 self.launcher.advance(max(last, default=0.0))
             self.journal.append(Event.RESUMED, at=self.launcher.now())
+        self.state.clock = StudyClock.from_journal(Journal.read(self.journal_path), self.launcher.simulated_time)
         if setup_searcher:
             self.searcher.setup(self.ctx)
         self._replay(journal_state)
@@ -148,6 +152,10 @@ class StudyLoop:
     def now(self) -> float:
         """Seconds since the study started, on the launcher's clock (virtual when simulated)."""
         return self.launcher.now() - self.clock_origin
+
+    def study_time(self) -> float:
+        """Study seconds now: `now()` less the idle gaps between sessions (study/clock.py)."""
+        return self.state.clock.active(self.launcher.now())
 
     # -- resume -----------------------------------------------------------------------------------
     def _replay(self, js: JournalState) -> None:
@@ -189,7 +197,7 @@ class StudyLoop:
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            self.state.elapsed = self.now()
+            self.state.elapsed = self.study_time()
             self._check_stop()
             self._collect_ask()
             self._fill_slots()
@@ -350,6 +358,7 @@ class StudyLoop:
         # The slot as the launcher lists it now: a relaunched cluster may have another accelerator.
         slot = self._slots_by_name().get(running.slot.name, running.slot)
         stamp(result, trial, slot, now=self.launcher.now(), clock_origin=self.clock_origin)
+        self.state.clock.ran(result.started_at, result.finished_at)  # an adopted trial ran through the gap
         if not result.ok and result.status not in INFRA_STATUSES:
             why = storage.problem(self.study_dir)  # the study's disk, not the candidate, may have failed
             if why:
@@ -371,6 +380,15 @@ class StudyLoop:
         else:
             self.journal.append(Event.FINISHED, trial_id=trial_id, result=result.to_dict())
         self._record(trial, result, notify=True)
+        self._stop_if_baseline_failed(trial)
+
+    def _stop_if_baseline_failed(self, trial: Trial) -> None:
+        """Every candidate starts from the baseline: if it cannot score, neither can they."""
+        if self.state.stop is not None or not is_baseline(trial.candidate, self.ctx.baseline_source):
+            return
+        failed = failed_baseline(self.state.history, self.ctx.baseline_source)
+        if failed:
+            self._stop(StopKind.BASELINE_FAILED, failure_line(*failed, self.study_dir), cancel=True)
 
     def _raise_if_storage(self, e: Exception) -> None:
         """A searcher that failed writing its own state (Optuna's database) in the study folder is a
@@ -395,11 +413,12 @@ class StudyLoop:
                 self.observers.on_new_best(len(self.state.history) - 1, trial, result)
 
     def _times(self, trial: Trial, result: Result) -> dict[str, float]:
-        o = self.clock_origin
+        """When the trial was submitted, started and finished, in study time."""
+        clock = self.state.clock
         return {
-            "t_submitted": trial.submitted_at,
-            "t_started": None if result.started_at is None else result.started_at - o,
-            "t_finished": None if result.finished_at is None else result.finished_at - o,
+            "t_submitted": None if trial.submitted_at is None else clock.since_start(trial.submitted_at),
+            "t_started": None if result.started_at is None else clock.active(result.started_at),
+            "t_finished": None if result.finished_at is None else clock.active(result.finished_at),
         }
 
     def _mark_best(self, trial: Trial) -> None:
@@ -417,7 +436,7 @@ class StudyLoop:
         if self._stop_submitting:
             return
         r = self.rules
-        if r.max_hours is not None and self.now() >= r.max_hours * 3600:
+        if r.max_hours is not None and self.study_time() >= r.max_hours * 3600:
             self._stop(StopKind.MAX_HOURS, f"max_hours={r.max_hours} reached", cancel=r.on_stop == "cancel")
         elif r.target_val_bpb is not None and self.state.best and self.state.best[1].val_bpb <= r.target_val_bpb:
             self._stop(StopKind.TARGET, f"target val_bpb <= {r.target_val_bpb} reached by {self.state.best[0].trial_id}",

@@ -3,7 +3,13 @@
 It runs on its own thread with a queue, so a slow or dead tracking server never stalls the loop;
 work that fails stays queued and is retried, and anything still missing when the study ends is
 found again on the next start by asking MLflow which trials it already has (`catch_up`). One
-parent run per study, one child run per trial; the layout is what `analysis/` reads.
+parent run per study, one child run per trial; the layout is what `analysis/` reads. Before any
+compute, `check` proves the store usable within seconds, or names it in one line: a local database
+folder that cannot be written, a file that is not a database, a server that does not answer.
+
+Times: the parent run starts when the study first started and lasts its study time (idle gaps
+between sessions left out, study/clock.py), and the running best is stamped on that same clock,
+so every duration and time axis of the UI agrees with the summary and with analysis/.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import logging
 import os
 import queue
 import re
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -25,7 +32,10 @@ from study.records import Result, Trial
 
 log = logging.getLogger("arena.mirror")
 
-# A dead server must cost seconds, not MLflow's default of minutes of retries per call.
+# A dead server must cost seconds, not MLflow's default of minutes of retries per call. The start-up
+# check asks once, briefly (CHECK_HTTP), unless the user set these themselves.
+_USER_HTTP = {k for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT") if k in os.environ}
+CHECK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -46,6 +56,72 @@ def local_database(tracking_uri: str | None) -> Path | None:
     return None
 
 
+def local_store_problem(tracking_uri: str | None) -> str | None:
+    """Why a local `sqlite:///` store cannot take a study's records, found in well under a second
+    (MLflow itself retries an unusable database for minutes, then prints a long SQLAlchemy
+    traceback); None when it can, or when the store is not local."""
+    db = local_database(tracking_uri)
+    if db is None:
+        return None
+    folder = db.absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # nothing is made here
+    if not existing.is_dir():
+        return f"cannot make {folder}: {existing} is not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".arena-probe-"):
+            pass  # the database, its journal and the artifacts (mlruns/) are written there
+    except OSError as e:
+        return f"cannot write in {existing}: {e.strerror or e}"
+    if not db.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(str(db), timeout=10)) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):
+            return None  # another study is writing: usable, just busy
+        return f"cannot write {db}: {e}"
+    except sqlite3.DatabaseError as e:
+        return f"{db} is not an MLflow database: {e}"
+    return None
+
+
+def server_problem(tracking_uri: str | None, timeout: float = 5.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (no answer within `timeout`), asked before
+    any data is prepared; any HTTP answer, even a refusal, proves it is there (the mirror's own
+    check then asks it properly). None when it answers, or when the URI is not a server."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"no answer from the server ({getattr(reason, 'strerror', None) or reason})"
+    return None
+
+
+@contextlib.contextmanager
+def _brief_http():
+    """One short try per request while checking a tracking server at start-up."""
+    saved = {k: os.environ.get(k) for k in CHECK_HTTP}
+    os.environ.update({k: v for k, v in CHECK_HTTP.items() if k not in _USER_HTTP})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def holds_runs(db: Path) -> bool:
     """Whether a local MLflow database has any run in it: one that does is some study's record,
     whoever made the file."""
@@ -62,10 +138,8 @@ class Mirror(StudyObserver):
     def __init__(self, tracking_uri: str, experiment: str, study_id: str, study_name: str,
                  searcher: str, tags: dict[str, str], params: dict[str, Any], baseline_source: str,
                  flush_timeout_s: float = 60.0):
-        import mlflow  # the loop imports fine without a tracking stack until a mirror is made
-
         self.tracking_uri = tracking_uri
-        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.client = None  # made by check(), once the store is known to be usable
         self.experiment = experiment
         self.study_id = study_id
         self.study_name = study_name
@@ -77,8 +151,11 @@ class Mirror(StudyObserver):
         from train.knobs import read_knobs
 
         self.baseline_knobs = read_knobs(baseline_source)
-        self.finished: list[tuple[Trial, Result]] = []  # in the loop's order, for the running best
+        self.running_best = content.RunningBest()  # fed in the loop's order
+        self.view_key = content.view_key(study_name)
+        self.clock_origin: float | None = None  # the study's start on a real clock (epoch s), from on_start
         self.parent_run_id: str | None = None
+        self.parent_start_ms: int | None = None
         self.experiment_id: str | None = None
         self._queue: "queue.Queue[tuple[str, Callable[[], None]]]" = queue.Queue()
         self._pending: list[tuple[str, Callable[[], None]]] = []
@@ -91,9 +168,18 @@ class Mirror(StudyObserver):
 
     # -- start ---------------------------------------------------------------------------------
     def check(self) -> None:
-        """Fail fast, with one line, when the tracking URI cannot be used at all."""
+        """Fail fast, with one line naming the URI, when the tracking store cannot be used at all;
+        then make sure of the experiment and this study's saved runs-table view."""
+        why = local_store_problem(self.tracking_uri)
+        if why:
+            raise MirrorError(f"MLflow tracking URI {self.tracking_uri!r} is not usable: {why}")
         try:
-            self._ensure_experiment()
+            import mlflow  # the loop imports fine without a tracking stack until a mirror is made
+
+            with _brief_http():
+                self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+                self._ensure_experiment()
+                self.client.set_experiment_tag(self.experiment_id, *content.view_tag(self.study_name, self.study_id))
         except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
             raise MirrorError(f"MLflow tracking URI {self.tracking_uri!r} is not usable: {_one_line(e)}") from None
 
@@ -105,6 +191,8 @@ class Mirror(StudyObserver):
 
     # -- StudyObserver: what the loop tells it (never blocks), and the end ---------------------
     def on_start(self, state, resumed) -> None:
+        origin = state.clock.origin
+        self.clock_origin = origin if origin > 1e9 else None  # a virtual clock's 0 is no date
         self.start()
         self.catch_up(resumed)
 
@@ -128,13 +216,11 @@ class Mirror(StudyObserver):
 
     # -- the work, queued ----------------------------------------------------------------------
     def trial_finished(self, trial: Trial, result: Result, times: dict[str, float]) -> None:
-        self.finished.append((trial, result))
-        point = content.running_best(self.finished)[-1:]
-        t_finished = times.get("t_finished")
+        points = self.running_best.add(trial, result, times.get("t_finished"))
 
         def job():
             self._log_trial(trial, result, times)
-            self._log_running_best(point, t_finished)
+            self._log_running_best(points)
 
         self._submit(f"trial {trial.trial_id}", job)
 
@@ -148,9 +234,8 @@ class Mirror(StudyObserver):
 
     def catch_up(self, finished: list[tuple[Trial, Result, dict[str, float]]]) -> None:
         """On (re)start: mirror every finished trial MLflow does not have yet."""
-        self.finished = [(t, r) for t, r, _ in finished]
-        points = content.running_best(self.finished)
-        study_seconds = {t.trial_id: tm.get("t_finished") for t, _, tm in finished}
+        self.running_best = content.RunningBest()
+        points = [p for t, r, tm in finished for p in self.running_best.add(t, r, tm.get("t_finished"))]
 
         def job():
             self._ensure_parent()
@@ -159,8 +244,7 @@ class Mirror(StudyObserver):
             for t, r, tm in missing:
                 self._log_trial(t, r, tm)
             if missing:
-                for point in points:
-                    self._log_running_best([point], study_seconds.get(self.finished[point[0]][0].trial_id))
+                self._log_running_best(points)  # the same points again are the same rows: idempotent
                 log.info("mirror caught up %d trial(s) from the journal", len(missing))
 
         self._submit("catch-up", job)
@@ -185,7 +269,10 @@ class Mirror(StudyObserver):
             for f in files:
                 if Path(f).is_file():
                     self.client.log_artifact(self.parent_run_id, str(f))
-            self.client.set_terminated(self.parent_run_id, status=status)
+            # The run lasts its study time, as the summary and analysis/ count it (study/clock.py).
+            study_seconds = metrics.get("wall_seconds")
+            end_ms = None if study_seconds is None else self.parent_start_ms + int(round(study_seconds * 1000))
+            self.client.set_terminated(self.parent_run_id, status=status, end_time=end_ms)
 
         self._submit("finish", job)
 
@@ -274,16 +361,19 @@ class Mirror(StudyObserver):
         )
         if found:
             self.parent_run_id = found[0].info.run_id
+            self.parent_start_ms = found[0].info.start_time
             self.client.update_run(self.parent_run_id, status="RUNNING")
             return
         import mlflow.entities as ent
 
-        run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags={
+        start_ms = int(self.clock_origin * 1000) if self.clock_origin else None
+        run = self.client.create_run(self.experiment_id, run_name=self.study_name, start_time=start_ms, tags={
             "arena.kind": "study", "arena.study_id": self.study_id, **self.tags})
         params = [ent.Param(k, str(v)[:content.MAX_PARAM_LEN]) for k, v in self.params.items()]
         for i in range(0, len(params), 90):
             self.client.log_batch(run.info.run_id, params=params[i:i + 90])
         self.parent_run_id = run.info.run_id
+        self.parent_start_ms = run.info.start_time
 
     def _mirrored_trial_ids(self) -> set[str]:
         runs = self.client.search_runs(
@@ -303,7 +393,8 @@ class Mirror(StudyObserver):
         )
         if found:
             return found[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, start_time=start_ms, tags={
+        run = self.client.create_run(self.experiment_id, run_name=content.trial_run_name(self.study_name, trial.trial_id),
+                                     start_time=start_ms, tags={
             "mlflow.parentRunId": self.parent_run_id, "arena.kind": "trial",
             "arena.study_id": self.study_id, "arena.trial_id": trial.trial_id})
         return run.info.run_id
@@ -316,36 +407,42 @@ class Mirror(StudyObserver):
         run_id = self._child_run(trial, start_ms)
         at = end_ms or int(time.time() * 1000)
         metrics = [ent.Metric(k, v, at, 0) for k, v in content.trial_metrics(trial, result, times).items()]
-        metrics += [ent.Metric("train_loss", loss, (start_ms or at) + int(seconds * 1000), step)
+        metrics += [ent.Metric(content.LOSS_CURVE, loss, (start_ms or at) + int(seconds * 1000), step)
                     for step, loss, seconds in content.loss_curve(trial)]
         params = [ent.Param(k, v) for k, v in content.trial_params(trial).items()]
         tags = [ent.RunTag(k, v) for k, v in content.trial_tags(
-            trial, result, self.study_id, self.searcher, self.baseline_knobs).items()]
+            trial, result, self.study_id, self.searcher, self.baseline_knobs, times).items()]
         for i in range(0, max(1, len(metrics)), 1000):  # MLflow takes at most 1000 metrics a call
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000], params=params if i == 0 else [],
                                   tags=tags if i == 0 else [])
         with tempfile.TemporaryDirectory() as tmp:
-            content.write_trial_artifacts(Path(tmp), trial, self.baseline_source)
+            content.write_trial_artifacts(Path(tmp), trial, result, self.baseline_source)
             self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id, status="FINISHED" if result.ok else "FAILED", end_time=end_ms)
         self.client.set_tag(run_id, "arena.mirrored", "1")
 
-    def _log_running_best(self, points, study_seconds: float | None) -> None:
-        """`best_val_bpb` by finished-trial index (stamped with the trial's finish time, so the UI's
-        time axes show it by study time), and `best_val_bpb_by_time` with the study second as step."""
+    def _log_running_best(self, points: list[content.BestPoint]) -> None:
+        """`best_val_bpb` by finished-trial index and `best_val_bpb_by_time` by study second, drawn
+        as steps (content.RunningBest), each point stamped at the parent's start plus its study
+        time, so the UI's time axes show study time too."""
         import mlflow.entities as ent
 
+        if not points:
+            return
         self._ensure_parent()
+        now_ms = int(time.time() * 1000)
         metrics = []
-        for index, value, trial_id, finished_at in points:
-            at = int(finished_at * 1000) if finished_at and finished_at > 1e9 else int(time.time() * 1000)
-            metrics.append(ent.Metric("best_val_bpb", value, at, index))
-            if study_seconds is not None:
-                metrics.append(ent.Metric("best_val_bpb_by_time", value, at, int(round(study_seconds))))
-        if metrics:
-            self.client.log_batch(self.parent_run_id, metrics=metrics)
+        for p in points:
+            base = now_ms if p.study_seconds is None else self.parent_start_ms + int(round(p.study_seconds * 1000))
+            metrics.append(ent.Metric(p.key, p.value, base + p.offset_ms, p.step))
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+            self.client.log_batch(self.parent_run_id, metrics=metrics[i:i + 1000])
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    text = str(e).strip()
+    refused = re.search(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out|timed out)", text)
+    if refused and ("Max retries exceeded" in text or "timed out" in text):
+        return f"no answer from the server ({(refused.group(1) or refused.group(2)).strip()})"
+    lines = text.splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]

@@ -36,6 +36,7 @@ class StopKind(StrEnum):
     SEARCHER_ERROR = "searcher_error"
     NO_SLOTS = "no_slots"
     STORAGE = "storage"  # the study's own disk failed: the parent run ends FAILED
+    BASELINE_FAILED = "baseline_failed"  # the baseline cannot score: every candidate would fail (study/baseline.py)
 
 
 @dataclass

@@ -103,7 +103,10 @@ def study_eta(state, rules) -> float | None:
 def running_for(state, running) -> float:
     """Seconds since the trial was submitted; never negative (the loop's clock is read once per
     iteration, so a trial submitted later in that iteration is ahead of it)."""
-    return max(0.0, state.elapsed - (running.trial.submitted_at or state.elapsed))
+    submitted = running.trial.submitted_at
+    if submitted is None:
+        return 0.0
+    return max(0.0, state.elapsed - state.clock.since_start(submitted))
 
 
 def plural(n: int, word: str) -> str:
@@ -122,12 +125,14 @@ def duration(seconds: float | None) -> str:
 
 
 def headline(study_name: str, simulated: bool, state, rules) -> str:
-    """`NAME  elapsed 3.2 min  done 5 of 12 (1 failed)  best 1.7418 (t0000)  ETA 4.1 min`."""
+    """`NAME  elapsed 3.2 min (+1.1 h idle)  done 5 of 12 (1 failed)  best 1.7418 (t0000)  ETA 4.1 min`:
+    elapsed is study time (study/clock.py), the idle time between sessions shown apart."""
     done = len(state.history)
     failed = sum(1 for _, r in state.history if not r.ok)
     of = f" of {rules.max_trials}" if rules.max_trials else ""
+    idle = state.clock.idle
     parts = [study_name + (" (simulated clock)" if simulated else ""),
-             f"elapsed {duration(state.elapsed)}",
+             f"elapsed {duration(state.elapsed)}" + (f" (+{duration(idle)} idle)" if idle >= 1 else ""),
              f"done {done}{of}" + (f" ({failed} failed)" if failed else ""),
              f"best {state.best[1].val_bpb:.4f} ({state.best[0].trial_id})" if state.best else "best -"]
     eta = study_eta(state, rules)
@@ -141,7 +146,7 @@ def headline(study_name: str, simulated: bool, state, rules) -> str:
 def result_text(result) -> str:
     if result.ok:
         return f"val_bpb {result.val_bpb:.4f}"
-    reason = " ".join((result.reason or result.error or "").split())
+    reason = result.why()
     return result.status + (f" ({reason[:80]})" if reason else "")
 
 

@@ -144,6 +144,13 @@ class Result:
     def ok(self) -> bool:
         return self.status == "ok" and self.val_bpb is not None and math.isfinite(self.val_bpb)
 
+    def why(self) -> str:
+        """One line that says why this trial did not score: its reason, else the exception line of
+        its error (not a traceback's header), else ''."""
+        if self.reason:
+            return " ".join(self.reason.split())
+        return exception_line(self.error or "")
+
     def score(self) -> float:
         """The value a minimiser should see: val_bpb for a good trial, +inf for any failure, so a
         crash can never look like a good score."""
@@ -170,6 +177,21 @@ class Result:
             if math.isfinite(v):
                 out[k] = float(v)
         return out
+
+
+def exception_line(text: str, limit: int = 300) -> str:
+    """The line of a Python traceback that names the exception and its message (the first line
+    below the last frame), or the first line of a plain message. A tail cut from a longer traceback
+    works too."""
+    lines = text.strip().splitlines()
+    prefix = "harness error: " if text.startswith("harness error: ") else ""
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if frames:
+        after = [line for line in lines[frames[-1] + 1:] if line.strip() and not line[0].isspace()]
+        if after:
+            return (prefix + after[0].strip())[:limit]
+    plain = [line.strip() for line in lines if line.strip() and not line.startswith("Traceback (")]
+    return plain[0][:limit] if plain else ""
 
 
 def scaled_objective(objective: dict[str, Any], fraction: float) -> dict[str, Any]:

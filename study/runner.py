@@ -25,10 +25,12 @@ from study.core import PROJECT_ROOT, Launcher, LauncherError, SearchContext, Sea
 from study import storage
 from study.journal import JournalDamaged, JournalState
 from study.lock import StudyLock, StudyLocked
-from study.announce import UnequalArms, banner, check_trial_budget, idle_seconds
+from study.announce import UnequalArms, banner, check_trial_budget
+from study.baseline import failed_baseline, failure_line
+from study.findings import Findings, Floor, learn
 from study.leaderboard import leaderboard_text, print_leaderboard
 from study.loop import StopRules, StudyLoop
-from study.observers import Observers, StudyEnd, StudyObserver
+from study.observers import Observers, StopKind, StudyEnd, StudyObserver
 from study.rungs import Rung, check_rung_kinds, parse_rungs
 from study.space import validate_space
 from train import sandbox
@@ -42,6 +44,10 @@ HARD_LIMIT_ALLOWANCE_S = 60.0  # start-up and the final evaluation, on top of a 
 
 class ConfigError(ValueError):
     """Bad input, reported as one line before any compute is spent."""
+
+
+class BaselineFailed(ConfigError):
+    """The baseline itself cannot score (study/baseline.py): the study stopped at its first failure."""
 
 
 @dataclass
@@ -71,6 +77,7 @@ class BuiltStudy:
     random_start: int | None
     experiment_id: str | None  # the MLflow experiment, for the leaderboard's link
     tracked: bool  # an MLflow mirror is among the observers
+    view: str | None = None  # the MLflow runs-table view of this study's trials, ranked by val_bpb
 
 
 def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: Launcher | None = None):
@@ -89,10 +96,12 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
             state = loop.run(plan.header, setup_searcher=False)
             failed = False
         finally:
-            finalise(plan, built, loop, started, failed)
-        idle = 0.0 if built.launcher.simulated_time else idle_seconds(plan.study_dir / "journal.jsonl")
+            findings = finalise(plan, built, loop, started, failed)
+        if state.stop is StopKind.BASELINE_FAILED:
+            raise BaselineFailed(state.stop_reason)
         print_leaderboard(state, plan.conf, plan.study_dir, built.tracked, built.launcher.simulated_time,
-                          baseline_knobs=built.ctx.baseline_knobs, idle_s=idle, experiment_id=built.experiment_id)
+                          baseline_knobs=built.ctx.baseline_knobs, experiment_id=built.experiment_id,
+                          view=built.view, findings=findings.lines)
         return state
 
 
@@ -109,6 +118,7 @@ def validate(cfg: DictConfig) -> StudyPlan:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     header = study_header(conf, objective, space)
+    check_tracking(conf)
     rungs = check_rungs(conf["study"])
     if rungs:
         header["searcher"] += "+rungs"
@@ -120,6 +130,9 @@ def validate(cfg: DictConfig) -> StudyPlan:
     existing = journal.header
     if existing:
         check_same_study(existing, header, study_dir)
+        failed = failed_baseline(journal.finished(), baseline)
+        if failed:
+            raise ConfigError(failure_line(*failed, study_dir))
         header["study_id"] = existing["study_id"]
         try:
             check_trial_budget(journal, rules.max_trials, study_dir)
@@ -164,27 +177,61 @@ def build(plan: StudyPlan, lock: StudyLock, searcher: Searcher | None = None,
         noise = display_note(DEFAULT_STORE, str(conf["objective"].get("preset")), sorted(ctx.device_kinds))
         observers.append(make_display(conf["study"]["name"] + noise, launcher.simulated_time, ctx.baseline_knobs))
     return BuiltStudy(searcher, launcher, ctx, observers, random_start,
-                      experiment_id=mirror.experiment_id if mirror else None, tracked=mirror is not None)
+                      experiment_id=mirror.experiment_id if mirror else None, tracked=mirror is not None,
+                      view=mirror.view_key if mirror else None)
 
 
-def finalise(plan: StudyPlan, built: BuiltStudy, loop: StudyLoop, started: float, failed: bool) -> None:
-    """However the loop ended: close the launcher and the searcher, write the leaderboard, and tell
-    the observers the study is over (the mirror ends the parent run, FAILED if it died of an error)."""
+def finalise(plan: StudyPlan, built: BuiltStudy, loop: StudyLoop, started: float, failed: bool) -> Findings:
+    """However the loop ended: close the launcher and the searcher, say what the study learned,
+    write the leaderboard, and tell the observers the study is over (the mirror ends the parent run,
+    FAILED if it died of an error or its baseline could not score)."""
     conf, study_dir, state = plan.conf, plan.study_dir, loop.state
     built.launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
     searcher_summary = _safe_summary(built.searcher)
+    findings = Findings() if failed else _safe_findings(plan, built, loop)
     built.searcher.close()
     board = study_dir / "leaderboard.txt"
-    board_text = leaderboard_text(state, conf, built.ctx.baseline_knobs) + "\n"
+    board_text = "\n".join([leaderboard_text(state, conf, built.ctx.baseline_knobs), *findings.lines]) + "\n"
     with contextlib.suppress(OSError):  # a study stopped by a full or read-only folder cannot write it
         board.write_text(board_text)
-    end = StudyEnd(stop=state.stop, reason=state.stop_reason or "", failed=failed,
+    end = StudyEnd(stop=state.stop, reason=state.stop_reason or "",
+                   failed=failed or state.stop is StopKind.BASELINE_FAILED,
                    metrics=end_metrics(loop, searcher_summary, started),
                    tags={"stop_reason": state.stop_reason or "", "stop_kind": str(state.stop or ""),
-                         **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}},
-                   files=[study_dir / "best_train.py", board], artifact_dirs=[study_dir / "agent"],
-                   description=f"```\n{board_text}```")
+                         **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}, **findings.tags,
+                         **{k: f"{v:.6g}" for k, v in findings.metrics.items()}},  # tags: no single-bar charts
+                   files=[study_dir / "best_train.py", board, *([findings.figure] if findings.figure else [])],
+                   artifact_dirs=[study_dir / "agent"], description=f"```\n{board_text}```")
     Observers(built.observers).on_end(state, end)
+    return findings
+
+
+def _safe_findings(plan: StudyPlan, built: BuiltStudy, loop: StudyLoop) -> Findings:
+    """What the study learned (study/findings.py); a failure here costs only these lines."""
+    state = loop.state
+    try:
+        from analysis.noise import DEFAULT_STORE, floor_for
+
+        preset = str(plan.conf["objective"].get("preset"))
+        sigma, note = floor_for(DEFAULT_STORE, preset, sorted(built.ctx.device_kinds))
+        return learn(state.history, state.best, baseline_source=plan.baseline, baseline_knobs=built.ctx.baseline_knobs,
+                     floor=Floor(sigma, note), preset=preset, optuna_study=_optuna_study(built.searcher),
+                     study_dir=plan.study_dir, clock=state.clock, max_trials=plan.rules.max_trials,
+                     random_start=built.random_start, title=f"study {plan.conf['study']['name']}: running best")
+    except Exception as e:  # noqa: BLE001 - the leaderboard and MLflow must still be written
+        log.warning("could not say what the study learned: %s: %s", type(e).__name__, e)
+        return Findings()
+
+
+def _optuna_study(searcher: Searcher):
+    """The Optuna study an Optuna searcher keeps (also inside the rungs wrapper), else None."""
+    import optuna
+
+    for candidate in (searcher, getattr(searcher, "inner", None)):
+        study = getattr(candidate, "study", None)
+        if isinstance(study, optuna.Study):
+            return study
+    return None
 
 
 def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launcher: Launcher, ctx: SearchContext,
@@ -339,6 +386,19 @@ def baseline_source(conf: dict, objective: dict) -> str:
         raise ConfigError(f"objective.knobs: {e}") from None
 
 
+def check_tracking(conf: dict) -> None:
+    """An MLflow store that cannot take the study's records is named in one line here, before the
+    data is prepared: a local database that cannot be written (MLflow itself retries it for
+    minutes), a server that does not answer within seconds."""
+    if not conf["mlflow"].get("enabled", True):
+        return
+    from study.mirror import local_store_problem, server_problem
+
+    why = local_store_problem(conf["mlflow"]["tracking_uri"]) or server_problem(conf["mlflow"]["tracking_uri"])
+    if why:
+        raise ConfigError(f"MLflow tracking URI {conf['mlflow']['tracking_uri']!r} is not usable: {why}")
+
+
 def check_rungs(study: dict) -> list[Rung] | None:
     """Successive-halving rungs (searchers/rungs.py), or None when the study runs every candidate
     on the whole budget."""
@@ -416,7 +476,8 @@ def end_metrics(loop: StudyLoop, searcher_summary: dict, started: float) -> dict
     metrics = {
         "n_trials": float(len(history)),
         "n_ok": float(sum(r.ok for _, r in history)),
-        "wall_seconds": loop.now(),
+        "wall_seconds": loop.study_time(),  # study time: idle gaps between sessions left out (study/clock.py)
+        "idle_seconds": loop.state.clock.idle,
         "slot_seconds": float(sum((r.finished_at or 0) - (r.started_at or 0) for _, r in history)),
         "orchestrator_seconds": time.time() - started,
     }

@@ -16,8 +16,8 @@ import pytest
 from study.journal import Journal, JournalState
 from tests.conftest import ROOT, TINY, MlflowServer, run_arena, sqlite_uri
 
-RESULT_METRICS = {"val_bpb", "training_seconds", "total_seconds", "num_steps", "tokens", "num_params",
-                  "queue_seconds", "t_submitted_s", "t_started_s", "t_finished_s", "train_loss"}
+RESULT_METRICS = {"val_bpb", "t_submitted_s", "t_started_s", "t_finished_s", "train/loss"}
+RESULT_TAGS = {"training_seconds", "total_seconds", "num_steps", "tokens", "num_params", "queue_seconds"}
 
 
 def study_runs(uri: str, experiment: str = "autoresearch-arena"):
@@ -62,6 +62,7 @@ def check_study(workdir: Path, name: str, uri: str, n_trials: int, searcher: str
         assert any(k.startswith("knob.") for k in child.data.params)
         if result.ok:
             assert RESULT_METRICS <= set(child.data.metrics), RESULT_METRICS - set(child.data.metrics)
+            assert RESULT_TAGS <= set(child.data.tags), RESULT_TAGS - set(child.data.tags)
             assert child.data.metrics["val_bpb"] == pytest.approx(result.val_bpb)
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"train.py", "train_diff.txt", "train_diff.html", "run_tail.txt"} <= names
