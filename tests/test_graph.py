@@ -340,3 +340,29 @@ def test_the_exported_file_of_the_baseline_round_trips_its_tensors(tmp_path):
 @pytest.fixture(scope="module")
 def austen_spec():
     return prepare.prepare("austen", 512)
+
+
+# ---- memory the evaluation really holds (red team, issue 20) ------------------------------------
+
+
+def _full(name: str, shape: list) -> dict:
+    return {"name": name, "op": "aten.full.default", "args": [shape, 1.0],
+            "kwargs": {"dtype": {"dtype": "float32"}, "device": {"device": "cpu"}}}
+
+
+def test_a_view_that_outlives_its_base_keeps_the_base_counted():
+    """A one-element slice of a 32 MB tensor holds all 32 MB: four of them, kept to the end, held
+    128 MB while the bound counted the bases freed at their last use (peak 32 MB, under a 64 MB
+    bound); at the objective's sizes, a dozen such slices held 24 GB against a 2 GB bound."""
+    nodes = [embed("e")]
+    for i in range(4):
+        nodes += [_full(f"big{i}", [8 << 20]),
+                  {"name": f"s{i}", "op": "aten.slice.Tensor", "args": [{"ref": f"big{i}"}, 0, 0, 1], "kwargs": {}}]
+    nodes += [{"name": "kept", "op": "aten.stack.default", "args": [[{"ref": f"s{i}"} for i in range(4)]], "kwargs": {}},
+              {"name": "k", "op": "aten.sum.default", "args": [{"ref": "kept"}], "kwargs": {}},
+              {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "k"}], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match=r"needs 12[89] MB of intermediate tensors"):
+        load(tiny_program(nodes), max_memory_mb=64)
+    program = load(tiny_program(nodes), max_memory_mb=256)
+    assert program.peak_memory_bytes >= 4 * (32 << 20)
+

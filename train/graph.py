@@ -493,7 +493,8 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
     meta = torch.device("meta")
     env = {program.input_name: torch.empty(1, length, dtype=torch.int64, device=meta)}
     env.update({k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in program.constants.items()})
-    live, held, peak, elements = {}, 0, 0, 0  # intermediates only: the weights are bounded apart
+    memory = _Memory(t for t in env.values() if isinstance(t, torch.Tensor))  # the weights are bounded apart
+    elements = 0
     counter = FlopCounterMode(display=False)
     with counter:
         for index, node in enumerate(program.nodes):
@@ -507,12 +508,11 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
             _check_value(node, value, limits)
             env[node.name] = value
             elements += _elements(node.args, env) + _elements(list(node.kwargs.values()), env) + _elements_of(value)
-            live[node.name] = _bytes(value)
-            held += live[node.name]
-            peak = max(peak, held)
+            memory.made(node.name, value)
             for name in program._frees[index]:
-                held -= live.pop(name, 0)
+                memory.free(name)
                 env.pop(name, None)
+    peak = memory.peak
     work = counter.get_total_flops() + elements
     out = env.get(program.output)
     if not isinstance(out, torch.Tensor) or out.dim() != 3 or tuple(out.shape[:2]) != (1, length) \
@@ -527,6 +527,59 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
         raise GraphInvalid(f"evaluating one row needs {peak / (1 << 20):.0f} MB of intermediate tensors; "
                            f"the objective allows {limits.max_memory_mb:.0f} MB")
     return work, peak, out.shape[2]
+
+
+class _Memory:
+    """The intermediate memory one row's evaluation holds, node by node: for each storage, the
+    bytes of the live values on it (a view counted as a copy of its own size: an operator may copy
+    it), and at least the whole storage for as long as any live value holds it, not only while the
+    node that made it lives (a one-element slice of a 1 GB tensor keeps the whole gigabyte)."""
+
+    def __init__(self, outside):
+        self.outside = {_storage(t) for t in outside}  # the weights and the input: not intermediates
+        self.held = self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # storage -> [its bytes, live values' bytes, holders]
+        self._values: dict[str, list[tuple[int, int]]] = {}  # name -> (storage, bytes) of its tensors
+
+    def made(self, name: str, value) -> None:
+        parts = [(_storage(t), _bytes(t)) for t in _tensors_of(value)]
+        for tensor in _tensors_of(value):
+            key = _storage(tensor)
+            if key not in self.outside and key not in self._storages:
+                self._storages[key] = [max(tensor.untyped_storage().nbytes(), _bytes(tensor)), 0, 0]
+        for key in {key for key, _ in parts} & self._storages.keys():
+            entry = self._storages[key]
+            before = max(entry[0], entry[1]) if entry[2] else 0
+            entry[1] += sum(size for k, size in parts if k == key)
+            entry[2] += 1
+            self.held += max(entry[0], entry[1]) - before
+        self.held += sum(size for key, size in parts if key in self.outside)
+        self._values[name] = parts
+        self.peak = max(self.peak, self.held)
+
+    def free(self, name: str) -> None:
+        parts = self._values.pop(name, ())
+        self.held -= sum(size for key, size in parts if key in self.outside)
+        for key in {key for key, _ in parts} & self._storages.keys():
+            entry = self._storages[key]
+            before = max(entry[0], entry[1])
+            entry[1] -= sum(size for k, size in parts if k == key)
+            entry[2] -= 1
+            self.held -= before - (max(entry[0], entry[1]) if entry[2] else 0)
+            if not entry[2]:
+                del self._storages[key]
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _tensors_of(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_of(v)
 
 
 def _check_value(node: Node, value, limits: Limits) -> None:
