@@ -366,3 +366,16 @@ def test_a_view_that_outlives_its_base_keeps_the_base_counted():
     program = load(tiny_program(nodes), max_memory_mb=256)
     assert program.peak_memory_bytes >= 4 * (32 << 20)
 
+
+def test_a_tensor_an_operator_makes_inside_counts_against_the_memory_bound():
+    """einsum of three operands contracts the first two first: "ab,bc,cd->ad" over [8192, 1],
+    [1, 8192], [8192, 1] makes a [8192, 8192] product (256 MB) that no node holds, for an output of
+    32 KB; at 2^15 it was 4 GB within the tiny objective's work bound."""
+    nodes = [embed("e"), _full("col", [8192, 1]), _full("row", [1, 8192]),
+             {"name": "es", "op": "aten.einsum.default", "args": ["ab,bc,cd->ad", [{"ref": "col"}, {"ref": "row"},
+                                                                                    {"ref": "col"}]], "kwargs": {}},
+             {"name": "s", "op": "aten.sum.default", "args": [{"ref": "es"}], "kwargs": {}},
+             {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match="MB of intermediate tensors"):
+        load(tiny_program(nodes), max_memory_mb=64)
+    assert load(tiny_program(nodes), max_memory_mb=1024).peak_memory_bytes >= 8192 * 8192 * 4

@@ -32,6 +32,7 @@ import struct
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FORMAT = "arena-graph/1"
 HEADER = struct.Struct("<Q")
@@ -495,9 +496,10 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
     env.update({k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in program.constants.items()})
     memory = _Memory(t for t in env.values() if isinstance(t, torch.Tensor))  # the weights are bounded apart
     elements = 0
-    counter = FlopCounterMode(display=False)
-    with counter:
+    counter, inside = FlopCounterMode(display=False), _Allocations()
+    with counter, inside:
         for index, node in enumerate(program.nodes):
+            inside.bytes = 0
             try:
                 value = _run(node, env, meta)
             except GraphInvalid:
@@ -508,7 +510,7 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
             _check_value(node, value, limits)
             env[node.name] = value
             elements += _elements(node.args, env) + _elements(list(node.kwargs.values()), env) + _elements_of(value)
-            memory.made(node.name, value)
+            memory.made(node.name, value, inside.bytes)
             for name in program._frees[index]:
                 memory.free(name)
                 env.pop(name, None)
@@ -541,7 +543,9 @@ class _Memory:
         self._storages: dict[int, list[int]] = {}  # storage -> [its bytes, live values' bytes, holders]
         self._values: dict[str, list[tuple[int, int]]] = {}  # name -> (storage, bytes) of its tensors
 
-    def made(self, name: str, value) -> None:
+    def made(self, name: str, value, inside: int = 0) -> None:
+        """`value` was made, and the operators that made it allocated `inside` bytes on the way."""
+        self.peak = max(self.peak, self.held + inside)
         parts = [(_storage(t), _bytes(t)) for t in _tensors_of(value)]
         for tensor in _tensors_of(value):
             key = _storage(tensor)
@@ -568,6 +572,23 @@ class _Memory:
             self.held -= before - (max(entry[0], entry[1]) if entry[2] else 0)
             if not entry[2]:
                 del self._storages[key]
+
+
+class _Allocations(TorchDispatchMode):
+    """The bytes of every new tensor the operators of one node make, inside composite operators too:
+    an einsum of three operands makes the product of the first two, which no node holds (a
+    [32768, 32768] one for an output of 128 KB, within the tiny objective's work bound). Counted as
+    if all were alive at once: a bound, like the views counted as copies."""
+
+    bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {_storage(t) for t in _tensors_of([args, list((kwargs or {}).values())])}
+        for tensor in _tensors_of(out):
+            if _storage(tensor) not in given:
+                self.bytes += max(tensor.untyped_storage().nbytes(), _bytes(tensor))
+        return out
 
 
 def _storage(tensor: torch.Tensor) -> int:
