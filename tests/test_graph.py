@@ -379,3 +379,37 @@ def test_a_tensor_an_operator_makes_inside_counts_against_the_memory_bound():
     with pytest.raises(graph.GraphInvalid, match="MB of intermediate tensors"):
         load(tiny_program(nodes), max_memory_mb=64)
     assert load(tiny_program(nodes), max_memory_mb=1024).peak_memory_bytes >= 8192 * 8192 * 4
+
+
+def test_a_program_that_needs_more_memory_at_a_prefix_length_than_the_batches_allow_is_refused(austen_spec):
+    """Rows a batch are sized from the memory one row needs at the full length; a program whose
+    sizes grow only at shorter lengths (the prefix-only runs, a batch's rows at once) passed every
+    per-row bound while the harness held rows x that: 980 MB resident against a 64 MB bound."""
+    from train import scorer
+    from train.contract import TrialFailed
+
+    vocab, length = austen_spec.vocab_size, 64
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)).numpy().tobytes()
+    grow = [embed("e"),
+            {"name": "n", "op": "aten.sym_size.int", "args": [{"ref": "idx"}, 1], "kwargs": {}},
+            {"name": "d", "op": "operator.sub", "args": [2 * length - 1, {"ref": "n"}], "kwargs": {}},
+            {"name": "short", "op": "operator.floordiv", "args": [{"ref": "d"}, length], "kwargs": {}},  # 1 if n < 64
+            {"name": "k", "op": "operator.mul", "args": [{"ref": "short"}, 2 << 20], "kwargs": {}},
+            {"name": "size", "op": "operator.add", "args": [{"ref": "k"}, 2], "kwargs": {}},
+            {"name": "first", "op": "aten.slice.Tensor", "args": [{"ref": "idx"}, 1, 0, 1], "kwargs": {}},
+            {"name": "f", "op": "aten._to_copy.default", "args": [{"ref": "first"}], "kwargs": {"dtype": {"dtype": "float32"}}},
+            {"name": "wide", "op": "aten.expand.default", "args": [{"ref": "f"}, [1, {"ref": "size"}]], "kwargs": {}},
+            {"name": "made", "op": "aten.contiguous.default", "args": [{"ref": "wide"}], "kwargs": {}},
+            {"name": "s", "op": "aten.sum.default", "args": [{"ref": "made"}], "kwargs": {}},
+            {"name": "z", "op": "aten.mul.Scalar", "args": [{"ref": "s"}, 0.0], "kwargs": {}},
+            {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "z"}], "kwargs": {}}]
+    raw = file_of({"format": graph.FORMAT,
+                   "tensors": {"w": {"dtype": "float32", "shape": [vocab, vocab], "offset": 0, "nbytes": len(table)}},
+                   "inputs": [{"name": "w", "tensor": "w"}, {"name": "idx", "input": True}],
+                   "nodes": grow, "output": "logits"}, table)
+    objective = {"eval_tokens": 1024, "eval_seq_len": length, "eval_batch_size": 8, "eval_limits": {"max_memory_mb": 32}}
+    program = scorer.load_program(raw, objective, vocab, 1 << 30)  # 16 MB a row at a prefix length, 1 MB at 64
+    assert scorer.batch_rows(program, objective) == 8
+    with pytest.raises(TrialFailed, match="at length") as refused:
+        scorer.evaluate(program, austen_spec, objective, "cpu", lambda line: None)
+    assert refused.value.status == "invalid"

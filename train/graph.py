@@ -146,7 +146,7 @@ class Program:
         self.nodes, self.constants, self.input_name, self.output = nodes, constants, input_name, output
         self.params = params  # names of the tensors export lifted as parameters (for counting)
         self.limits, self.vocab_size, self.seq_len = limits, vocab_size, seq_len
-        self.checked: set[int] = set()  # lengths whose shapes, work and memory were checked
+        self.checked: dict[int, int] = {}  # lengths checked -> the peak memory of one row there
         self.device = torch.device("cpu")
         self.work_per_token = self.peak_memory_bytes = None
         self.vocab_width = None
@@ -160,8 +160,7 @@ class Program:
         check), before it computes anything real: its sizes may depend on the length in any way."""
         for length in lengths:
             if length not in self.checked:
-                _meta_pass(self, length)
-                self.checked.add(length)
+                self.checked[length] = _meta_pass(self, length)[1]
 
     def to(self, device) -> Program:
         self.device = torch.device(device)
@@ -198,7 +197,7 @@ def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int
     program = Program(nodes, constants, input_name, output, params, limits, vocab_size, seq_len)
     work, memory, width = _meta_pass(program, seq_len)
     program.work_per_token, program.peak_memory_bytes, program.vocab_width = work / seq_len, memory, width
-    program.checked.add(seq_len)
+    program.checked[seq_len] = memory
     return program
 
 

@@ -56,7 +56,8 @@ def load_program(raw: bytes, objective: dict, vocab_size: int, max_bytes: int) -
 
 def batch_rows(program: graph.Program, objective: dict) -> int:
     """Rows evaluated at once: the objective's eval_batch_size, fewer if a batch and its causality
-    probes (twice the rows) would pass the memory the objective allows."""
+    probes (twice the rows) would pass the memory the objective allows. Sized at the full length;
+    a program that needs more at a shorter one (a prefix-only run) is refused in evaluate()."""
     budget = program.limits.max_memory_mb * (1 << 20)
     return max(1, min(int(objective["eval_batch_size"]), int(budget // max(1, 2 * program.peak_memory_bytes))))
 
@@ -74,6 +75,14 @@ def evaluate(program: graph.Program, data: prepare.DataSpec, objective: dict, de
             program.check_lengths(lengths)
         except graph.GraphInvalid as e:
             raise TrialFailed("invalid", f"the exported model cannot be scored: {e}") from None
+        budget = program.limits.max_memory_mb * (1 << 20)
+        for length in lengths:  # a prefix-only run evaluates up to `rows` rows at once at its length
+            if rows * program.checked[length] > budget:
+                raise TrialFailed("invalid", f"the exported model cannot be scored: a row at length {length} needs "
+                                             f"{program.checked[length] / (1 << 20):.0f} MB of intermediate tensors, more "
+                                             f"than at the full length ({program.peak_memory_bytes / (1 << 20):.0f} MB) "
+                                             f"by which {rows} rows a batch were sized ({program.limits.max_memory_mb:.0f} "
+                                             "MB allowed in all)")
 
     try:
         scores = prepare.evaluate_bpb(program, data, objective["eval_tokens"], objective["eval_seq_len"], rows,
