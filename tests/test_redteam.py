@@ -514,3 +514,16 @@ def test_showing_the_end_of_a_gigabyte_run_log_reads_only_its_end(tmp_path):
         log.seek(1 << 30)
         log.write(b"\nTraceback (most recent call last):\nRuntimeError: the last line\n")
     assert log_tail(tmp_path, 2) == "Traceback (most recent call last):\nRuntimeError: the last line"
+
+
+def test_a_loss_too_large_for_a_float_is_a_nan_not_a_harness_error():
+    """The worker sends its loss as JSON: an integer of 400 digits is valid JSON, and float() of it
+    raised OverflowError in the trusted ledger, which the harness reported as its own error."""
+    from train.contract import TrialFailed
+
+    ledger = Ledger("steps", 8, 1, 512)
+    ledger.start()
+    ledger.draw(4, 64)
+    with pytest.raises(TrialFailed) as failed:
+        ledger.step(10 ** 400)
+    assert failed.value.status == "nan"

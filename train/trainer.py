@@ -73,7 +73,7 @@ class Ledger:
         """Count one optimizer step; True once the budget is spent."""
         try:
             loss = float(loss)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # the worker's JSON: an int of 400 digits is valid
             loss = math.nan
         now = self.clock()
         self.num_steps += 1
