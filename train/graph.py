@@ -41,6 +41,7 @@ MAX_NAME = 256
 MAX_RANK = 8
 MAX_LIST = 4096
 MAX_DEPTH = 4
+ARGUMENTS_PER_NODE = 16  # arguments (list items included) of all operations, per operation allowed
 MAX_INT = 1 << 40  # any int the program computes with (shapes, dims, scalars)
 MAX_NUMEL = 1 << 31  # elements of any one tensor
 
@@ -290,7 +291,7 @@ def _nodes(entries, defined: set, limits: Limits) -> list[Node]:
         raise GraphInvalid("the exported model has no node list")
     if len(entries) > limits.max_nodes:
         raise GraphInvalid(f"the program has {len(entries)} operations; at most {limits.max_nodes} are allowed")
-    nodes = []
+    nodes, arguments, most = [], 0, ARGUMENTS_PER_NODE * limits.max_nodes
     for entry in entries:
         if not isinstance(entry, dict):
             raise GraphInvalid("an operation of the program is not an object")
@@ -306,6 +307,10 @@ def _nodes(entries, defined: set, limits: Limits) -> list[Node]:
             raise GraphInvalid(f"node {name!r}: args must be a list and kwargs an object")
         args = [_decode(a, defined, name, 1) for a in args]
         kwargs = {_name(k, "keyword"): _decode(v, defined, name, 1) for k, v in kwargs.items()}
+        arguments += _count(args) + _count(list(kwargs.values()))
+        if arguments > most:  # each costs Python and dispatch time at every call, which the work count misses
+            raise GraphInvalid(f"the program's operations take {arguments} arguments in all; at most {most} are "
+                               f"allowed ({ARGUMENTS_PER_NODE} an operation, list items included)")
         if kwargs.get("pin_memory") not in (None, False):
             raise GraphInvalid(f"node {name!r}: pin_memory is not the program's to choose")
         if op == "aten.dropout.default" and (args[2:3] != [False] and kwargs.get("train") is not False):
@@ -317,6 +322,10 @@ def _nodes(entries, defined: set, limits: Limits) -> list[Node]:
         nodes.append(Node(name, op, ALLOWED[op], tuple(args), kwargs))
         defined.add(name)
     return nodes
+
+
+def _count(value) -> int:
+    return sum(1 + _count(v) for v in value) if isinstance(value, list) else 0
 
 
 def _sdpa_dropout(args: list, kwargs: dict) -> bool:
