@@ -428,3 +428,14 @@ def test_the_arguments_of_all_operations_are_bounded_as_the_operations_are():
         load(tiny_program(wide), max_nodes=100)
     assert "\n" not in str(refused.value)
     assert load(tiny_program(wide), max_nodes=1000).work_per_token > 0  # the same program, within a larger bound
+
+
+def test_a_header_larger_than_the_objectives_operations_need_is_refused_before_it_is_parsed():
+    """JSON costs about 25 bytes of memory a byte of header: a 64 MB header of empty lists made the
+    trusted harness hold 1.6 GB before a single check. The header now has the room max_nodes
+    operations need, and a longer one is refused unread."""
+    junk = b'{"nodes": [' + b"[]," * (1 << 20) + b"[]]}"  # 3 MB
+    before = _rss_mb()
+    with pytest.raises(graph.GraphInvalid, match="header of .* bytes; at most") as refused:
+        load(struct.pack("<Q", len(junk)) + junk, max_nodes=1000)
+    assert "\n" not in str(refused.value) and _rss_mb() - before < 30

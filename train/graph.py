@@ -37,6 +37,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 FORMAT = "arena-graph/1"
 HEADER = struct.Struct("<Q")
 MAX_HEADER_BYTES = 64 << 20
+# JSON costs about 25 bytes of memory a byte of header, all before any check: the header may have
+# the room its operations need (an export takes about 130 bytes an operation) and a tensor table.
+HEADER_BYTES_PER_NODE, HEADER_BYTES_BASE = 256, 1 << 20
 MAX_NAME = 256
 MAX_RANK = 8
 MAX_LIST = 4096
@@ -184,7 +187,7 @@ def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int
     """Parse and check an exported program without running any of it on real values, and bound
     its cost at `seq_len` (the objective's evaluation length); `Program.check_lengths` bounds it at
     every other length the scorer will use before it does."""
-    header, payload = _split(raw)
+    header, payload = _split(raw, min(MAX_HEADER_BYTES, HEADER_BYTES_BASE + HEADER_BYTES_PER_NODE * limits.max_nodes))
     if header.get("format") != FORMAT:
         raise GraphInvalid(f"not an exported model of this arena (format {str(header.get('format'))[:40]!r}, "
                            f"want {FORMAT!r})")
@@ -202,13 +205,16 @@ def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int
     return program
 
 
-def _split(raw) -> tuple[dict, memoryview]:
+def _split(raw, max_header: int) -> tuple[dict, memoryview]:
     raw = memoryview(raw).cast("B")
     if len(raw) < HEADER.size:
         raise GraphInvalid("the exported model file is empty or truncated")
     (length,) = HEADER.unpack(raw[:HEADER.size])
-    if length > min(MAX_HEADER_BYTES, len(raw) - HEADER.size):
+    if length > len(raw) - HEADER.size:
         raise GraphInvalid(f"the exported model's header claims {length} bytes; the file has {len(raw)}")
+    if length > max_header:
+        raise GraphInvalid(f"the exported model has a header of {length} bytes; at most {max_header} are allowed "
+                           f"({HEADER_BYTES_PER_NODE} an operation of the objective's max_nodes)")
     try:
         header = json.loads(bytes(raw[HEADER.size:HEADER.size + length]))
     except (ValueError, RecursionError) as e:
