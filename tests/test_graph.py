@@ -439,3 +439,22 @@ def test_a_header_larger_than_the_objectives_operations_need_is_refused_before_i
     with pytest.raises(graph.GraphInvalid, match="header of .* bytes; at most") as refused:
         load(struct.pack("<Q", len(junk)) + junk, max_nodes=1000)
     assert "\n" not in str(refused.value) and _rss_mb() - before < 30
+
+
+@pytest.mark.parametrize("op,args", [
+    ("aten.embedding.default", [{"ref": "none"}, {"ref": "idx"}]),
+    ("aten.index_select.default", [{"ref": "none"}, 0, {"ref": "flat"}]),
+    ("aten.index.Tensor", [{"ref": "none"}, [{"ref": "flat"}]]),
+])
+def test_an_index_into_an_empty_dimension_is_refused_at_load(op, args):
+    """Clamping cannot bring an index into range of a dimension of size 0: the CPU refuses it late
+    (an error on the first real row), and a GPU asserts on the device, the fault clamping is for."""
+    tensors = {"w": {"dtype": "float32", "shape": [VOCAB, VOCAB], "offset": 0, "nbytes": VOCAB * VOCAB * 4},
+               "none": {"dtype": "float32", "shape": [0, VOCAB], "offset": 0, "nbytes": 0}}
+    inputs = [{"name": "w", "tensor": "w"}, {"name": "none", "tensor": "none"}, {"name": "idx", "input": True}]
+    nodes = [embed("e"), {"name": "flat", "op": "aten.view.default", "args": [{"ref": "idx"}, [-1]], "kwargs": {}},
+             {"name": "x", "op": op, "args": args, "kwargs": {}},
+             {"name": "s", "op": "aten.sum.default", "args": [{"ref": "x"}], "kwargs": {}},
+             {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match="empty"):
+        load(tiny_program(nodes, tensors=tensors, inputs=inputs))

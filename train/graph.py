@@ -476,6 +476,7 @@ def _clamp_indices(node: Node, args: list, kwargs: dict) -> None:
     if index.dtype not in (torch.int64, torch.int32):
         raise GraphInvalid(f"node {node.name!r}: {node.op} needs integer indices, got {index.dtype}")
     size = source.shape[dim] if source.dim() else 1
+    _nonempty(node, size, index)
     args[index_at] = index.clamp(0, max(size - 1, 0))
 
 
@@ -492,8 +493,15 @@ def _clamp_index_list(node: Node, args: list) -> None:
             raise GraphInvalid(f"node {node.name!r}: indexing with a mask (its result's shape depends on values) "
                                "is not allowed; index with integer tensors")
         size = source.shape[dim]
+        _nonempty(node, size, index)
         clamped.append(index.clamp(-size, max(size - 1, 0)))
     args[1] = clamped
+
+
+def _nonempty(node: Node, size: int, index: torch.Tensor) -> None:
+    """No clamp brings an index into a dimension of size 0: a GPU asserts on the device."""
+    if size == 0 and index.numel():
+        raise GraphInvalid(f"node {node.name!r}: {node.op} indexes an empty dimension")
 
 
 def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
