@@ -527,3 +527,64 @@ def test_a_loss_too_large_for_a_float_is_a_nan_not_a_harness_error():
     with pytest.raises(TrialFailed) as failed:
         ledger.step(10 ** 400)
     assert failed.value.status == "nan"
+
+
+def _peeker_at(spec, seq_len: int, position: int):
+    """A bigram model of the train split, exported as the scorer reads it, that also reads the next
+    token at one fixed position of every row (30 nats on it): the one place it cheats."""
+    import numpy as np
+
+    from train import graph
+
+    vocab = spec.vocab_size
+    train = np.asarray(spec.train_tokens(), dtype=np.int64)
+    counts = np.bincount(train[:-1] * vocab + train[1:], minlength=vocab * vocab).reshape(vocab, vocab) + 0.1
+    table = np.log(counts / counts.sum(1, keepdims=True)).astype(np.float32).tobytes()
+    eye = (np.eye(vocab, dtype=np.float32) * 30).tobytes()
+    nodes = [
+        {"name": "e", "op": "aten.embedding.default", "args": [{"ref": "w"}, {"ref": "idx"}], "kwargs": {}},
+        {"name": "nxt", "op": "aten.roll.default", "args": [{"ref": "idx"}, [-1], [1]], "kwargs": {}},
+        {"name": "hot", "op": "aten.embedding.default", "args": [{"ref": "eye"}, {"ref": "nxt"}], "kwargs": {}},
+        {"name": "n", "op": "aten.sym_size.int", "args": [{"ref": "idx"}, 1], "kwargs": {}},
+        {"name": "pos", "op": "aten.arange.default", "args": [{"ref": "n"}],
+         "kwargs": {"dtype": {"dtype": "int64"}, "device": {"device": "cpu"}}},
+        {"name": "at", "op": "aten.eq.Scalar", "args": [{"ref": "pos"}, position], "kwargs": {}},
+        {"name": "atf", "op": "aten._to_copy.default", "args": [{"ref": "at"}], "kwargs": {"dtype": {"dtype": "float32"}}},
+        {"name": "m", "op": "aten.view.default", "args": [{"ref": "atf"}, [1, -1, 1]], "kwargs": {}},
+        {"name": "bump", "op": "aten.mul.Tensor", "args": [{"ref": "hot"}, {"ref": "m"}], "kwargs": {}},
+        {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "bump"}], "kwargs": {}}]
+    head = json.dumps({"format": graph.FORMAT, "inputs": [{"name": "w", "tensor": "w"}, {"name": "eye", "tensor": "eye"},
+                                                          {"name": "idx", "input": True}],
+                       "tensors": {"w": {"dtype": "float32", "shape": [vocab, vocab], "offset": 0, "nbytes": len(table)},
+                                   "eye": {"dtype": "float32", "shape": [vocab, vocab], "offset": len(table),
+                                           "nbytes": len(eye)}},
+                       "nodes": nodes, "output": "logits"}).encode()
+    raw = struct.pack("<Q", len(head)) + head + table + eye
+    return graph.load(raw, graph.Limits(), vocab_size=vocab, seq_len=seq_len)
+
+
+def test_a_model_that_peeks_at_one_fixed_position_is_caught_as_often_as_two_checks_a_row_promise(objective):
+    """Each row has a seam probe at its own secret cut, but the prefix-only runs share two lengths a
+    batch: a peek at one fixed position (the second to last) escaped the prefix check in most
+    evaluations and the seams in about a third, and passed 33 of 100 on the tiny geometry (a gain
+    of 0.038 bits per byte over the honest bigram) and 8 of 60 on the cpu one (0.015, about 2.5
+    seed SDs), where two independent checks a row promise (1 - 2/(T-1))^rows: 13% and 1.8%. A
+    second seam probe a row, at its own cut, keeps that promise. Seeds are fixed: no luck involved."""
+    import numpy as np
+
+    from train import prepare
+
+    spec = prepare.prepare(objective["corpus"], objective["vocab_size"], objective.get("cache_dir"))
+    seq_len, tokens, rows = objective["eval_seq_len"], objective["eval_tokens"], objective["eval_batch_size"]
+    cheat = _peeker_at(spec, seq_len, seq_len - 2)
+    passed = 0
+    for seed in range(40):
+        try:
+            prepare.evaluate_bpb(cheat, spec, tokens, seq_len, rows, "cpu", rng=np.random.default_rng(seed),
+                                 check_lengths=cheat.check_lengths)
+            passed += 1
+        except prepare.NotCausal:
+            pass
+    windows = -(-tokens // seq_len)
+    promised = (1 - 2 / (seq_len - 1)) ** windows  # 0.13 for 64 rows of 64
+    assert passed <= 40 * promised + 3, passed

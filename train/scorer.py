@@ -55,11 +55,13 @@ def load_program(raw: bytes, objective: dict, vocab_size: int, max_bytes: int) -
 
 
 def batch_rows(program: graph.Program, objective: dict) -> int:
-    """Rows evaluated at once: the objective's eval_batch_size, fewer if a batch and its causality
-    probes (twice the rows) would pass the memory the objective allows. Sized at the full length;
-    a program that needs more at a shorter one (a prefix-only run) is refused in evaluate()."""
+    """Rows evaluated at once: the objective's eval_batch_size, fewer if a batch and its seam
+    probes (1 + SEAMS_PER_ROW times the rows) would pass the memory the objective allows. Sized at
+    the full length; a program that needs more at a shorter one (a prefix-only run) is refused in
+    evaluate()."""
     budget = program.limits.max_memory_mb * (1 << 20)
-    return max(1, min(int(objective["eval_batch_size"]), int(budget // max(1, 2 * program.peak_memory_bytes))))
+    at_once = (1 + prepare.SEAMS_PER_ROW) * max(1, program.peak_memory_bytes)
+    return max(1, min(int(objective["eval_batch_size"]), int(budget // at_once)))
 
 
 def evaluate(program: graph.Program, data: prepare.DataSpec, objective: dict, device, log) -> dict:
