@@ -17,7 +17,12 @@ through once; the comment names what closed it, and the test keeps it closed:
   harness's (they now read steps.log, which only the harness writes);
 - a candidate training at sequence length 4, which made the harness fork 256 model servers;
 - training the clock does not see: in a warm-up step on the batches drawn before it, and after the
-  last step before train() returns (the ledger tests below, with the ledger's own clock).
+  last step before train() returns (the ledger tests below, with the ledger's own clock);
+- programs that made the trusted scorer hold far more memory than max_memory_mb, status ok (a
+  view that outlives its base, sizes that grow only at the prefix-only runs' lengths, an einsum's
+  hidden product), a loss no float holds (a harness error), a 64 MB JSON header (1.6 GB parsed
+  before any check), and a model that peeks at one fixed position, which the shared prefix lengths
+  rarely check (the red team of issue 20; the unit tests in tests/test_graph.py cover the rest).
 """
 from __future__ import annotations
 
@@ -54,6 +59,16 @@ def _in_forward(objective: dict, code: str, at_import: str = "") -> str:
     body = "".join(f"        {line}\n" for line in ("_logits = None\n" + code.strip("\n")).splitlines())
     source = source.replace(forward, forward + body + "        if _logits is not None:\n            return _logits\n", 1)
     return source + "\n" + at_import
+
+
+def _at_logits(objective: dict, code: str) -> str:
+    """`code` runs in forward right after the baseline computes `logits` (which it may replace):
+    with `if not self.training:` only when the worker exports the model, so only in the program
+    the scorer evaluates."""
+    source = tiny_source(objective)
+    anchor = "        logits = self.lm_head(norm(x)).float()\n"
+    body = "".join(f"        {line}\n" for line in code.strip("\n").splitlines())
+    return source.replace(anchor, anchor + body, 1)
 
 
 def _in_train(objective: dict, code: str) -> str:
@@ -142,6 +157,31 @@ if _o.fork() == 0:
 """
 
 
+# The scorer's memory: what the exported program makes the trusted harness hold, beyond what the
+# objective's max_memory_mb (64 MB in these trials) says it may. Each adds nothing to the logits.
+VIEWS_OUTLIVE_THEIR_BASES = """
+if not self.training:
+    _keep = [torch.full((12 << 20,), 1.0, device=idx.device)[:1] for _ in range(10)]  # 10 x 48 MB, 1 float each
+    logits = logits + torch.stack(_keep).sum() * 0
+"""
+GROWS_ONLY_AT_PREFIX_LENGTHS = """
+if not self.training:
+    _short = (2 * EVAL_SEQ_LEN - 1 - idx.size(1)) // EVAL_SEQ_LEN  # 1 below the full length, 0 at it
+    _wide = idx[:, :1].float().expand(1, _short * (7 << 20) + 2).contiguous()  # 28 MB a row, prefix runs only
+    logits = logits + _wide.sum() * 0
+"""
+EINSUM_OF_THREE = """
+if not self.training:
+    _col, _row = torch.ones(8192, 1, device=idx.device), torch.ones(1, 8192, device=idx.device)
+    logits = logits + torch.einsum("ab,bc,cd->ad", _col, _row, _col).sum() * 0  # an [8192, 8192] product inside
+"""
+# The worker owns its end of the socket: a loss no float holds.
+HUGE_LOSS = "import sys\nsys._getframe(1).f_locals['run']._ask({'op': 'step', 'loss': 10 ** 400})"
+# 64 MB of empty JSON lists: 1.6 GB of the harness's memory once parsed.
+JSON_BOMB = ("(lambda b: open(path, 'wb').write(__import__('struct').pack('<Q', len(b)) + b))"
+             "(b'{\"nodes\": [' + b'[],' * ((64 << 20) // 3 - 8) + b'[]]}')")
+
+
 def _bomb_file() -> str:
     """A model file of a few hundred bytes declaring an 8 GiB tensor."""
     head = json.dumps({"format": "arena-graph/1", "inputs": [{"name": "idx", "input": True}], "nodes": [],
@@ -166,6 +206,7 @@ class Redteam:
         self.stolen = study / "stolen-model.arena"
         _save_uniform_model(objective, self.stolen)
         constants = f"\nSEED = 1\nSTOLEN = {str(self.stolen)!r}\n"
+        small_memory = {"eval_limits": {**objective["eval_limits"], "max_memory_mb": 64}}
         attacks = {  # name -> (source, objective overrides, harness environment)
             "python-side-channel-in-forward-landlock": (_in_forward(objective, PEEK, SYSV_CHANNEL + constants),
                                                         {"sandbox": "landlock"}, {}),
@@ -178,12 +219,19 @@ class Redteam:
             "forged-step-lines-in-run-log": (_in_train(objective, FORGED_STEPS), {}, {}),
             "training-at-sequence-length-4": (tiny_source({**objective, "knobs": {**objective["knobs"], "SEQ_LEN": 4}}),
                                               {}, {}),
+            "views-outlive-their-bases": (_at_logits(objective, VIEWS_OUTLIVE_THEIR_BASES), small_memory, {}),
+            "memory-grows-only-at-prefix-lengths": (
+                _at_logits(objective, GROWS_ONLY_AT_PREFIX_LENGTHS.replace("EVAL_SEQ_LEN", str(objective["eval_seq_len"]))),
+                {**small_memory, "eval_tokens": 2048, "eval_batch_size": 32}, {}),
+            "einsum-of-three-operands": (_at_logits(objective, EINSUM_OF_THREE), small_memory, {}),
+            "a-loss-no-float-holds": (_in_train(objective, HUGE_LOSS), {}, {}),
+            "a-64-mb-header": (_in_train(objective, _exporting(JSON_BOMB)), {}, {}),
         }
         if not _landlock_level():
             del attacks["python-side-channel-in-forward-landlock"]
         self.trials, self.runs = {}, {}
         for index, (name, (source, overrides, env)) in enumerate(attacks.items()):
-            trial = make_trial(study, index, objective, source, **EVAL, **overrides)
+            trial = make_trial(study, index, objective, source, **{**EVAL, **overrides})
             self.trials[name] = (trial, env)
         with ThreadPoolExecutor(2) as pool:
             self.runs = dict(zip(self.trials, pool.map(self._harness, self.trials.values())))
@@ -273,6 +321,28 @@ def test_training_at_sequence_length_4_changes_nothing_of_the_evaluation(redteam
     assert result.status == "ok", result.error
     log = (Path(trial.directory) / LOG_FILE).read_text()
     assert "batches of 4 x 4 tokens" in log and "8 rows of 64" in log
+
+
+@pytest.mark.parametrize("name", ["views-outlive-their-bases", "memory-grows-only-at-prefix-lengths",
+                                  "einsum-of-three-operands"])
+def test_the_scorer_holds_no_more_memory_than_the_objective_allows(redteam, name):
+    """Each of these programs passed every check of max_memory_mb = 64 MB and scored status ok while
+    the trusted harness held far more: ten one-float slices of 48 MB tensors (818 MB resident), a
+    28 MB tensor a row at prefix lengths only, 16 rows at once (980 MB), an einsum's hidden
+    [8192, 8192] product (256 MB)."""
+    result = redteam.result(name)
+    assert result.status == "invalid" and "MB of intermediate tensors" in result.error, (result.status, result.error)
+    assert result.val_bpb is None
+
+
+def test_a_loss_no_float_holds_ends_the_trial_as_nan_not_as_a_harness_error(redteam):
+    result = redteam.result("a-loss-no-float-holds")
+    assert result.status == "nan" and "harness error" not in result.error, (result.status, result.error)
+
+
+def test_a_model_file_with_a_64_mb_header_is_refused_before_it_is_parsed(redteam):
+    result = redteam.result("a-64-mb-header")
+    assert result.status == "invalid" and "header of" in result.error, (result.status, result.error)
 
 
 @pytest.mark.parametrize("level", LEVELS)
