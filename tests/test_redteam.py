@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +41,7 @@ import pytest
 
 from launchers.base import read_result
 from tests.conftest import ROOT, make_trial, tiny_source
-from tests.test_sandbox import LEVELS, both, world  # noqa: F401 - `world` is a fixture used here
+from tests.test_sandbox import LEVELS, both, fork_running, world  # noqa: F401 - `world` is a fixture used here
 from train import sandbox
 from train.contract import LOG_FILE, RESULT_FILE
 from train.integrity import ensure_study_key
@@ -658,3 +659,96 @@ def test_a_model_that_peeks_at_one_fixed_position_is_caught_as_often_as_two_chec
     windows = -(-tokens // seq_len)
     promised = (1 - 2 / (seq_len - 1)) ** windows  # 0.13 for 64 rows of 64
     assert passed <= 40 * promised + 3, passed
+
+
+LOCK_OFFSET = 0x5EED_0000_0042  # where the speaker's read lock starts: 45 bits any trial could choose
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_two_concurrent_trials_pass_nothing_through_file_locks_or_file_events(world, level):  # noqa: F811
+    """Trials of parallel slots read the same files. A POSIX read lock on one of them (a read-only
+    descriptor is enough) can start at any of 2^63 offsets, which F_GETLK in another trial reads
+    back (and /proc/locks at `landlock`); flock and inotify's access events carry a bit a file:
+    measured, one trial read 64 KB another left in locks on the interpreter in 1.4 s, so two
+    colluding trials could average their weights as they train (twice the budget each). In the
+    sandbox file locks are no-ops, lock queries and file-event watches are refused."""
+    import dataclasses
+    import fcntl
+
+    target = os.path.realpath(sys.executable)
+    folder = os.path.dirname(os.__file__)  # the standard library's folder: readable by every trial
+
+    def listener(talk_in: int, say):
+        libc = ctypes.CDLL(None, use_errno=True)
+        events = libc.inotify_init1(os.O_NONBLOCK)
+        watched = libc.inotify_add_watch(events, target.encode(), 0x1 | 0x20) if events >= 0 else -1  # access, open
+        report = {"watching": watched >= 0}
+        say("ready")
+        os.read(talk_in, 1)  # the speaker has spoken
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            query = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+            kind, _, start, _, _ = struct.unpack("hhqqi", query)
+            report["lock_seen_at"] = start if kind != fcntl.F_UNLCK else None
+        except OSError as e:
+            report["lock_seen_at"] = f"refused ({e.errno})"
+        folder_fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(folder_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            report["flock_blocked"] = False
+        except OSError:
+            report["flock_blocked"] = True
+        try:
+            report["proc_locks"] = sum(str(LOCK_OFFSET) in line for line in open("/proc/locks"))
+        except OSError:
+            report["proc_locks"] = 0
+        try:
+            report["events"] = len(os.read(events, 4096)) // 16 if events >= 0 else 0
+        except BlockingIOError:
+            report["events"] = 0
+        return report
+
+    def speaker(_, say):
+        fd = os.open(target, os.O_RDONLY)
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, LOCK_OFFSET)
+        fcntl.flock(os.open(folder, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        say("spoken")
+        return {}
+
+    def start(body, name: str):
+        """`body(talk_in, say)` in a confined fork with its own scratch; (tree, its output, our end of its input)."""
+        scratch = world.root / name
+        scratch.mkdir()
+        out_r, out_w = os.pipe()
+        in_r, in_w = os.pipe()
+        policy = dataclasses.replace(world.policy(), scratch=scratch, keep_fds=(out_w, in_r))
+
+        def confined() -> None:
+            sandbox.confine(policy, level)
+
+            def say(line: str) -> None:
+                os.write(out_w, (line + "\n").encode())
+
+            say(json.dumps(body(in_r, say)))
+            if name == "speaker":
+                time.sleep(60)  # holds its locks until killed
+
+        pid = fork_running(confined, failed_code=70)
+        os.close(out_w)
+        os.close(in_r)
+        tree = sandbox.ProcessTree(pid, policy, level)
+        world.trees.append(tree)
+        return tree, os.fdopen(out_r), in_w
+
+    _, heard, talk = start(listener, "listener")
+    assert heard.readline().strip() == "ready"
+    speaking, said, _ = start(speaker, "speaker")
+    assert said.readline().strip() == "spoken"
+    os.write(talk, b"x")
+    report = json.loads(heard.readline())
+    speaking.kill_all()
+    if both(level):
+        assert report == {"watching": False, "lock_seen_at": "refused (1)", "flock_blocked": False, "proc_locks": 0,
+                          "events": 0}, report
+    else:  # the control: every channel carries
+        assert report["lock_seen_at"] == LOCK_OFFSET and report["flock_blocked"] and report["events"] >= 1, report
