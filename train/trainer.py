@@ -181,7 +181,17 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
     `deadline` is the hard limit on the wall clock (time.time()), `limit_s` its length for the
     message; `watch` samples whatever this side
     watches while the worker trains (forced when the worker reports a failure); `log_step` takes
-    the step lines (default: `log`)."""
+    the step lines (default: `log`). Every read and write of the socket ends by the deadline: a
+    worker that never read a batch it asked for, or sent half a message, held the harness for good."""
+    try:
+        _serve(worker, ledger, train_tokens, seed, deadline, log, watch, log_step, limit_s)
+    except TimeoutError:
+        raise TrialFailed("timeout", "killed at the hard limit" + (f" of {limit_s:g} s" if limit_s else "")
+                          + ": the worker stopped half-way through a message") from None
+
+
+def _serve(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline: float, log, watch, log_step,
+           limit_s: float | None) -> None:
     log_step = log_step or log
     streams: list = []
     said_started = False
@@ -194,6 +204,7 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             raise TrialFailed("timeout", why)
         if not select.select([worker.sock], [], [], 0.1)[0]:
             continue
+        worker.sock.settimeout(max(0.01, deadline - time.time()))  # for this request and its answer
         try:
             request, _, _ = wire.recv(worker.sock)
         except (wire.HungUp, ConnectionError):
