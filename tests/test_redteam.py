@@ -21,8 +21,10 @@ through once; the comment names what closed it, and the test keeps it closed:
 - programs that made the trusted scorer hold far more memory than max_memory_mb, status ok (a
   view that outlives its base, sizes that grow only at the prefix-only runs' lengths, an einsum's
   hidden product), a loss no float holds (a harness error), a 64 MB JSON header (1.6 GB parsed
-  before any check), and a model that peeks at one fixed position, which the shared prefix lengths
-  rarely check (the red team of issue 20; the unit tests in tests/test_graph.py cover the rest).
+  before any check), a worker that never reads the batch it asked for (the harness blocked past its
+  hard limit for good), and a model that peeks at one fixed position, which the shared prefix
+  lengths rarely check (the red team of issue 20; the unit tests in tests/test_graph.py cover the
+  rest); two concurrent trials talking through file locks and file events (the sandbox tests below).
 """
 from __future__ import annotations
 
@@ -178,6 +180,14 @@ if not self.training:
 """
 # The worker owns its end of the socket: a loss no float holds.
 HUGE_LOSS = "import sys\nsys._getframe(1).f_locals['run']._ask({'op': 'step', 'loss': 10 ** 400})"
+# Ask for a 128 MB batch and never read it: the harness's blocking send held it past its hard limit.
+NEVER_READS = """import sys, time
+from train import wire
+_run = sys._getframe(1).f_locals['run']
+wire.send(_run._sock, {'op': 'batches', 'batch_size': 4096, 'seq_len': 4095})
+wire.recv(_run._sock)
+wire.send(_run._sock, {'op': 'next', 'stream': 0})
+time.sleep(3600)"""
 # 64 MB of empty JSON lists: 1.6 GB of the harness's memory once parsed.
 JSON_BOMB = ("(lambda b: open(path, 'wb').write(__import__('struct').pack('<Q', len(b)) + b))"
              "(b'{\"nodes\": [' + b'[],' * ((64 << 20) // 3 - 8) + b'[]]}')")
@@ -227,6 +237,7 @@ class Redteam:
             "einsum-of-three-operands": (_at_logits(objective, EINSUM_OF_THREE), small_memory, {}),
             "a-loss-no-float-holds": (_in_train(objective, HUGE_LOSS), {}, {}),
             "a-64-mb-header": (_in_train(objective, _exporting(JSON_BOMB)), {}, {}),
+            "a-worker-that-never-reads-its-batch": (_in_train(objective, NEVER_READS), {"hard_limit_s": 20}, {}),
         }
         if not _landlock_level():
             del attacks["python-side-channel-in-forward-landlock"]
@@ -344,6 +355,11 @@ def test_a_loss_no_float_holds_ends_the_trial_as_nan_not_as_a_harness_error(redt
 def test_a_model_file_with_a_64_mb_header_is_refused_before_it_is_parsed(redteam):
     result = redteam.result("a-64-mb-header")
     assert result.status == "invalid" and "header of" in result.error, (result.status, result.error)
+
+
+def test_a_worker_that_never_reads_the_batch_it_asked_for_is_a_timeout_at_the_hard_limit(redteam):
+    result = redteam.result("a-worker-that-never-reads-its-batch")  # the harness wrote its result
+    assert result.status == "timeout" and "half-way through a message" in result.error, (result.status, result.error)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -752,3 +768,41 @@ def test_two_concurrent_trials_pass_nothing_through_file_locks_or_file_events(wo
                           "events": 0}, report
     else:  # the control: every channel carries
         assert report["lock_seen_at"] == LOCK_OFFSET and report["flock_blocked"] and report["events"] >= 1, report
+
+
+@pytest.mark.parametrize("stall", ["never-reads-the-batch-it-asked-for", "sends-half-a-message"])
+def test_a_worker_that_stalls_mid_message_ends_at_the_hard_limit_not_never(stall):
+    """The harness sent each batch with a blocking sendall and read each request to its end: a
+    worker that asked for a 128 MB batch and never read it, or sent the first bytes of a message
+    and nothing more, held the trusted harness past its hard limit for good (through the harness:
+    still blocked at 300 s of a 60 s limit; the launcher's backstop killed it later, no result)."""
+    import socket
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from train import wire
+    from train.contract import TrialFailed
+    from train.trainer import serve_training
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        if stall == "never-reads-the-batch-it-asked-for":
+            wire.send(theirs, {"op": "batches", "batch_size": 4096, "seq_len": 4095})
+            wire.send(theirs, {"op": "next", "stream": 0})
+        else:
+            theirs.sendall(struct.pack("!IQ", 1000, 0) + b'{"op": ')
+        outcome = {}
+
+        def serve():
+            try:
+                serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512),
+                               np.zeros(1 << 20, dtype=np.uint16), 0, time.time() + 2, lambda line: None)
+            except TrialFailed as e:
+                outcome["status"] = e.status
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        server.join(120)  # a guard, not a timing: without the fix it never returns
+        assert not server.is_alive(), "the harness is still blocked on the worker"
+        assert outcome == {"status": "timeout"}
