@@ -18,6 +18,12 @@ bound on what a trial can hand a later one, as a fraction of the cpu preset mode
 
     python benchmarks/carryover.py                    # 4096 bits, one process each side
     python benchmarks/carryover.py --bits 20000 --processes 4
+
+Measured on this machine kind (2 cores, ext4 on virtio, load 3-7): 8.35 GiB readable, 6.9-7.4 GiB
+of it cold; 20,000 bits recovered with 6.9-7.9% wrong (almost all 0 -> 1: pages someone else had
+read), a writer at ~4,900-7,000 pages/s and a reader at ~8,100-14,800 pages/s with 4 processes
+each; the bound is ~133-151 KiB (9.5-10.7% of the cpu preset's 1.44 MB of weights) a hand-over,
+at most ~267 KiB (18.5%) if the writer first evicts the cache.
 """
 from __future__ import annotations
 
@@ -301,6 +307,10 @@ def main(argv=None) -> None:
           f"{HARD_LIMIT_S} s hard limit at this rate")
     print(f"        = {bound / 8 / weights:.1%} of the cpu preset model's {weights / 1e6:.2f} MB of float32 weights "
           f"per trial handed to a later one")
+    print(f"ceiling: a writer that first evicts the cache by memory pressure (a trial has no memory limit unless "
+          f"objective.memory_mb sets one) has every page of the readable files, one bit each at best: {total} bits = "
+          f"{total / 8 / 1024:.0f} KiB, {total / 8 / weights:.1%} of the weights (not run here: it would evict the "
+          f"host's whole page cache)")
 
 
 if __name__ == "__main__":
