@@ -29,6 +29,7 @@ import json
 import math
 import operator
 import struct
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,12 @@ MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format
 
 class GraphInvalid(ValueError):
     """The exported program cannot be scored; the message is one line an agent can act on."""
+
+
+class OutOfTime(Exception):
+    """The program was still being checked or evaluated at its deadline (Program.deadline): what
+    the work count misses (an operator without a vmap batch rule runs once a row; Python and dispatch
+    time a node) has no other bound."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class Program:
         self.params = params  # names of the tensors export lifted as parameters (for counting)
         self.limits, self.vocab_size, self.seq_len = limits, vocab_size, seq_len
         self.checked: dict[int, int] = {}  # lengths checked -> the peak memory of one row there
+        self.deadline: float | None = None  # time.time() past which checking or evaluating it stops
         self.device = torch.device("cpu")
         self.work_per_token = self.peak_memory_bytes = None
         self.vocab_width = None
@@ -174,6 +182,7 @@ class Program:
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         env = {self.input_name: idx, **self.constants}
         for index, node in enumerate(self.nodes):
+            _in_time(self)
             env[node.name] = _run(node, env, self.device)
             for freed in self._frees[index]:
                 env.pop(freed, None)
@@ -183,10 +192,12 @@ class Program:
         return [self.constants[name] for name in self.params]
 
 
-def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int, seq_len: int) -> Program:
+def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int, seq_len: int,
+         deadline: float | None = None) -> Program:
     """Parse and check an exported program without running any of it on real values, and bound
     its cost at `seq_len` (the objective's evaluation length); `Program.check_lengths` bounds it at
-    every other length the scorer will use before it does."""
+    every other length the scorer will use before it does. Past `deadline` (time.time()), checking
+    or evaluating it raises OutOfTime."""
     header, payload = _split(raw, min(MAX_HEADER_BYTES, HEADER_BYTES_BASE + HEADER_BYTES_PER_NODE * limits.max_nodes))
     if header.get("format") != FORMAT:
         raise GraphInvalid(f"not an exported model of this arena (format {str(header.get('format'))[:40]!r}, "
@@ -199,6 +210,7 @@ def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int
         raise GraphInvalid("the program's output is not one of its nodes")
     _mark_last_uses(nodes, output)
     program = Program(nodes, constants, input_name, output, params, limits, vocab_size, seq_len)
+    program.deadline = deadline
     work, memory, width = _meta_pass(program, seq_len)
     program.work_per_token, program.peak_memory_bytes, program.vocab_width = work / seq_len, memory, width
     program.checked[seq_len] = memory
@@ -521,6 +533,7 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
     counter, inside = FlopCounterMode(display=False), _Allocations()
     with counter, inside:
         for index, node in enumerate(program.nodes):
+            _in_time(program)
             inside.bytes = 0
             try:
                 value = _run(node, env, meta)
@@ -623,6 +636,11 @@ def _tensors_of(value):
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors_of(v)
+
+
+def _in_time(program: Program) -> None:
+    if program.deadline is not None and time.time() > program.deadline:
+        raise OutOfTime("the exported model could not be checked and scored within the trial's hard limit")
 
 
 def _check_value(node: Node, value, limits: Limits) -> None:

@@ -46,12 +46,17 @@ def limits(objective: dict, max_bytes: int) -> graph.Limits:
                         max_tensor_bytes=max_bytes)
 
 
-def load_program(raw: bytes, objective: dict, vocab_size: int, max_bytes: int) -> graph.Program:
+def load_program(raw: bytes, objective: dict, vocab_size: int, max_bytes: int,
+                 deadline: float | None = None) -> graph.Program:
+    """The checked program; past `deadline` (time.time(): the trial's hard limit) checking it or
+    evaluating it is a timeout."""
     try:
         return graph.load(raw, limits(objective, max_bytes), vocab_size=vocab_size,
-                          seq_len=objective["eval_seq_len"])
+                          seq_len=objective["eval_seq_len"], deadline=deadline)
     except graph.GraphInvalid as e:
         raise TrialFailed("invalid", f"the exported model cannot be scored: {e}") from None
+    except graph.OutOfTime as e:
+        raise TrialFailed("timeout", str(e)) from None
 
 
 def batch_rows(program: graph.Program, objective: dict) -> int:
@@ -89,6 +94,8 @@ def evaluate(program: graph.Program, data: prepare.DataSpec, objective: dict, de
     try:
         scores = prepare.evaluate_bpb(program, data, objective["eval_tokens"], objective["eval_seq_len"], rows,
                                       torch.device(device), check_lengths=check_lengths)
+    except graph.OutOfTime as e:
+        raise TrialFailed("timeout", str(e)) from None
     except prepare.NonFinite as e:
         raise TrialFailed("nan", str(e)) from None
     except (prepare.NotCausal, graph.GraphInvalid) as e:
