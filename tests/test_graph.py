@@ -458,3 +458,19 @@ def test_an_index_into_an_empty_dimension_is_refused_at_load(op, args):
              {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
     with pytest.raises(graph.GraphInvalid, match="empty"):
         load(tiny_program(nodes, tensors=tensors, inputs=inputs))
+
+
+def test_a_program_past_its_deadline_stops_checking_and_evaluating():
+    """What the work count misses (an operator without a vmap batch rule runs once a row) has the
+    deadline as its bound: the trial's hard limit, checked at every node."""
+    import time
+
+    raw = tiny_program([embed()])
+    with pytest.raises(graph.OutOfTime):
+        graph.load(raw, graph.Limits(), vocab_size=VOCAB, seq_len=32, deadline=time.time() - 1)
+    program = load(raw)
+    program.deadline = time.time() - 1
+    with pytest.raises(graph.OutOfTime):
+        program(torch.zeros(1, 32, dtype=torch.int64))
+    with pytest.raises(graph.OutOfTime):
+        program.check_lengths([7])

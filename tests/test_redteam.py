@@ -188,6 +188,32 @@ wire.send(_run._sock, {'op': 'batches', 'batch_size': 4096, 'seq_len': 4095})
 wire.recv(_run._sock)
 wire.send(_run._sock, {'op': 'next', 'stream': 0})
 time.sleep(3600)"""
+# The exported program, then 2,000 attention operators on an [8, 1, T, 8] slice of the logits
+# appended to it: little work by the count (2e6 a token), but the CPU's attention kernel has no
+# vmap batch rule, so each runs once a row: 239 s of the trusted harness's time for a tiny trial
+# whose honest evaluation takes 4 s (status ok; at max_nodes, about 40 minutes).
+SLOW_TO_SCORE = """import builtins as _b, json as _j, struct as _s, types as _t, train.export as _E
+_export = _t.FunctionType(_E.export_model.__code__, _E.export_model.__globals__)
+def _slow(model, seq_len, path):
+    _export(model, seq_len, path)
+    raw = open(path, 'rb').read()
+    (n,) = _s.unpack('<Q', raw[:8])
+    head, payload = _j.loads(raw[8:8 + n]), raw[8 + n:]
+    out, nodes, last = head['output'], head['nodes'], 'q'
+    nodes += [{'name': 'q0', 'op': 'aten.slice.Tensor', 'args': [{'ref': out}, 2, 0, 8], 'kwargs': {}},
+              {'name': 'q', 'op': 'aten.unsqueeze.default', 'args': [{'ref': 'q0'}, 1], 'kwargs': {}}]
+    for i in range(2000):
+        nodes.append({'name': f'a{i}', 'op': 'aten.scaled_dot_product_attention.default',
+                      'args': [{'ref': last}, {'ref': 'q'}, {'ref': 'q'}], 'kwargs': {'is_causal': True}})
+        last = f'a{i}'
+    nodes += [{'name': 's', 'op': 'aten.sum.default', 'args': [{'ref': last}], 'kwargs': {}},
+              {'name': 'z', 'op': 'aten.mul.Scalar', 'args': [{'ref': 's'}, 0.0], 'kwargs': {}},
+              {'name': 'slow', 'op': 'aten.add.Tensor', 'args': [{'ref': out}, {'ref': 'z'}], 'kwargs': {}}]
+    head['output'] = 'slow'
+    head = _j.dumps(head).encode()
+    open(path, 'wb').write(_s.pack('<Q', len(head)) + head + payload)
+_b._arena_slow = _slow
+_E.export_model.__code__ = (lambda model, seq_len, path: _arena_slow(model, seq_len, path)).__code__"""
 # 64 MB of empty JSON lists: 1.6 GB of the harness's memory once parsed.
 JSON_BOMB = ("(lambda b: open(path, 'wb').write(__import__('struct').pack('<Q', len(b)) + b))"
              "(b'{\"nodes\": [' + b'[],' * ((64 << 20) // 3 - 8) + b'[]]}')")
@@ -238,6 +264,7 @@ class Redteam:
             "a-loss-no-float-holds": (_in_train(objective, HUGE_LOSS), {}, {}),
             "a-64-mb-header": (_in_train(objective, _exporting(JSON_BOMB)), {}, {}),
             "a-worker-that-never-reads-its-batch": (_in_train(objective, NEVER_READS), {"hard_limit_s": 20}, {}),
+            "a-program-slow-to-score": (_in_train(objective, SLOW_TO_SCORE), {"hard_limit_s": 90}, {}),
         }
         if not _landlock_level():
             del attacks["python-side-channel-in-forward-landlock"]
@@ -360,6 +387,15 @@ def test_a_model_file_with_a_64_mb_header_is_refused_before_it_is_parsed(redteam
 def test_a_worker_that_never_reads_the_batch_it_asked_for_is_a_timeout_at_the_hard_limit(redteam):
     result = redteam.result("a-worker-that-never-reads-its-batch")  # the harness wrote its result
     assert result.status == "timeout" and "half-way through a message" in result.error, (result.status, result.error)
+
+
+def test_a_program_the_scorer_cannot_finish_within_the_hard_limit_is_a_timeout(redteam):
+    """The hard limit covers the whole trial: the scorer stops a program at it, with the harness's
+    own signed result, instead of computing on until the launcher's backstop kills it unsigned."""
+    result = redteam.result("a-program-slow-to-score")
+    assert result.status == "timeout" and "could not be checked and scored" in result.error, (result.status,
+                                                                                             result.error)
+    assert result.val_bpb is None
 
 
 @pytest.mark.parametrize("level", LEVELS)
