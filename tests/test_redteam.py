@@ -188,10 +188,11 @@ wire.send(_run._sock, {'op': 'batches', 'batch_size': 4096, 'seq_len': 4095})
 wire.recv(_run._sock)
 wire.send(_run._sock, {'op': 'next', 'stream': 0})
 time.sleep(3600)"""
-# The exported program, then 2,000 attention operators on an [8, 1, T, 8] slice of the logits
-# appended to it: little work by the count (2e6 a token), but the CPU's attention kernel has no
-# vmap batch rule, so each runs once a row: 239 s of the trusted harness's time for a tiny trial
-# whose honest evaluation takes 4 s (status ok; at max_nodes, about 40 minutes).
+# The exported program, then 19,900 attention operators on an [8, 1, T, 8] slice of the logits
+# appended to it: little work by the count (2e7 a token), but the CPU's attention kernel has no
+# vmap batch rule, so each runs once a row. 2,000 of them took 239 s of the trusted harness's time
+# (status ok) for a tiny trial whose honest evaluation takes 4 s, and 40-240 s as the load varied:
+# ten times as many leave no doubt that the scoring outlasts the 90 s hard limit.
 SLOW_TO_SCORE = """import builtins as _b, json as _j, struct as _s, types as _t, train.export as _E
 _export = _t.FunctionType(_E.export_model.__code__, _E.export_model.__globals__)
 def _slow(model, seq_len, path):
@@ -202,7 +203,7 @@ def _slow(model, seq_len, path):
     out, nodes, last = head['output'], head['nodes'], 'q'
     nodes += [{'name': 'q0', 'op': 'aten.slice.Tensor', 'args': [{'ref': out}, 2, 0, 8], 'kwargs': {}},
               {'name': 'q', 'op': 'aten.unsqueeze.default', 'args': [{'ref': 'q0'}, 1], 'kwargs': {}}]
-    for i in range(2000):
+    for i in range(19900):
         nodes.append({'name': f'a{i}', 'op': 'aten.scaled_dot_product_attention.default',
                       'args': [{'ref': last}, {'ref': 'q'}, {'ref': 'q'}], 'kwargs': {'is_causal': True}})
         last = f'a{i}'
