@@ -27,6 +27,9 @@ WARMUP_FRACTION, WARMUP_LIMIT_S = 0.2, 60.0
 DRAW_AHEAD = 8  # tokens drawn since the last step, in units of the largest step so far, before refusal
 FIRST_STEP_BATCHES = 64  # batches before the first step (gradient accumulation), before refusal
 MAX_BATCH_TOKENS = 1 << 24
+# run.batches() iterators the harness keeps for one worker: each holds ~400 bytes here for a
+# 60-byte request, so a worker asking for one per message could fill the trusted side's memory.
+MAX_STREAMS = 1 << 16
 LOG_EVERY_S = 5.0
 
 
@@ -227,6 +230,9 @@ def _serve(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline
             if seq_len + 1 > len(train_tokens):
                 raise TrialFailed("invalid", f"seq_len {seq_len} is longer than the train split "
                                              f"({len(train_tokens)} tokens)")
+            if len(streams) >= MAX_STREAMS:
+                raise TrialFailed("invalid", f"run.batches() was called {MAX_STREAMS + 1} times: make an iterator "
+                                             f"once and draw from it (at most {MAX_STREAMS})")
             streams.append((batch_stream(train_tokens, seed, len(streams), batch_size, seq_len), batch_size, seq_len))
             if len(streams) == 1:
                 log(f"harness: train() asked for batches of {batch_size} x {seq_len} tokens")
