@@ -843,3 +843,37 @@ def test_a_worker_that_stalls_mid_message_ends_at_the_hard_limit_not_never(stall
         server.join(120)  # a guard, not a timing: without the fix it never returns
         assert not server.is_alive(), "the harness is still blocked on the worker"
         assert outcome == {"status": "timeout"}
+
+
+def test_a_worker_cannot_make_the_harness_hold_a_stream_for_every_request():
+    """Each run.batches() request left a generator in the harness (about 400 bytes, for a 60-byte
+    request, 13,000 a second): within a cpu-preset hard limit, 5-11 GB of the trusted side's memory.
+    An iterator is meant to be made once; the harness keeps at most MAX_STREAMS."""
+    import socket
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from train import wire
+    from train.contract import TrialFailed
+    from train.trainer import MAX_STREAMS, serve_training
+
+    def flood(sock):
+        try:
+            for _ in range(MAX_STREAMS + 1):
+                wire.send(sock, {"op": "batches", "batch_size": 1, "seq_len": 1})
+                wire.recv(sock)
+            wire.send(sock, {"op": "failed", "status": "crash", "error": "flooded"})
+        except (wire.WireError, OSError):  # the harness refused and hung up
+            pass
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=flood, args=(theirs,), daemon=True)
+        sender.start()
+        with pytest.raises(TrialFailed, match="run.batches") as refused:
+            serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
+                           time.time() + 300, lambda line: None)
+        assert refused.value.status == "invalid"
+        ours.shutdown(socket.SHUT_RDWR)
+        sender.join(60)
