@@ -197,7 +197,7 @@ def _serve(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline
            limit_s: float | None) -> None:
     log_step = log_step or log
     streams: list = []
-    said_started = False
+    said_started = said_exporting = False
     last_log = time.perf_counter()
     while True:
         watch()
@@ -219,8 +219,10 @@ def _serve(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline
             if not said_started:
                 log("harness: worker: the model is built, train() starts")
             said_started = True
-        elif op == "exporting":  # the worker's word again: a log line, and the hand-over clock runs on
-            log("harness: worker: train() returned, exporting the model")
+        elif op == "exporting":  # the worker's word again: one log line, and the hand-over clock runs on
+            if not said_exporting:
+                log("harness: worker: train() returned, exporting the model")
+            said_exporting = True
         elif op == "batches":
             batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
             if not all(type(v) is int and v >= 1 for v in (batch_size, seq_len)) \
