@@ -877,3 +877,31 @@ def test_a_worker_cannot_make_the_harness_hold_a_stream_for_every_request():
         assert refused.value.status == "invalid"
         ours.shutdown(socket.SHUT_RDWR)
         sender.join(60)
+
+
+def test_a_worker_cannot_make_the_harness_write_a_line_for_every_exporting_message():
+    """As with "started" (above): each "exporting" message was a line of the harness's own in
+    run.log, written outside the cap on what the sandbox prints."""
+    import socket
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from train import wire
+    from train.trainer import WorkerFailed, serve_training
+
+    def flood(sock):
+        for _ in range(5000):
+            wire.send(sock, {"op": "exporting"})
+        wire.send(sock, {"op": "failed", "status": "crash", "error": "x"})
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=flood, args=(theirs,))
+        sender.start()
+        lines: list[str] = []
+        with pytest.raises(WorkerFailed):
+            serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
+                           time.time() + 120, lines.append)
+        sender.join()
+    assert len(lines) == 1
