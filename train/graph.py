@@ -461,12 +461,36 @@ def _run(node: Node, env: dict, device):
         _clamp_indices(node, args, kwargs)
     elif node.op == "aten.index.Tensor":
         _clamp_index_list(node, args)
+    elif node.op in _PIECES:
+        _bound_pieces(node, args, kwargs)
     return node.fn(*args, **kwargs)
 
 
 _PYTHON_INT_OPS = set(_PYTHON) - {"operator.getitem"}
 _FACTORIES = {f"aten.{name}" for name in ("arange.default", "arange.start", "arange.start_step", "full.default",
                                           "zeros.default", "ones.default", "scalar_tensor.default")}
+
+
+# Operators that return one tensor a piece of a dimension: (position and default of the argument
+# that says how the dimension is cut, position of the dimension, how many pieces for (size, cut)).
+_PIECES = {"aten.unbind.int": (None, 1, lambda size, cut: size),
+           "aten.split.Tensor": ((1, "split_size"), 2, lambda size, cut: -(-size // max(cut, 1))),
+           "aten.chunk.default": ((1, "chunks"), 2, lambda size, cut: min(cut, size))}
+
+
+def _bound_pieces(node: Node, args: list, kwargs: dict) -> None:
+    """unbind of an expanded [2^30] view makes 2^30 tensors (the work count sees 2^30 elements, a
+    few a token): the pieces an operator returns are bounded as lists are, before it runs."""
+    cut_at, dim_at, pieces = _PIECES[node.op]
+    source = args[0] if args else kwargs.get("self")
+    cut = None if cut_at is None else args[cut_at[0]] if len(args) > cut_at[0] else kwargs.get(cut_at[1])
+    dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", 0)
+    if not isinstance(source, torch.Tensor) or type(dim) is not int or (cut_at and type(cut) is not int) \
+            or not -source.dim() <= dim < source.dim():
+        return  # the operator refuses it itself
+    count = pieces(source.shape[dim], cut)
+    if count > MAX_LIST:
+        raise GraphInvalid(f"node {node.name!r}: {node.op} would make {count} tensors; at most {MAX_LIST}")
 
 
 def _int(value):
@@ -576,33 +600,37 @@ class _Memory:
         self.outside = {_storage(t) for t in outside}  # the weights and the input: not intermediates
         self.held = self.peak = 0
         self._storages: dict[int, list[int]] = {}  # storage -> [its bytes, live values' bytes, holders]
-        self._values: dict[str, list[tuple[int, int]]] = {}  # name -> (storage, bytes) of its tensors
+        self._values: dict[str, dict[int, int]] = {}  # name -> {storage: bytes of its tensors on it}
 
     def made(self, name: str, value, inside: int = 0) -> None:
         """`value` was made, and the operators that made it allocated `inside` bytes on the way."""
         self.peak = max(self.peak, self.held + inside)
-        parts = [(_storage(t), _bytes(t)) for t in _tensors_of(value)]
+        parts: dict[int, int] = {}  # storage -> bytes of this value's tensors on it
         for tensor in _tensors_of(value):
             key = _storage(tensor)
+            parts[key] = parts.get(key, 0) + _bytes(tensor)
             if key not in self.outside and key not in self._storages:
                 self._storages[key] = [max(tensor.untyped_storage().nbytes(), _bytes(tensor)), 0, 0]
-        for key in {key for key, _ in parts} & self._storages.keys():
-            entry = self._storages[key]
+        for key, size in parts.items():
+            entry = self._storages.get(key)
+            if entry is None:  # on a weight or the input: the view alone
+                self.held += size
+                continue
             before = max(entry[0], entry[1]) if entry[2] else 0
-            entry[1] += sum(size for k, size in parts if k == key)
+            entry[1] += size
             entry[2] += 1
             self.held += max(entry[0], entry[1]) - before
-        self.held += sum(size for key, size in parts if key in self.outside)
         self._values[name] = parts
         self.peak = max(self.peak, self.held)
 
     def free(self, name: str) -> None:
-        parts = self._values.pop(name, ())
-        self.held -= sum(size for key, size in parts if key in self.outside)
-        for key in {key for key, _ in parts} & self._storages.keys():
-            entry = self._storages[key]
+        for key, size in self._values.pop(name, {}).items():
+            entry = self._storages.get(key)
+            if entry is None:
+                self.held -= size
+                continue
             before = max(entry[0], entry[1])
-            entry[1] -= sum(size for k, size in parts if k == key)
+            entry[1] -= size
             entry[2] -= 1
             self.held -= before - (max(entry[0], entry[1]) if entry[2] else 0)
             if not entry[2]:
