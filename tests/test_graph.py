@@ -474,3 +474,25 @@ def test_a_program_past_its_deadline_stops_checking_and_evaluating():
         program(torch.zeros(1, 32, dtype=torch.int64))
     with pytest.raises(graph.OutOfTime):
         program.check_lengths([7])
+
+
+@pytest.mark.parametrize("op,args", [("aten.unbind.int", [{"ref": "wide"}, 0]),
+                                     ("aten.split.Tensor", [{"ref": "wide"}, 1]),
+                                     ("aten.chunk.default", [{"ref": "wide"}, 1 << 20])])
+def test_an_operator_that_would_make_a_million_tensors_is_refused_before_it_runs(op, args):
+    """unbind of an expanded 1-byte view ([2^20] bools: 1 MB by the bound) made a million tensors,
+    11.6 s and 693 MB of the trusted harness's memory in the meta pass alone, for 1e5 operations a
+    token; a [2^30] view (the tiny objective's 1 GB) would have needed some 700 GB."""
+    nodes = [embed("e"),
+             {"name": "one", "op": "aten.ones.default", "args": [[1]],
+              "kwargs": {"dtype": {"dtype": "bool"}, "device": {"device": "cpu"}}},
+             {"name": "wide", "op": "aten.expand.default", "args": [{"ref": "one"}, [1 << 20]], "kwargs": {}},
+             {"name": "parts", "op": op, "args": args, "kwargs": {}},
+             {"name": "p0", "op": "operator.getitem", "args": [{"ref": "parts"}, 0], "kwargs": {}},
+             {"name": "f", "op": "aten._to_copy.default", "args": [{"ref": "p0"}], "kwargs": {"dtype": {"dtype": "float32"}}},
+             {"name": "s", "op": "aten.sum.default", "args": [{"ref": "f"}], "kwargs": {}},
+             {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
+    before = _rss_mb()
+    with pytest.raises(graph.GraphInvalid, match="tensors; at most 4096"):
+        load(tiny_program(nodes))
+    assert _rss_mb() - before < 100
