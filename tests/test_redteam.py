@@ -22,7 +22,9 @@ through once; the comment names what closed it, and the test keeps it closed:
   view that outlives its base, sizes that grow only at the prefix-only runs' lengths, an einsum's
   hidden product), a loss no float holds (a harness error), a 64 MB JSON header (1.6 GB parsed
   before any check), a worker that never reads the batch it asked for (the harness blocked past its
-  hard limit for good), and a model that peeks at one fixed position, which the shared prefix
+  hard limit for good), a program the CPU evaluates once a row per operator (minutes of scoring,
+  status ok), a worker that asks for a stream or says "exporting" in every message (the harness's
+  memory, its run.log), and a model that peeks at one fixed position, which the shared prefix
   lengths rarely check (the red team of issue 20; the unit tests in tests/test_graph.py cover the
   rest); two concurrent trials talking through file locks and file events (the sandbox tests below).
 """
