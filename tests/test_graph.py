@@ -340,3 +340,159 @@ def test_the_exported_file_of_the_baseline_round_trips_its_tensors(tmp_path):
 @pytest.fixture(scope="module")
 def austen_spec():
     return prepare.prepare("austen", 512)
+
+
+# ---- memory the evaluation really holds (red team, issue 20) ------------------------------------
+
+
+def _full(name: str, shape: list) -> dict:
+    return {"name": name, "op": "aten.full.default", "args": [shape, 1.0],
+            "kwargs": {"dtype": {"dtype": "float32"}, "device": {"device": "cpu"}}}
+
+
+def test_a_view_that_outlives_its_base_keeps_the_base_counted():
+    """A one-element slice of a 32 MB tensor holds all 32 MB: four of them, kept to the end, held
+    128 MB while the bound counted the bases freed at their last use (peak 32 MB, under a 64 MB
+    bound); at the objective's sizes, a dozen such slices held 24 GB against a 2 GB bound."""
+    nodes = [embed("e")]
+    for i in range(4):
+        nodes += [_full(f"big{i}", [8 << 20]),
+                  {"name": f"s{i}", "op": "aten.slice.Tensor", "args": [{"ref": f"big{i}"}, 0, 0, 1], "kwargs": {}}]
+    nodes += [{"name": "kept", "op": "aten.stack.default", "args": [[{"ref": f"s{i}"} for i in range(4)]], "kwargs": {}},
+              {"name": "k", "op": "aten.sum.default", "args": [{"ref": "kept"}], "kwargs": {}},
+              {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "k"}], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match=r"needs 12[89] MB of intermediate tensors"):
+        load(tiny_program(nodes), max_memory_mb=64)
+    program = load(tiny_program(nodes), max_memory_mb=256)
+    assert program.peak_memory_bytes >= 4 * (32 << 20)
+
+
+def test_a_tensor_an_operator_makes_inside_counts_against_the_memory_bound():
+    """einsum of three operands contracts the first two first: "ab,bc,cd->ad" over [8192, 1],
+    [1, 8192], [8192, 1] makes a [8192, 8192] product (256 MB) that no node holds, for an output of
+    32 KB; at 2^15 it was 4 GB within the tiny objective's work bound."""
+    nodes = [embed("e"), _full("col", [8192, 1]), _full("row", [1, 8192]),
+             {"name": "es", "op": "aten.einsum.default", "args": ["ab,bc,cd->ad", [{"ref": "col"}, {"ref": "row"},
+                                                                                    {"ref": "col"}]], "kwargs": {}},
+             {"name": "s", "op": "aten.sum.default", "args": [{"ref": "es"}], "kwargs": {}},
+             {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match="MB of intermediate tensors"):
+        load(tiny_program(nodes), max_memory_mb=64)
+    assert load(tiny_program(nodes), max_memory_mb=1024).peak_memory_bytes >= 8192 * 8192 * 4
+
+
+def test_a_program_that_needs_more_memory_at_a_prefix_length_than_the_batches_allow_is_refused(austen_spec):
+    """Rows a batch are sized from the memory one row needs at the full length; a program whose
+    sizes grow only at shorter lengths (the prefix-only runs, a batch's rows at once) passed every
+    per-row bound while the harness held rows x that: 980 MB resident against a 64 MB bound."""
+    from train import scorer
+    from train.contract import TrialFailed
+
+    vocab, length = austen_spec.vocab_size, 64
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)).numpy().tobytes()
+    grow = [embed("e"),
+            {"name": "n", "op": "aten.sym_size.int", "args": [{"ref": "idx"}, 1], "kwargs": {}},
+            {"name": "d", "op": "operator.sub", "args": [2 * length - 1, {"ref": "n"}], "kwargs": {}},
+            {"name": "short", "op": "operator.floordiv", "args": [{"ref": "d"}, length], "kwargs": {}},  # 1 if n < 64
+            {"name": "k", "op": "operator.mul", "args": [{"ref": "short"}, 2 << 20], "kwargs": {}},
+            {"name": "size", "op": "operator.add", "args": [{"ref": "k"}, 2], "kwargs": {}},
+            {"name": "first", "op": "aten.slice.Tensor", "args": [{"ref": "idx"}, 1, 0, 1], "kwargs": {}},
+            {"name": "f", "op": "aten._to_copy.default", "args": [{"ref": "first"}], "kwargs": {"dtype": {"dtype": "float32"}}},
+            {"name": "wide", "op": "aten.expand.default", "args": [{"ref": "f"}, [1, {"ref": "size"}]], "kwargs": {}},
+            {"name": "made", "op": "aten.contiguous.default", "args": [{"ref": "wide"}], "kwargs": {}},
+            {"name": "s", "op": "aten.sum.default", "args": [{"ref": "made"}], "kwargs": {}},
+            {"name": "z", "op": "aten.mul.Scalar", "args": [{"ref": "s"}, 0.0], "kwargs": {}},
+            {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "z"}], "kwargs": {}}]
+    raw = file_of({"format": graph.FORMAT,
+                   "tensors": {"w": {"dtype": "float32", "shape": [vocab, vocab], "offset": 0, "nbytes": len(table)}},
+                   "inputs": [{"name": "w", "tensor": "w"}, {"name": "idx", "input": True}],
+                   "nodes": grow, "output": "logits"}, table)
+    objective = {"eval_tokens": 1024, "eval_seq_len": length, "eval_batch_size": 8, "eval_limits": {"max_memory_mb": 32}}
+    program = scorer.load_program(raw, objective, vocab, 1 << 30)  # 16 MB a row at a prefix length, 1 MB at 64
+    assert scorer.batch_rows(program, objective) == 8
+    with pytest.raises(TrialFailed, match="at length") as refused:
+        scorer.evaluate(program, austen_spec, objective, "cpu", lambda line: None)
+    assert refused.value.status == "invalid"
+
+
+def test_the_arguments_of_all_operations_are_bounded_as_the_operations_are():
+    """Each operation may take lists of up to 4096 items, and every item costs the scorer Python
+    and dispatch time at each check and each batch, which the work count does not see: 200 cats of
+    4096 references (an 11 MB file, 1.6e6 operations a token) took 30 s to load, 23 s a length
+    checked and 19 s a batch of 16 rows; at 64 MB, about two hours of a cpu-preset trial."""
+    wide = [embed("e"), {"name": "c", "op": "aten.slice.Tensor", "args": [{"ref": "e"}, 2, 0, 1], "kwargs": {}}]
+    wide += [{"name": f"k{i}", "op": "aten.cat.default", "args": [[{"ref": "c"}] * 400, 2], "kwargs": {}}
+             for i in range(10)]
+    wide += [{"name": "logits", "op": "aten.slice.Tensor", "args": [{"ref": "k9"}, 2, 0, VOCAB], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match=r"take \d+ arguments in all; at most 1600") as refused:
+        load(tiny_program(wide), max_nodes=100)
+    assert "\n" not in str(refused.value)
+    assert load(tiny_program(wide), max_nodes=1000).work_per_token > 0  # the same program, within a larger bound
+
+
+def test_a_header_larger_than_the_objectives_operations_need_is_refused_before_it_is_parsed():
+    """JSON costs about 25 bytes of memory a byte of header: a 64 MB header of empty lists made the
+    trusted harness hold 1.6 GB before a single check. The header now has the room max_nodes
+    operations need, and a longer one is refused unread."""
+    junk = b'{"nodes": [' + b"[]," * (1 << 20) + b"[]]}"  # 3 MB
+    before = _rss_mb()
+    with pytest.raises(graph.GraphInvalid, match="header of .* bytes; at most") as refused:
+        load(struct.pack("<Q", len(junk)) + junk, max_nodes=1000)
+    assert "\n" not in str(refused.value) and _rss_mb() - before < 30
+
+
+@pytest.mark.parametrize("op,args", [
+    ("aten.embedding.default", [{"ref": "none"}, {"ref": "idx"}]),
+    ("aten.index_select.default", [{"ref": "none"}, 0, {"ref": "flat"}]),
+    ("aten.index.Tensor", [{"ref": "none"}, [{"ref": "flat"}]]),
+])
+def test_an_index_into_an_empty_dimension_is_refused_at_load(op, args):
+    """Clamping cannot bring an index into range of a dimension of size 0: the CPU refuses it late
+    (an error on the first real row), and a GPU asserts on the device, the fault clamping is for."""
+    tensors = {"w": {"dtype": "float32", "shape": [VOCAB, VOCAB], "offset": 0, "nbytes": VOCAB * VOCAB * 4},
+               "none": {"dtype": "float32", "shape": [0, VOCAB], "offset": 0, "nbytes": 0}}
+    inputs = [{"name": "w", "tensor": "w"}, {"name": "none", "tensor": "none"}, {"name": "idx", "input": True}]
+    nodes = [embed("e"), {"name": "flat", "op": "aten.view.default", "args": [{"ref": "idx"}, [-1]], "kwargs": {}},
+             {"name": "x", "op": op, "args": args, "kwargs": {}},
+             {"name": "s", "op": "aten.sum.default", "args": [{"ref": "x"}], "kwargs": {}},
+             {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
+    with pytest.raises(graph.GraphInvalid, match="empty"):
+        load(tiny_program(nodes, tensors=tensors, inputs=inputs))
+
+
+def test_a_program_past_its_deadline_stops_checking_and_evaluating():
+    """What the work count misses (an operator without a vmap batch rule runs once a row) has the
+    deadline as its bound: the trial's hard limit, checked at every node."""
+    import time
+
+    raw = tiny_program([embed()])
+    with pytest.raises(graph.OutOfTime):
+        graph.load(raw, graph.Limits(), vocab_size=VOCAB, seq_len=32, deadline=time.time() - 1)
+    program = load(raw)
+    program.deadline = time.time() - 1
+    with pytest.raises(graph.OutOfTime):
+        program(torch.zeros(1, 32, dtype=torch.int64))
+    with pytest.raises(graph.OutOfTime):
+        program.check_lengths([7])
+
+
+@pytest.mark.parametrize("op,args", [("aten.unbind.int", [{"ref": "wide"}, 0]),
+                                     ("aten.split.Tensor", [{"ref": "wide"}, 1]),
+                                     ("aten.chunk.default", [{"ref": "wide"}, 1 << 20])])
+def test_an_operator_that_would_make_a_million_tensors_is_refused_before_it_runs(op, args):
+    """unbind of an expanded 1-byte view ([2^20] bools: 1 MB by the bound) made a million tensors,
+    11.6 s and 693 MB of the trusted harness's memory in the meta pass alone, for 1e5 operations a
+    token; a [2^30] view (the tiny objective's 1 GB) would have needed some 700 GB."""
+    nodes = [embed("e"),
+             {"name": "one", "op": "aten.ones.default", "args": [[1]],
+              "kwargs": {"dtype": {"dtype": "bool"}, "device": {"device": "cpu"}}},
+             {"name": "wide", "op": "aten.expand.default", "args": [{"ref": "one"}, [1 << 20]], "kwargs": {}},
+             {"name": "parts", "op": op, "args": args, "kwargs": {}},
+             {"name": "p0", "op": "operator.getitem", "args": [{"ref": "parts"}, 0], "kwargs": {}},
+             {"name": "f", "op": "aten._to_copy.default", "args": [{"ref": "p0"}], "kwargs": {"dtype": {"dtype": "float32"}}},
+             {"name": "s", "op": "aten.sum.default", "args": [{"ref": "f"}], "kwargs": {}},
+             {"name": "logits", "op": "aten.add.Tensor", "args": [{"ref": "e"}, {"ref": "s"}], "kwargs": {}}]
+    before = _rss_mb()
+    with pytest.raises(graph.GraphInvalid, match="tensors; at most 4096"):
+        load(tiny_program(nodes))
+    assert _rss_mb() - before < 100

@@ -29,17 +29,23 @@ import json
 import math
 import operator
 import struct
+import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FORMAT = "arena-graph/1"
 HEADER = struct.Struct("<Q")
 MAX_HEADER_BYTES = 64 << 20
+# JSON costs about 25 bytes of memory a byte of header, all before any check: the header may have
+# the room its operations need (an export takes about 130 bytes an operation) and a tensor table.
+HEADER_BYTES_PER_NODE, HEADER_BYTES_BASE = 256, 1 << 20
 MAX_NAME = 256
 MAX_RANK = 8
 MAX_LIST = 4096
 MAX_DEPTH = 4
+ARGUMENTS_PER_NODE = 16  # arguments (list items included) of all operations, per operation allowed
 MAX_INT = 1 << 40  # any int the program computes with (shapes, dims, scalars)
 MAX_NUMEL = 1 << 31  # elements of any one tensor
 
@@ -52,6 +58,12 @@ MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format
 
 class GraphInvalid(ValueError):
     """The exported program cannot be scored; the message is one line an agent can act on."""
+
+
+class OutOfTime(Exception):
+    """The program was still being checked or evaluated at its deadline (Program.deadline): what
+    the work count misses (an operator without a vmap batch rule runs once a row; Python and dispatch
+    time a node) has no other bound."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,8 @@ class Program:
         self.nodes, self.constants, self.input_name, self.output = nodes, constants, input_name, output
         self.params = params  # names of the tensors export lifted as parameters (for counting)
         self.limits, self.vocab_size, self.seq_len = limits, vocab_size, seq_len
-        self.checked: set[int] = set()  # lengths whose shapes, work and memory were checked
+        self.checked: dict[int, int] = {}  # lengths checked -> the peak memory of one row there
+        self.deadline: float | None = None  # time.time() past which checking or evaluating it stops
         self.device = torch.device("cpu")
         self.work_per_token = self.peak_memory_bytes = None
         self.vocab_width = None
@@ -159,8 +172,7 @@ class Program:
         check), before it computes anything real: its sizes may depend on the length in any way."""
         for length in lengths:
             if length not in self.checked:
-                _meta_pass(self, length)
-                self.checked.add(length)
+                self.checked[length] = _meta_pass(self, length)[1]
 
     def to(self, device) -> Program:
         self.device = torch.device(device)
@@ -170,6 +182,7 @@ class Program:
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         env = {self.input_name: idx, **self.constants}
         for index, node in enumerate(self.nodes):
+            _in_time(self)
             env[node.name] = _run(node, env, self.device)
             for freed in self._frees[index]:
                 env.pop(freed, None)
@@ -179,11 +192,13 @@ class Program:
         return [self.constants[name] for name in self.params]
 
 
-def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int, seq_len: int) -> Program:
+def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int, seq_len: int,
+         deadline: float | None = None) -> Program:
     """Parse and check an exported program without running any of it on real values, and bound
     its cost at `seq_len` (the objective's evaluation length); `Program.check_lengths` bounds it at
-    every other length the scorer will use before it does."""
-    header, payload = _split(raw)
+    every other length the scorer will use before it does. Past `deadline` (time.time()), checking
+    or evaluating it raises OutOfTime."""
+    header, payload = _split(raw, min(MAX_HEADER_BYTES, HEADER_BYTES_BASE + HEADER_BYTES_PER_NODE * limits.max_nodes))
     if header.get("format") != FORMAT:
         raise GraphInvalid(f"not an exported model of this arena (format {str(header.get('format'))[:40]!r}, "
                            f"want {FORMAT!r})")
@@ -195,19 +210,23 @@ def load(raw: bytes | bytearray | memoryview, limits: Limits, *, vocab_size: int
         raise GraphInvalid("the program's output is not one of its nodes")
     _mark_last_uses(nodes, output)
     program = Program(nodes, constants, input_name, output, params, limits, vocab_size, seq_len)
+    program.deadline = deadline
     work, memory, width = _meta_pass(program, seq_len)
     program.work_per_token, program.peak_memory_bytes, program.vocab_width = work / seq_len, memory, width
-    program.checked.add(seq_len)
+    program.checked[seq_len] = memory
     return program
 
 
-def _split(raw) -> tuple[dict, memoryview]:
+def _split(raw, max_header: int) -> tuple[dict, memoryview]:
     raw = memoryview(raw).cast("B")
     if len(raw) < HEADER.size:
         raise GraphInvalid("the exported model file is empty or truncated")
     (length,) = HEADER.unpack(raw[:HEADER.size])
-    if length > min(MAX_HEADER_BYTES, len(raw) - HEADER.size):
+    if length > len(raw) - HEADER.size:
         raise GraphInvalid(f"the exported model's header claims {length} bytes; the file has {len(raw)}")
+    if length > max_header:
+        raise GraphInvalid(f"the exported model has a header of {length} bytes; at most {max_header} are allowed "
+                           f"({HEADER_BYTES_PER_NODE} an operation of the objective's max_nodes)")
     try:
         header = json.loads(bytes(raw[HEADER.size:HEADER.size + length]))
     except (ValueError, RecursionError) as e:
@@ -290,7 +309,7 @@ def _nodes(entries, defined: set, limits: Limits) -> list[Node]:
         raise GraphInvalid("the exported model has no node list")
     if len(entries) > limits.max_nodes:
         raise GraphInvalid(f"the program has {len(entries)} operations; at most {limits.max_nodes} are allowed")
-    nodes = []
+    nodes, arguments, most = [], 0, ARGUMENTS_PER_NODE * limits.max_nodes
     for entry in entries:
         if not isinstance(entry, dict):
             raise GraphInvalid("an operation of the program is not an object")
@@ -306,6 +325,10 @@ def _nodes(entries, defined: set, limits: Limits) -> list[Node]:
             raise GraphInvalid(f"node {name!r}: args must be a list and kwargs an object")
         args = [_decode(a, defined, name, 1) for a in args]
         kwargs = {_name(k, "keyword"): _decode(v, defined, name, 1) for k, v in kwargs.items()}
+        arguments += _count(args) + _count(list(kwargs.values()))
+        if arguments > most:  # each costs Python and dispatch time at every call, which the work count misses
+            raise GraphInvalid(f"the program's operations take {arguments} arguments in all; at most {most} are "
+                               f"allowed ({ARGUMENTS_PER_NODE} an operation, list items included)")
         if kwargs.get("pin_memory") not in (None, False):
             raise GraphInvalid(f"node {name!r}: pin_memory is not the program's to choose")
         if op == "aten.dropout.default" and (args[2:3] != [False] and kwargs.get("train") is not False):
@@ -317,6 +340,10 @@ def _nodes(entries, defined: set, limits: Limits) -> list[Node]:
         nodes.append(Node(name, op, ALLOWED[op], tuple(args), kwargs))
         defined.add(name)
     return nodes
+
+
+def _count(value) -> int:
+    return sum(1 + _count(v) for v in value) if isinstance(value, list) else 0
 
 
 def _sdpa_dropout(args: list, kwargs: dict) -> bool:
@@ -434,12 +461,36 @@ def _run(node: Node, env: dict, device):
         _clamp_indices(node, args, kwargs)
     elif node.op == "aten.index.Tensor":
         _clamp_index_list(node, args)
+    elif node.op in _PIECES:
+        _bound_pieces(node, args, kwargs)
     return node.fn(*args, **kwargs)
 
 
 _PYTHON_INT_OPS = set(_PYTHON) - {"operator.getitem"}
 _FACTORIES = {f"aten.{name}" for name in ("arange.default", "arange.start", "arange.start_step", "full.default",
                                           "zeros.default", "ones.default", "scalar_tensor.default")}
+
+
+# Operators that return one tensor a piece of a dimension: (position and default of the argument
+# that says how the dimension is cut, position of the dimension, how many pieces for (size, cut)).
+_PIECES = {"aten.unbind.int": (None, 1, lambda size, cut: size),
+           "aten.split.Tensor": ((1, "split_size"), 2, lambda size, cut: -(-size // max(cut, 1))),
+           "aten.chunk.default": ((1, "chunks"), 2, lambda size, cut: min(cut, size))}
+
+
+def _bound_pieces(node: Node, args: list, kwargs: dict) -> None:
+    """unbind of an expanded [2^30] view makes 2^30 tensors (the work count sees 2^30 elements, a
+    few a token): the pieces an operator returns are bounded as lists are, before it runs."""
+    cut_at, dim_at, pieces = _PIECES[node.op]
+    source = args[0] if args else kwargs.get("self")
+    cut = None if cut_at is None else args[cut_at[0]] if len(args) > cut_at[0] else kwargs.get(cut_at[1])
+    dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", 0)
+    if not isinstance(source, torch.Tensor) or type(dim) is not int or (cut_at and type(cut) is not int) \
+            or not -source.dim() <= dim < source.dim():
+        return  # the operator refuses it itself
+    count = pieces(source.shape[dim], cut)
+    if count > MAX_LIST:
+        raise GraphInvalid(f"node {node.name!r}: {node.op} would make {count} tensors; at most {MAX_LIST}")
 
 
 def _int(value):
@@ -461,6 +512,7 @@ def _clamp_indices(node: Node, args: list, kwargs: dict) -> None:
     if index.dtype not in (torch.int64, torch.int32):
         raise GraphInvalid(f"node {node.name!r}: {node.op} needs integer indices, got {index.dtype}")
     size = source.shape[dim] if source.dim() else 1
+    _nonempty(node, size, index)
     args[index_at] = index.clamp(0, max(size - 1, 0))
 
 
@@ -477,8 +529,15 @@ def _clamp_index_list(node: Node, args: list) -> None:
             raise GraphInvalid(f"node {node.name!r}: indexing with a mask (its result's shape depends on values) "
                                "is not allowed; index with integer tensors")
         size = source.shape[dim]
+        _nonempty(node, size, index)
         clamped.append(index.clamp(-size, max(size - 1, 0)))
     args[1] = clamped
+
+
+def _nonempty(node: Node, size: int, index: torch.Tensor) -> None:
+    """No clamp brings an index into a dimension of size 0: a GPU asserts on the device."""
+    if size == 0 and index.numel():
+        raise GraphInvalid(f"node {node.name!r}: {node.op} indexes an empty dimension")
 
 
 def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
@@ -491,25 +550,28 @@ def _meta_pass(program: Program, length: int) -> tuple[float, int, int]:
     meta = torch.device("meta")
     env = {program.input_name: torch.empty(1, length, dtype=torch.int64, device=meta)}
     env.update({k: torch.empty(v.shape, dtype=v.dtype, device=meta) for k, v in program.constants.items()})
-    live, held, peak, work = {}, 0, 0, 0  # intermediates only: the weights are bounded apart
-    for index, node in enumerate(program.nodes):
-        try:
-            value = _run(node, env, meta)
-        except GraphInvalid:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever ATen refuses is the program's fault
-            raise GraphInvalid(f"operator {node.op} (node {node.name!r}) fails at sequence length {length}: "
-                               f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-        _check_value(node, value, limits)
-        work += _elements(node.args, env) + _elements(list(node.kwargs.values()), env) + _elements_of(value)
-        work += _product_flops(node, env, value)
-        env[node.name] = value
-        live[node.name] = _bytes(value)
-        held += live[node.name]
-        peak = max(peak, held)
-        for name in program._frees[index]:
-            held -= live.pop(name, 0)
-            env.pop(name, None)
+    memory = _Memory(t for t in env.values() if isinstance(t, torch.Tensor))  # the weights are bounded apart
+    work, inside = 0, _Allocations()
+    with inside:
+        for index, node in enumerate(program.nodes):
+            _in_time(program)
+            inside.bytes = 0
+            try:
+                value = _run(node, env, meta)
+            except GraphInvalid:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever ATen refuses is the program's fault
+                raise GraphInvalid(f"operator {node.op} (node {node.name!r}) fails at sequence length {length}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+            _check_value(node, value, limits)
+            work += _elements(node.args, env) + _elements(list(node.kwargs.values()), env) + _elements_of(value)
+            work += _product_flops(node, env, value)
+            env[node.name] = value
+            memory.made(node.name, value, inside.bytes)
+            for name in program._frees[index]:
+                memory.free(name)
+                env.pop(name, None)
+    peak = memory.peak
     out = env.get(program.output)
     if not isinstance(out, torch.Tensor) or out.dim() != 3 or tuple(out.shape[:2]) != (1, length) \
             or out.dtype not in FLOAT_DTYPES or not vocab_size <= out.shape[2] <= 4 * vocab_size:
@@ -563,6 +625,87 @@ def _einsum_flops(node: Node, args: list) -> int:
         for letter, size in zip(letters, tensor.shape):
             sizes[letter] = max(sizes.get(letter, 1), int(size))
     return 2 * math.prod(sizes.values())
+
+
+class _Memory:
+    """The intermediate memory one row's evaluation holds, node by node: for each storage, the
+    bytes of the live values on it (a view counted as a copy of its own size: an operator may copy
+    it), and at least the whole storage for as long as any live value holds it, not only while the
+    node that made it lives (a one-element slice of a 1 GB tensor keeps the whole gigabyte)."""
+
+    def __init__(self, outside):
+        self.outside = {_storage(t) for t in outside}  # the weights and the input: not intermediates
+        self.held = self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # storage -> [its bytes, live values' bytes, holders]
+        self._values: dict[str, dict[int, int]] = {}  # name -> {storage: bytes of its tensors on it}
+
+    def made(self, name: str, value, inside: int = 0) -> None:
+        """`value` was made, and the operators that made it allocated `inside` bytes on the way."""
+        self.peak = max(self.peak, self.held + inside)
+        parts: dict[int, int] = {}  # storage -> bytes of this value's tensors on it
+        for tensor in _tensors_of(value):
+            key = _storage(tensor)
+            parts[key] = parts.get(key, 0) + _bytes(tensor)
+            if key not in self.outside and key not in self._storages:
+                self._storages[key] = [max(tensor.untyped_storage().nbytes(), _bytes(tensor)), 0, 0]
+        for key, size in parts.items():
+            entry = self._storages.get(key)
+            if entry is None:  # on a weight or the input: the view alone
+                self.held += size
+                continue
+            before = max(entry[0], entry[1]) if entry[2] else 0
+            entry[1] += size
+            entry[2] += 1
+            self.held += max(entry[0], entry[1]) - before
+        self._values[name] = parts
+        self.peak = max(self.peak, self.held)
+
+    def free(self, name: str) -> None:
+        for key, size in self._values.pop(name, {}).items():
+            entry = self._storages.get(key)
+            if entry is None:
+                self.held -= size
+                continue
+            before = max(entry[0], entry[1])
+            entry[1] -= size
+            entry[2] -= 1
+            self.held -= before - (max(entry[0], entry[1]) if entry[2] else 0)
+            if not entry[2]:
+                del self._storages[key]
+
+
+class _Allocations(TorchDispatchMode):
+    """The bytes of every new tensor the operators of one node make, inside composite operators too:
+    an einsum of three operands makes the product of the first two, which no node holds (a
+    [32768, 32768] one for an output of 128 KB, within the tiny objective's work bound). Counted as
+    if all were alive at once: a bound, like the views counted as copies."""
+
+    bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {_storage(t) for t in _tensors_of([args, list((kwargs or {}).values())])}
+        for tensor in _tensors_of(out):
+            if _storage(tensor) not in given:
+                self.bytes += max(tensor.untyped_storage().nbytes(), _bytes(tensor))
+        return out
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _tensors_of(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_of(v)
+
+
+def _in_time(program: Program) -> None:
+    if program.deadline is not None and time.time() > program.deadline:
+        raise OutOfTime("the exported model could not be checked and scored within the trial's hard limit")
 
 
 def _check_value(node: Node, value, limits: Limits) -> None:

@@ -216,7 +216,8 @@ def _train_and_score(trial_dir: Path, spec: dict, result: dict, started: float) 
         log.close()
     # The worker's whole tree is dead and its scratch gone: from here on this process alone holds
     # anything, and only now does it look at the validation split.
-    program = scorer.load_program(raw, objective, data.vocab_size, max_bytes)
+    # The hard limit covers the whole trial: a program the scorer cannot finish by then is a timeout.
+    program = scorer.load_program(raw, objective, data.vocab_size, max_bytes, started + objective["hard_limit_s"])
     del raw
     result["num_params"], matmul_params = graph.count_params(program, data.vocab_size)
     if threads:

@@ -51,6 +51,11 @@ NAMED_CORPORA = corpora.NAMED_CORPORA
 CAUSAL_TOLERANCE = 1e-3
 PREFIX_LENGTHS_PER_BATCH = 2  # each row is also scored cut short, at one of this many secret lengths a batch
 COMPARED_BEFORE_CUT = 16  # positions compared up to each cut: a peek up to this far ahead moves one of them
+# Seam probes a row, each at its own secret cut. The prefix-only runs share their few lengths across
+# a batch, so they check few distinct positions: with one seam a row, a model that peeks at one fixed
+# position escaped most evaluations (the cpu preset: 12%, for 2.5 seed SDs). With two, every row
+# has two independent checks at any position, as the threat model counts them.
+SEAMS_PER_ROW = 2
 
 
 class NotCausal(ValueError):
@@ -77,7 +82,8 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
     candidate's.
 
     Causality, exact for a pure function: every row is also scored (a) with everything after a
-    secret position c replaced by validation text from a secret elsewhere, and (b) cut short after a
+    secret position c replaced by validation text from a secret elsewhere (SEAMS_PER_ROW times, each
+    at its own c), and (b) cut short after a
     secret position (a prefix-only run, one of a few secret lengths per batch); log-probs at
     positions <= c must not move. (b) leaves nothing after c to read, so it is the causal answer
     itself. Cuts fall anywhere from the first to the second-to-last position (the last position has
@@ -108,6 +114,8 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
     starts = range(0, windows, batch_rows)
     plans = [_probe_plan(min(batch_rows, windows - start), seq_len, val.size, rng) if check_causal else None
              for start in starts]
+    seams = [[plan[:2]] + [_probe_plan(len(plan[0]), seq_len, val.size, rng)[:2] for _ in range(SEAMS_PER_ROW - 1)]
+             if plan else None for plan in plans]
     if check_lengths is not None:
         check_lengths(sorted({seq_len} | {length for plan in plans if plan for length, _ in plan[2]}))
     torch._C._functorch._set_vmap_fallback_warning_enabled(False)  # an op without a batch rule loops over rows
@@ -124,19 +132,20 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
 
     total_nats, total_bytes, checks = 0.0, 0, 0
     with torch.no_grad():
-        for start, plan in zip(starts, plans):
+        for start, plan, seam in zip(starts, plans, seams):
             batch = torch.as_tensor(data[start:start + batch_rows], device=device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             rows = len(batch)
             if plan:
-                cuts, offsets, groups = plan
-                both = logits_of(torch.cat([inputs, _seam_probes(inputs, val, cuts, offsets)]))
+                groups = plan[2]
+                both = logits_of(torch.cat([inputs, *(_seam_probes(inputs, val, cuts, offsets) for cuts, offsets in seam)]))
                 real = torch.log_softmax(both[:rows].to(torch.float32), dim=-1)
-                _check_causal(real, both[rows:], cuts)
+                for k, (cuts, _) in enumerate(seam, 1):
+                    _check_causal(real, both[k * rows:(k + 1) * rows], cuts)
+                    checks += rows
                 for length, members in groups:
                     _check_causal(real[members], logits_of(inputs[members, :length]), np.full(len(members), length - 1))
                     checks += len(members)
-                checks += rows
             else:
                 real = torch.log_softmax(logits_of(inputs).to(torch.float32), dim=-1)
             nats = -torch.gather(real, -1, targets.unsqueeze(-1)).squeeze(-1)

@@ -46,19 +46,27 @@ def limits(objective: dict, max_bytes: int) -> graph.Limits:
                         max_tensor_bytes=max_bytes)
 
 
-def load_program(raw: bytes, objective: dict, vocab_size: int, max_bytes: int) -> graph.Program:
+def load_program(raw: bytes, objective: dict, vocab_size: int, max_bytes: int,
+                 deadline: float | None = None) -> graph.Program:
+    """The checked program; past `deadline` (time.time(): the trial's hard limit) checking it or
+    evaluating it is a timeout."""
     try:
         return graph.load(raw, limits(objective, max_bytes), vocab_size=vocab_size,
-                          seq_len=objective["eval_seq_len"])
+                          seq_len=objective["eval_seq_len"], deadline=deadline)
     except graph.GraphInvalid as e:
         raise TrialFailed("invalid", f"the exported model cannot be scored: {e}") from None
+    except graph.OutOfTime as e:
+        raise TrialFailed("timeout", str(e)) from None
 
 
 def batch_rows(program: graph.Program, objective: dict) -> int:
-    """Rows evaluated at once: the objective's eval_batch_size, fewer if a batch and its causality
-    probes (twice the rows) would pass the memory the objective allows."""
+    """Rows evaluated at once: the objective's eval_batch_size, fewer if a batch and its seam
+    probes (1 + SEAMS_PER_ROW times the rows) would pass the memory the objective allows. Sized at
+    the full length; a program that needs more at a shorter one (a prefix-only run) is refused in
+    evaluate()."""
     budget = program.limits.max_memory_mb * (1 << 20)
-    return max(1, min(int(objective["eval_batch_size"]), int(budget // max(1, 2 * program.peak_memory_bytes))))
+    at_once = (1 + prepare.SEAMS_PER_ROW) * max(1, program.peak_memory_bytes)
+    return max(1, min(int(objective["eval_batch_size"]), int(budget // at_once)))
 
 
 def evaluate(program: graph.Program, data: prepare.DataSpec, objective: dict, device, log) -> dict:
@@ -74,10 +82,20 @@ def evaluate(program: graph.Program, data: prepare.DataSpec, objective: dict, de
             program.check_lengths(lengths)
         except graph.GraphInvalid as e:
             raise TrialFailed("invalid", f"the exported model cannot be scored: {e}") from None
+        budget = program.limits.max_memory_mb * (1 << 20)
+        for length in lengths:  # a prefix-only run evaluates up to `rows` rows at once at its length
+            if rows * program.checked[length] > budget:
+                raise TrialFailed("invalid", f"the exported model cannot be scored: a row at length {length} needs "
+                                             f"{program.checked[length] / (1 << 20):.0f} MB of intermediate tensors, more "
+                                             f"than at the full length ({program.peak_memory_bytes / (1 << 20):.0f} MB) "
+                                             f"by which {rows} rows a batch were sized ({program.limits.max_memory_mb:.0f} "
+                                             "MB allowed in all)")
 
     try:
         scores = prepare.evaluate_bpb(program, data, objective["eval_tokens"], objective["eval_seq_len"], rows,
                                       torch.device(device), check_lengths=check_lengths)
+    except graph.OutOfTime as e:
+        raise TrialFailed("timeout", str(e)) from None
     except prepare.NonFinite as e:
         raise TrialFailed("nan", str(e)) from None
     except (prepare.NotCausal, graph.GraphInvalid) as e:

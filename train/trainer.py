@@ -27,6 +27,9 @@ WARMUP_FRACTION, WARMUP_LIMIT_S = 0.2, 60.0
 DRAW_AHEAD = 8  # tokens drawn since the last step, in units of the largest step so far, before refusal
 FIRST_STEP_BATCHES = 64  # batches before the first step (gradient accumulation), before refusal
 MAX_BATCH_TOKENS = 1 << 24
+# run.batches() iterators the harness keeps for one worker: each holds ~400 bytes here for a
+# 60-byte request, so a worker asking for one per message could fill the trusted side's memory.
+MAX_STREAMS = 1 << 16
 LOG_EVERY_S = 5.0
 
 
@@ -73,7 +76,7 @@ class Ledger:
         """Count one optimizer step; True once the budget is spent."""
         try:
             loss = float(loss)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # the worker's JSON: an int of 400 digits is valid
             loss = math.nan
         now = self.clock()
         self.num_steps += 1
@@ -181,10 +184,20 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
     `deadline` is the hard limit on the wall clock (time.time()), `limit_s` its length for the
     message; `watch` samples whatever this side
     watches while the worker trains (forced when the worker reports a failure); `log_step` takes
-    the step lines (default: `log`)."""
+    the step lines (default: `log`). Every read and write of the socket ends by the deadline: a
+    worker that never read a batch it asked for, or sent half a message, held the harness for good."""
+    try:
+        _serve(worker, ledger, train_tokens, seed, deadline, log, watch, log_step, limit_s)
+    except TimeoutError:
+        raise TrialFailed("timeout", "killed at the hard limit" + (f" of {limit_s:g} s" if limit_s else "")
+                          + ": the worker stopped half-way through a message") from None
+
+
+def _serve(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, deadline: float, log, watch, log_step,
+           limit_s: float | None) -> None:
     log_step = log_step or log
     streams: list = []
-    said_started = False
+    said_started = said_exporting = False
     last_log = time.perf_counter()
     while True:
         watch()
@@ -194,6 +207,7 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             raise TrialFailed("timeout", why)
         if not select.select([worker.sock], [], [], 0.1)[0]:
             continue
+        worker.sock.settimeout(max(0.01, deadline - time.time()))  # for this request and its answer
         try:
             request, _, _ = wire.recv(worker.sock)
         except (wire.HungUp, ConnectionError):
@@ -205,8 +219,10 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             if not said_started:
                 log("harness: worker: the model is built, train() starts")
             said_started = True
-        elif op == "exporting":  # the worker's word again: a log line, and the hand-over clock runs on
-            log("harness: worker: train() returned, exporting the model")
+        elif op == "exporting":  # the worker's word again: one log line, and the hand-over clock runs on
+            if not said_exporting:
+                log("harness: worker: train() returned, exporting the model")
+            said_exporting = True
         elif op == "batches":
             batch_size, seq_len = request.get("batch_size"), request.get("seq_len")
             if not all(type(v) is int and v >= 1 for v in (batch_size, seq_len)) \
@@ -216,6 +232,9 @@ def serve_training(worker, ledger: Ledger, train_tokens: np.ndarray, seed: int, 
             if seq_len + 1 > len(train_tokens):
                 raise TrialFailed("invalid", f"seq_len {seq_len} is longer than the train split "
                                              f"({len(train_tokens)} tokens)")
+            if len(streams) >= MAX_STREAMS:
+                raise TrialFailed("invalid", f"run.batches() was called {MAX_STREAMS + 1} times: make an iterator "
+                                             f"once and draw from it (at most {MAX_STREAMS})")
             streams.append((batch_stream(train_tokens, seed, len(streams), batch_size, seq_len), batch_size, seq_len))
             if len(streams) == 1:
                 log(f"harness: train() asked for batches of {batch_size} x {seq_len} tokens")

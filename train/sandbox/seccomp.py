@@ -2,7 +2,10 @@
 sockets too, not only TCP), io_uring (which would reach sockets and files around this filter), the
 system calls that build new namespaces or mounts, those that inspect or move into other processes,
 and (where no read-only mount does it) changes to files' metadata, and System V IPC and POSIX message
-queues (shared state that outlives its process, outside any file Landlock guards). Each is refused with EPERM, so a candidate sees an ordinary error, not a crash.
+queues (shared state that outlives its process, outside any file Landlock guards), page-cache
+eviction and residency queries, lock queries and file-event watches. Each is refused with EPERM, so
+a candidate sees an ordinary error, not a crash. File locks (flock, fcntl's lock commands) succeed
+and do nothing: a lock on a file every trial reads is seen by the others.
 
 `socketpair` stays allowed: it connects only the two ends it creates (pipes between a trial's own
 processes, e.g. multiprocessing.Pipe). `clone3` answers ENOSYS, so the C library falls back to
@@ -37,6 +40,8 @@ _X86_64 = (0xC000003E, {
     "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "fchmodat2": 452,
     "setxattrat": 463, "removexattrat": 466,
     "fadvise64": 221, "cachestat": 451, "mincore": 27, "madvise": 28, "process_madvise": 440,
+    "fcntl": 72, "flock": 73, "inotify_init": 253, "inotify_add_watch": 254, "inotify_init1": 294,
+    "fanotify_init": 300, "fanotify_mark": 301,
 })
 _AARCH64 = (0xC00000B7, {
     "socket": 198, "ptrace": 117, "pivot_root": 41, "chroot": 51, "mount": 40, "umount2": 39,
@@ -55,6 +60,7 @@ _AARCH64 = (0xC00000B7, {
     "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15, "fremovexattr": 16,
     "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
     "fadvise64": 223, "cachestat": 451, "mincore": 232, "madvise": 233, "process_madvise": 440,
+    "fcntl": 25, "flock": 32, "inotify_add_watch": 27, "inotify_init1": 26, "fanotify_init": 262, "fanotify_mark": 263,
 })
 MACHINES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 # System V IPC and POSIX message queues outlive the process that made them and are not files
@@ -73,12 +79,23 @@ CPUS = ("sched_setaffinity",)
 # (docs/THREAT_MODEL.md: what that channel can still carry).
 PAGE_CACHE = ("fadvise64", "cachestat", "mincore", "process_madvise")
 MADV_COLD, MADV_PAGEOUT = 20, 21
+# Trials of parallel slots read the same files, and a lock on one is kernel state the others see: a
+# POSIX read lock (a read-only descriptor is enough) may start at any of 2^63 offsets, which F_GETLK
+# in another trial reads back (a trial read 64 KB so in 1.4 s: two colluding trials could average
+# their weights as they train), flock carries a bit a file, and inotify or fanotify watches see
+# another trial open or read a file. So in the sandbox placing a lock succeeds and does nothing (a
+# library that locks its own cache, e.g. torch.compile's, still runs), asking about locks and
+# watching files are refused. The trial's own processes cannot exclude each other through locks.
+FILE_EVENTS = ("inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init", "fanotify_mark")
+F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_NOTIFY = 5, 6, 7, 36, 37, 38, 1024, 1026
+LOCK_NO_OP = (F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW)
+LOCK_DENIED = (F_GETLK, F_OFD_GETLK, F_SETLEASE, F_NOTIFY)
 DENIED = ("socket", "ptrace", "pivot_root", "chroot", "mount", "umount2", "init_module", "delete_module",
           "kexec_load", "add_key", "request_key", "keyctl", "unshare", "perf_event_open", "name_to_handle_at",
           "open_by_handle_at", "setns", "process_vm_readv", "process_vm_writev", "finit_module",
           "kexec_file_load", "bpf", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
           "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_getfd", "mount_setattr") + IPC + CPUS \
-    + PAGE_CACHE
+    + PAGE_CACHE + FILE_EVENTS
 # Landlock (ABI <= 7) does not guard a file's metadata: without this a sandbox could chmod, chown,
 # re-date or tag any file its uid owns (as an unprivileged user: the project, the study's journal).
 # The `namespaces` level has no need of it: there every mount but the scratch is read-only.
@@ -119,6 +136,13 @@ def program(deny_metadata: bool) -> list[tuple[int, int, int, int]]:
     # madvise stays (allocators return memory with DONTNEED), but not the advice that evicts pages
     ops += [(_JEQ, 0, 5, numbers["madvise"]), (_LD_ABS_W, 0, 0, 32), (_JEQ, 2, 0, MADV_COLD), (_JEQ, 1, 0, MADV_PAGEOUT),
             (_RET, 0, 0, _RET_ALLOW), (_RET, 0, 0, _errno(errno.EPERM))]
+    ops += [(_JEQ, 0, 1, numbers["flock"]), (_RET, 0, 0, _errno(0))]  # a lock that locks nothing
+    # fcntl: load its command; a lock command -> success doing nothing, a lock query or watch -> EPERM
+    commands = len(LOCK_NO_OP) + len(LOCK_DENIED)
+    ops += [(_JEQ, 0, commands + 4, numbers["fcntl"]), (_LD_ABS_W, 0, 0, 24)]
+    ops += [(_JEQ, commands - i, 0, cmd) for i, cmd in enumerate(LOCK_NO_OP)]
+    ops += [(_JEQ, commands - len(LOCK_NO_OP) - i + 1, 0, cmd) for i, cmd in enumerate(LOCK_DENIED)]
+    ops += [(_RET, 0, 0, _RET_ALLOW), (_RET, 0, 0, _errno(0)), (_RET, 0, 0, _errno(errno.EPERM))]
     ops += [(_JEQ, 0, 4, numbers["ioctl"]), (_LD_ABS_W, 0, 0, 24), (_JEQ, 1, 0, TIOCSTI), (_JEQ, 0, 1, TIOCLINUX),
             (_RET, 0, 0, _errno(errno.EPERM))]
     ops += [(_RET, 0, 0, _RET_ALLOW)]
