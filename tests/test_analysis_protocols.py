@@ -15,10 +15,10 @@ def protocol(name: str, *overrides: str):
         return compose(config_name="config", overrides=[f"+experiment={name}", *overrides], return_hydra_config=True)
 
 
-def test_searchers_protocol_sweeps_five_searchers_over_eight_seeds_at_one_budget():
+def test_searchers_protocol_sweeps_five_searchers_over_ten_paired_seeds_at_one_budget():
     cfg = protocol("searchers")
     assert cfg.hydra.mode.name == "MULTIRUN"
-    assert cfg.hydra.sweeper.params == {"searcher": "tpe,random,cmaes,grid,greedy", "seed": "range(8)"}
+    assert cfg.hydra.sweeper.params == {"searcher": "tpe,random,cmaes,grid,greedy", "seed": "range(10)"}
     assert cfg.launcher.name == "simulated" and cfg.launcher.slots == 4 and cfg.study.max_trials == 24
     assert cfg.study.experiment == "arena-searchers-cpu"
 

@@ -340,14 +340,17 @@ def test_a_job_whose_controller_stops_answering_is_lost_not_waited_on_forever(tm
 
 
 def study_command(workdir: Path, name: str, hook: str, *extra: str) -> list[str]:
-    """A 4-trial grid study on 2 Slurm slots, its train.py running `hook` at the start of train()."""
+    """A 4-trial grid study on 2 Slurm slots, its train.py running `hook` at the start of train().
+
+    No cell is the baseline's own knobs (tiny's DEPTH 1, MATRIX_LR 0.04): a hooked cell that is the
+    baseline byte for byte and times out would stop the study (study/baseline.py)."""
     baseline = workdir / "baseline_train.py"
     source = (ROOT / "train" / "train.py").read_text()
     baseline.write_text(source.replace("def train(model, run):\n", "def train(model, run):\n    _test_hook()\n", 1)
                         + "\n\ndef _test_hook():\n" + "".join(f"    {line}\n" for line in hook.splitlines()))
     return [sys.executable, str(ROOT / "run.py"), *TINY, "launcher=slurm", "launcher.slots=2",
             "launcher.poll_interval_s=1", "~space", "searcher=grid", "~searcher.levels",
-            "+searcher.levels={DEPTH:[1,2],MATRIX_LR:[0.02,0.04]}", "study.max_trials=4", f"study.name={name}",
+            "+searcher.levels={DEPTH:[1,2],MATRIX_LR:[0.02,0.03]}", "study.max_trials=4", f"study.name={name}",
             f"study.baseline={baseline}", f"mlflow.tracking_uri={sqlite_uri(workdir)}",
             f"hydra.run.dir={workdir}/outputs/run", *extra]
 
