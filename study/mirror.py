@@ -117,14 +117,32 @@ class Mirror(StudyObserver):
     def on_end(self, state, end: StudyEnd) -> None:
         """End the parent run (FAILED if the loop died of an error, KILLED after a Ctrl-C), then give
         the queue `flush_timeout_s` to drain."""
-        self.start()  # a study that failed before its first tick still ends its parent run
         status = "FAILED" if end.failed else "KILLED" if end.stop is StopKind.INTERRUPTED else "FINISHED"
-        self.finish(end.metrics, end.artifact_dirs, status=status, tags=end.tags, files=end.files,
-                    description=end.description)
-        if not self.flush(self.flush_timeout_s):
+        try:
+            self.start()  # a study that failed before its first tick still ends its parent run
+            self.finish(end.metrics, end.artifact_dirs, status=status, tags=end.tags, files=end.files,
+                        description=end.description)
+            caught_up = self.flush(self.flush_timeout_s)
+        except KeyboardInterrupt:  # the user will not wait for MLflow: the parent still ends, KILLED
+            self.end_parent_now("KILLED")
+            raise
+        if not caught_up:
             print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
                   file=sys.stderr)
         self.close()
+
+    def end_parent_now(self, status: str, wait_s: float = 15.0) -> None:
+        """Stop the queue and end the parent run from this thread (what is still queued is found
+        again by the next start's catch-up). The worker may be creating the parent right now, so
+        its current call gets `wait_s` to return first."""
+        self.close()
+        if self._thread.ident is not None:
+            self._thread.join(wait_s)
+        if self.parent_run_id:
+            try:
+                self.client.set_terminated(self.parent_run_id, status=status)
+            except Exception as e:  # noqa: BLE001 - a dead server: the next start ends it
+                log.warning("MLflow mirror: could not end the parent run (%s)", _one_line(e))
 
     # -- the work, queued ----------------------------------------------------------------------
     def trial_finished(self, trial: Trial, result: Result, times: dict[str, float]) -> None:
