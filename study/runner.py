@@ -82,6 +82,7 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
     Hydra instantiates them. The study folder is made and locked before anything reads it (what the
     journal and the trial folders say decides what runs), and stays locked to this call to the end."""
     study_dir = Path(cfg.study.dir).resolve()
+    sandbox.sweep()  # what harnesses killed outright left on this host: scratch mounts, folders, cgroups
     with StudyLock(study_dir) as lock:
         with _owned(study_dir, _tracking_uri(cfg), lock), _storage_faults(study_dir):
             plan = validate(cfg)
@@ -183,6 +184,7 @@ def finalise(plan: StudyPlan, built: BuiltStudy, loop: StudyLoop, started: float
     conf, study_dir, state = plan.conf, plan.study_dir, loop.state
     with _sigint_deferred() as interrupted:
         built.launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
+        sandbox.sweep()  # the trials are over: what a harness killed outright left goes with the study
         searcher_summary = _safe_summary(built.searcher)
         built.searcher.close()
         board = study_dir / "leaderboard.txt"
