@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Callable
 from study import mlflow_content as content
 from study.observers import StopKind, StudyEnd, StudyObserver
 from study.records import Result, Trial
+from train.sandbox.scratch import Scratch
 
 log = logging.getLogger("arena.mirror")
 
@@ -342,9 +342,9 @@ class Mirror(StudyObserver):
         for i in range(0, max(1, len(metrics)), 1000):  # MLflow takes at most 1000 metrics a call
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000], params=params if i == 0 else [],
                                   tags=tags if i == 0 else [])
-        with tempfile.TemporaryDirectory() as tmp:
-            content.write_trial_artifacts(Path(tmp), trial, self.baseline_source)
-            self.client.log_artifacts(run_id, tmp)
+        with Scratch("mlflow") as tmp:  # a folder an orchestrator killed meanwhile leaves to the host's next sweep
+            content.write_trial_artifacts(tmp.path, trial, self.baseline_source)
+            self.client.log_artifacts(run_id, str(tmp.path))
         self.client.set_terminated(run_id, status="FINISHED" if result.ok else "FAILED", end_time=end_ms)
         self.client.set_tag(run_id, "arena.mirrored", "1")
 

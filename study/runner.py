@@ -93,7 +93,8 @@ def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: La
         started = time.time()
         failed = True  # until the loop returns: a study that died of an exception is FAILED in MLflow
         try:
-            state = loop.run(plan.header, setup_searcher=False)
+            with _storage_faults(plan.study_dir):  # the journal's header, the replay: before the loop's own guard
+                state = loop.run(plan.header, setup_searcher=False)
             failed = False
         except KeyboardInterrupt:  # before the loop took SIGINT over (replaying the journal): KILLED
             loop.state.stop, loop.state.stop_reason = StopKind.INTERRUPTED, "interrupted (Ctrl-C) while starting"

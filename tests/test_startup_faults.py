@@ -106,6 +106,8 @@ if moment == "setup":  # the folder is made, locked and probed; then the disk fi
     runner._own = own_then_fill
 elif moment == "first trial":
     loop.StudyLoop._submit = filled_first(loop.StudyLoop._submit)
+elif moment == "last journal line":  # the loop has ended; its `stopped` line and the final sync
+    loop.StudyLoop._close_journal = filled_first(loop.StudyLoop._close_journal)
 elif moment == "finalise":
     runner.finalise = filled_first(runner.finalise)
 sys.argv[0] = {run!r}
@@ -115,7 +117,7 @@ runpy.run_path({run!r}, run_name="__main__")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["setup", "first trial", "finalise"])
+@pytest.mark.parametrize("moment", ["setup", "first trial", "last journal line", "finalise"])
 def test_a_disk_that_fills_at_any_moment_is_one_line_exit_3_and_the_same_command_resumes(tmp_path, tmpfs, moment):
     disk = tmpfs("disk", "96m")
     study = disk / "studies" / "s"
@@ -134,7 +136,7 @@ def test_a_disk_that_fills_at_any_moment_is_one_line_exit_3_and_the_same_command
     else:
         parents, _ = parents_and_children(uri)
         assert [p.info.status for p in parents] == ["FAILED"]
-    if moment == "finalise":
+    if moment in ("last journal line", "finalise"):
         assert len(JournalState.load(study / "journal.jsonl").results) == 1, "the finished trial was lost"
 
     (disk / "filler").unlink()
