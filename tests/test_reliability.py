@@ -355,7 +355,10 @@ def test_a_storage_fault_mid_study_stops_it_loudly_and_the_trial_runs_again(tmp_
         # A read-only bind mount over the folder: files already open stay writable (a remount of the
         # filesystem itself is refused while they are open), everything opened from now on is not.
         subprocess.run(["mount", "--bind", str(small_fs), str(small_fs)], check=True)
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(small_fs)], check=True)
+        # The trial opens steps.log per step through the new bind mount: the remount is refused
+        # ("busy") while one is open for writing, so it is tried until it lands between two.
+        wait_for(lambda: subprocess.run(["mount", "-o", "remount,ro,bind", str(small_fs)],
+                                        capture_output=True).returncode == 0, 60, "a read-only remount")
         expected = "study folder not writable"
     else:
         with open(small_fs / "filler", "wb") as f:
