@@ -58,14 +58,58 @@ def holds_runs(db: Path) -> bool:
         return "no such table" not in str(e)  # an empty or half-made file holds none; a locked one may
 
 
+def open_client(tracking_uri: str, settle_s: float = 10.0):
+    """An MlflowClient; MirrorError (one line) if the store cannot be opened. MLflow creates and
+    migrates a local database as a client first opens it, table by table outside one transaction, so
+    a start killed then (the first seconds of a study) left a half-made database that every later
+    start failed on with a traceback (`table _alembic_tmp_experiments already exists`). Such a
+    database, holding no run, is moved aside first and made again: nothing is lost, and the study
+    goes on. A migration another study on the same store is running right now looks the same, so
+    it must stay unchanged for `settle_s` first."""
+    import mlflow  # the loop imports fine without a tracking stack until a mirror is made
+
+    db = local_database(tracking_uri)
+    if db is not None and db.exists() and _interrupted_migration(db, settle_s):
+        aside = db.with_name(f"{db.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("", "-journal", "-wal", "-shm"):  # a journal must never meet another database
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{db}{suffix}").rename(f"{aside}{suffix}")
+        log.warning("MLflow's local database %s was left half-made by a start that was killed and holds no "
+                    "run; moved aside to %s and made again", db, aside.name)
+    try:
+        return mlflow.MlflowClient(tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
+        raise MirrorError(f"MLflow tracking URI {tracking_uri!r} is not usable: {_one_line(e)}") from None
+
+
+def _interrupted_migration(db: Path, settle_s: float) -> bool:
+    """A local database with an unfinished migration step (`_alembic_tmp_*`), no run, and no write
+    for `settle_s`."""
+    import sqlite3
+
+    def looks():
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as con:
+                tmp = con.execute("SELECT count(*) FROM sqlite_master WHERE name GLOB '_alembic_tmp_*'").fetchone()[0]
+            stat = db.stat()
+            return tmp > 0 and not holds_runs(db), (stat.st_mtime_ns, stat.st_size)
+        except (sqlite3.Error, OSError):
+            return False, None
+
+    first, state = looks()
+    if not first:
+        return False
+    time.sleep(settle_s)
+    again, later = looks()
+    return again and later == state
+
+
 class Mirror(StudyObserver):
     def __init__(self, tracking_uri: str, experiment: str, study_id: str, study_name: str,
                  searcher: str, tags: dict[str, str], params: dict[str, Any], baseline_source: str,
                  flush_timeout_s: float = 60.0):
-        import mlflow  # the loop imports fine without a tracking stack until a mirror is made
-
         self.tracking_uri = tracking_uri
-        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.client = open_client(tracking_uri)
         self.experiment = experiment
         self.study_id = study_id
         self.study_name = study_name

@@ -248,12 +248,12 @@ def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launche
     if conf["mlflow"].get("enabled", True):
         from study.mirror import Mirror, MirrorError
 
-        mirror = Mirror(
-            tracking_uri=conf["mlflow"]["tracking_uri"], experiment=conf["study"]["experiment"],
-            study_id=header["study_id"], study_name=conf["study"]["name"], searcher=header["searcher"],
-            tags={}, params=flatten(conf), baseline_source=baseline,
-            flush_timeout_s=float(conf["mlflow"].get("flush_timeout_s", 60)))
         try:
+            mirror = Mirror(
+                tracking_uri=conf["mlflow"]["tracking_uri"], experiment=conf["study"]["experiment"],
+                study_id=header["study_id"], study_name=conf["study"]["name"], searcher=header["searcher"],
+                tags={}, params=flatten(conf), baseline_source=baseline,
+                flush_timeout_s=float(conf["mlflow"].get("flush_timeout_s", 60)))
             mirror.check()
         except MirrorError as e:
             raise ConfigError(str(e)) from None

@@ -238,3 +238,40 @@ def _events(path: Path) -> list[dict]:
         return Journal.read(path)
     except ValueError:
         return []
+
+
+# -- a start killed while MLflow makes its local database -----------------------------------------
+KILL_IN_MLFLOW_MIGRATION = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import alembic.ddl.impl as impl
+original = impl.DefaultImpl.create_table
+def create_then_die(self, table, *args, **kwargs):
+    original(self, table, *args, **kwargs)
+    if table.name.startswith("_alembic_tmp_"):  # inside a migration step: its temporary table made
+        os.kill(os.getpid(), signal.SIGKILL)
+impl.DefaultImpl.create_table = create_then_die
+sys.argv[0] = {run!r}
+import runpy
+runpy.run_path({run!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_start_killed_while_mlflow_makes_its_database_does_not_block_every_later_start(tmp_path):
+    """The chaos audit found it: MLflow migrates a new local database table by table, and a kill in
+    between left one that every later start failed on, with a traceback."""
+    args = [*TINY, "launcher.slots=1", "study.max_trials=1", f"mlflow.tracking_uri={sqlite_uri(tmp_path)}"]
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_IN_MLFLOW_MIGRATION.format(root=str(ROOT), run=str(ROOT / "run.py")))
+    killed = start(tmp_path, *args, driver=str(driver))
+    killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "mlflow.db").exists(), "the kill must land while MLflow makes its database"
+
+    proc = run_arena(tmp_path, *args, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "moved aside" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    parents, children = parents_and_children(sqlite_uri(tmp_path))
+    assert len(parents) == 1 and len(children) == 1
+    assert list(tmp_path.glob("mlflow.db.interrupted-*")), "the half-made database is kept, not deleted"
