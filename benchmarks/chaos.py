@@ -367,7 +367,10 @@ def mlflow_parents(study: Study) -> list:
 
 
 def mlflow_equal(study: Study, measured: set[str]) -> str:
-    parents = mlflow_parents(study)
+    try:
+        parents = mlflow_parents(study)
+    except Exception as e:  # noqa: BLE001 - a store the study left unreadable is a finding, not a crash
+        return f"NO (unreadable: {type(e).__name__})"
     children = Counter(r.data.tags.get("arena.trial_id") for r in study._runs if r.data.tags.get("arena.kind") == "trial")
     ok = (set(children) == measured and all(n == 1 for n in children.values()) and len(parents) == 1
           and parents[0].info.status != "RUNNING")
