@@ -127,12 +127,13 @@ class OptunaSearcher(Searcher):
                 self.reused.append(number)
                 meta["reused"] = True
             else:
-                # Saved before and after: a kill in between leaves trials past the saved count, which
-                # the next start takes out before asking again from the saved streams.
-                self.checkpoint.save(self.study.sampler, len(self.study.get_trials(deepcopy=False)))
+                # Saved before and after: a kill in between leaves trials past the saved count, or
+                # an enqueued one popped from the queue, which the next start takes back before
+                # asking again from the saved streams.
+                self.checkpoint.save(self.study.sampler, self.study.get_trials(deepcopy=False))
                 trial = self.study.ask(fixed_distributions=self.distributions)
                 number, params = trial.number, trial.params
-                self.checkpoint.save(self.study.sampler, len(self.study.get_trials(deepcopy=False)))
+                self.checkpoint.save(self.study.sampler, self.study.get_trials(deepcopy=False))
             meta["optuna_trial"] = number
             values = {k: sp.significant(_external(self.space[k], params[k])) for k in self.space}
             hypothesis = f"{LABELS[self.sampler_name]} #{number}: {sp.describe(values, ctx.baseline_knobs)}"
@@ -246,32 +247,51 @@ class SamplerCheckpoint:
         return "reseeded"
 
     def undo_unfinished_ask(self, storage: optuna.storages.RDBStorage, study_name: str) -> int:
-        """Take out of `storage` the trials a kill left inside an ask: those numbered at or past the
-        checkpoint's count. None of them was handed to the loop (a candidate leaves `ask` only after
-        the save that counts it), so the redone ask, from the same streams, makes them again exactly.
-        Only unfinished trials go; a finished one past the count means the checkpoint is not this
-        storage's, and nothing is touched (restore then reseeds). Returns how many went."""
+        """Take back what a kill inside an ask left in `storage`: trials numbered at or past the
+        checkpoint's count are deleted, and an enqueued trial (the baseline, an agent's knobs) that
+        was waiting then and has been popped since is put back in the queue, its parameters gone.
+        None of them was handed to the loop (a candidate leaves `ask` only after the save that
+        counts it), so the redone ask, from the same streams, makes them again exactly. Only
+        unfinished trials are touched; a finished one past the count means the checkpoint is not
+        this storage's, and nothing is (restore then reseeds). Returns how many were taken back."""
         try:
-            saved = json.loads(self.path.read_text())["n_trials"]
+            saved = json.loads(self.path.read_text())
+            count, waiting = saved["n_trials"], set(saved.get("waiting", ()))
             study_id = storage.get_study_id_from_name(study_name)
         except (OSError, ValueError, KeyError, TypeError):
             return 0
-        extra = [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.number >= saved]
-        if not extra or any(t.state not in (TrialState.RUNNING, TrialState.WAITING) for t in extra):
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        extra = [t for t in trials if t.number >= count]
+        popped = [t for t in trials if t.number in waiting and t.number < count and t.state == TrialState.RUNNING]
+        if any(t.state not in (TrialState.RUNNING, TrialState.WAITING) for t in extra) or not extra + popped:
             return 0
-        ids = [storage.get_trial_id_from_study_id_trial_number(study_id, t.number) for t in extra]
-        with storage.engine.begin() as connection:  # Optuna has no delete: its own tables, children first
-            for table in _TRIAL_TABLES:
-                connection.execute(sqlalchemy.text(f"DELETE FROM {table} WHERE trial_id IN :ids").bindparams(
-                    sqlalchemy.bindparam("ids", expanding=True)), {"ids": ids})
-        return len(ids)
 
-    def save(self, sampler: optuna.samplers.BaseSampler, n_trials: int) -> None:
+        def ids(found):
+            return {"ids": [storage.get_trial_id_from_study_id_trial_number(study_id, t.number) for t in found]}
+
+        def where(sql):
+            return sqlalchemy.text(sql).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+
+        with storage.engine.begin() as db:  # Optuna has no delete or un-pop: its own tables, children first
+            if extra:
+                for table in _TRIAL_TABLES:
+                    db.execute(where(f"DELETE FROM {table} WHERE trial_id IN :ids"), ids(extra))
+            if popped:
+                db.execute(where("DELETE FROM trial_params WHERE trial_id IN :ids"), ids(popped))
+                db.execute(where("DELETE FROM trial_system_attributes WHERE trial_id IN :ids "
+                                 "AND key != 'fixed_params'"), ids(popped))  # the enqueued values stay
+                db.execute(where("UPDATE trials SET state = 'WAITING', datetime_start = NULL "
+                                 "WHERE trial_id IN :ids"), ids(popped))
+        return len(extra) + len(popped)
+
+    def save(self, sampler: optuna.samplers.BaseSampler, trials: list[FrozenTrial]) -> None:
+        """The streams, with how many trials the storage holds and which of them wait in its queue."""
         state = {name: [kind, keys.tolist(), pos, has_gauss, gauss]
                  for name, (kind, keys, pos, has_gauss, gauss) in
                  ((name, rng.get_state()) for name, rng in random_streams(sampler).items())}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"n_trials": n_trials, "streams": state}))
+        tmp.write_text(json.dumps({"n_trials": len(trials), "streams": state,
+                                   "waiting": [t.number for t in trials if t.state == TrialState.WAITING]}))
         os.replace(tmp, self.path)
 
 

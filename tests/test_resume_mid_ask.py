@@ -48,11 +48,11 @@ elif where == "before-count":  # the trial is whole, but the checkpoint after th
     import searchers.optuna_search as os_
     original = os_.SamplerCheckpoint.save
     calls = []
-    def save_or_die(self, sampler_, n_trials):
-        if n_trials == kill_at + 1 and calls:
+    def save_or_die(self, sampler_, trials):
+        if len(trials) == kill_at + 1 and calls:
             os.kill(os.getpid(), signal.SIGKILL)
-        calls.append(n_trials)
-        original(self, sampler_, n_trials)
+        calls.append(len(trials))
+        original(self, sampler_, trials)
     os_.SamplerCheckpoint.save = save_or_die
 
 searcher = OptunaSearcher(name=sampler, sampler=sampler, options={{"n_startup_trials": 3}} if sampler != "random" else {{}})
@@ -100,10 +100,13 @@ def run_driver(tmp_path: Path, study_dir: Path, sampler: str, total: int, kill_a
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "random"])
-@pytest.mark.parametrize("where", ["mid-params", "before-count", "before-journal"])
+@pytest.mark.parametrize("where, kill_at", [
+    ("mid-params", 4), ("before-count", 4), ("before-journal", 4),  # trial 4: past the start-up, in the model
+    ("mid-params", 0), ("before-count", 0),  # trial 0: the enqueued baseline, popped from Optuna's queue
+])
 def test_a_kill_inside_an_ask_costs_nothing_the_resumed_study_proposes_what_the_uninterrupted_one_does(
-        tmp_path, sampler, where):
-    total, kill_at = 7, 4  # the kill lands in the ask of trial 4: after the start-up trials, so in the model
+        tmp_path, sampler, where, kill_at):
+    total = 7
     uninterrupted = run_driver(tmp_path, tmp_path / "whole", sampler, total)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
