@@ -60,16 +60,17 @@ def holds_runs(db: Path) -> bool:
 
 def open_client(tracking_uri: str, settle_s: float = 10.0):
     """An MlflowClient; MirrorError (one line) if the store cannot be opened. MLflow creates and
-    migrates a local database as a client first opens it, table by table outside one transaction, so
-    a start killed then (the first seconds of a study) left a half-made database that every later
-    start failed on with a traceback (`table _alembic_tmp_experiments already exists`). Such a
-    database, holding no run, is moved aside first and made again: nothing is lost, and the study
-    goes on. A migration another study on the same store is running right now looks the same, so
-    it must stay unchanged for `settle_s` first."""
+    migrates a local database as a client first opens it, step by step outside one transaction,
+    so a start killed then (the first seconds of a study) left a half-made database that every
+    later start failed on (`table _alembic_tmp_experiments already exists`, `table
+    evaluation_datasets already exists`). A local database short of MLflow's schema that holds no
+    run is moved aside first and made again: nothing is lost, and the study goes on. A migration
+    another study on the same store is running right now looks the same, so the database must stay
+    unchanged for `settle_s` first."""
     import mlflow  # the loop imports fine without a tracking stack until a mirror is made
 
     db = local_database(tracking_uri)
-    if db is not None and db.exists() and _interrupted_migration(db, settle_s):
+    if db is not None and _half_made(db, settle_s):
         aside = db.with_name(f"{db.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
         for suffix in ("", "-journal", "-wal", "-shm"):  # a journal must never meet another database
             with contextlib.suppress(FileNotFoundError):
@@ -82,17 +83,22 @@ def open_client(tracking_uri: str, settle_s: float = 10.0):
         raise MirrorError(f"MLflow tracking URI {tracking_uri!r} is not usable: {_one_line(e)}") from None
 
 
-def _interrupted_migration(db: Path, settle_s: float) -> bool:
-    """A local database with an unfinished migration step (`_alembic_tmp_*`), no run, and no write
-    for `settle_s`."""
+def _half_made(db: Path, settle_s: float) -> bool:
+    """A local database behind MLflow's schema (or with a migration's temporary table left), no
+    run in it, and no write for `settle_s`."""
     import sqlite3
 
     def looks():
         try:
+            if not db.exists() or holds_runs(db):
+                return False, None
             with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as con:
-                tmp = con.execute("SELECT count(*) FROM sqlite_master WHERE name GLOB '_alembic_tmp_*'").fetchone()[0]
+                names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                version = con.execute("SELECT version_num FROM alembic_version").fetchone() \
+                    if "alembic_version" in names else None
+            behind = version is None or version[0] != _schema_head() or any(n.startswith("_alembic_tmp_") for n in names)
             stat = db.stat()
-            return tmp > 0 and not holds_runs(db), (stat.st_mtime_ns, stat.st_size)
+            return behind and bool(names), (stat.st_mtime_ns, stat.st_size)
         except (sqlite3.Error, OSError):
             return False, None
 
@@ -102,6 +108,16 @@ def _interrupted_migration(db: Path, settle_s: float) -> bool:
     time.sleep(settle_s)
     again, later = looks()
     return again and later == state
+
+
+def _schema_head() -> str | None:
+    """The schema revision this MLflow makes a database at."""
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        return _get_latest_schema_revision()
+    except Exception:  # noqa: BLE001 - without it, only a left temporary table tells
+        return None
 
 
 class Mirror(StudyObserver):
