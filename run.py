@@ -27,8 +27,9 @@ def main(cfg: DictConfig):
     except StudyStorageError as e:  # the study's own disk failed: stopped, nothing blamed on a trial
         print(f"error: {e}; fix it and re-run the same command to resume", file=sys.stderr)
         sys.exit(3)
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT (setting up storage, MLflow)
-        print("interrupted while starting; nothing was lost: re-run the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C before the loop took over SIGINT, or after it (study.runner.Interrupted)
+        print(str(e) or "interrupted while starting; nothing was lost: re-run the same command to resume",
+              file=sys.stderr)
         sys.exit(130)
     return state.best[1].val_bpb if state.best else None
 

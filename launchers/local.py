@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.base import (BACKSTOP_S, harness_env, kill_group, killed_at_limit, poll_until, read_result,
-                            start_harness)
+from launchers.base import (BACKSTOP_S, KILL_GRACE_S, harness_env, kill_group, killed_at_limit, poll_until,
+                            read_result, start_harness)
 from study.core import Launcher, LauncherError, Slot
 from study.records import Result, Trial
 from train.contract import RESULT_FILE, RUNNING_LOCK
@@ -210,9 +210,18 @@ class LocalLauncher(Launcher):
         return True
 
     def close(self, cancel_running: bool = True) -> None:
+        """With `cancel_running`, returns once the trials it cancelled are gone (SIGKILL after the
+        grace): kill_group's delayed SIGKILL runs on a thread that would die with this process, and
+        the study's last sweep of the host must come after the trials' own clean-up."""
         if cancel_running:
             for p in self._procs.values():
                 _kill_trial(p)
+            grace_ends, deadline = time.time() + KILL_GRACE_S, time.time() + KILL_GRACE_S + 10
+            while (alive := [p for p in self._procs.values() if _alive(p)]) and time.time() < deadline:
+                if time.time() > grace_ends:
+                    for p in alive:
+                        _kill_trial(p, grace_s=0)
+                time.sleep(0.05)
         for server in self._servers.values():
             server.close()
         self._servers.clear()
@@ -320,9 +329,9 @@ def _lock_holders(trial_dir: Path) -> list[int]:
     return sorted(pids)
 
 
-def _kill_trial(p: _Proc) -> None:
+def _kill_trial(p: _Proc, grace_s: float = KILL_GRACE_S) -> None:
     for pid in [p.pid] if p.pid is not None else _lock_holders(Path(p.trial.directory)):
-        kill_group(pid)
+        kill_group(pid, grace_s)
 
 
 def _mtime(path: Path) -> float | None:

@@ -14,8 +14,15 @@ on trials that will not finish and no sample is wasted.
 
 A sampler is rebuilt on every start, and rebuilt with the study's seed its random stream would
 start over: a resumed random or TPE study would propose its first candidates again. So the sampler's
-random streams are saved after every ask (`SamplerCheckpoint`) and restored on start: a resumed
-study draws exactly what the uninterrupted one would have.
+random streams are saved around every Optuna ask (`SamplerCheckpoint`) and restored on start: a
+resumed study draws exactly what the uninterrupted one would have. A kill can land inside an ask,
+leaving a half-made Optuna trial (some parameters written) or a whole one whose streams were never
+saved; such trials, made after the last checkpoint and never handed to the loop, are taken out of
+the storage on start and the ask is made again from the checkpoint, so it proposes the same
+candidate. (Marking them FAIL, as before, shifted every later trial number, which CMA-ES seeds
+from, and left the streams to be reseeded.) Where exactness cannot hold, the start says so in one
+line: GP's kernel fit warm-starts from the last one in memory, and a study whose streams were lost
+(no checkpoint, optuna.db replaced) continues from fresh streams.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ from optuna.trial import FrozenTrial, TrialState
 from searchers import space as sp
 from study.core import SearchContext, Searcher
 from study.records import Candidate, Result, Trial
+
+log = logging.getLogger("arena")
 
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
@@ -88,11 +97,23 @@ class OptunaSearcher(Searcher):
         # damaged it, delete optuna.db: the journal's replay rebuilds it (see `tell`).
         sqlalchemy.event.listen(storage.engine, "connect", _no_fsync)
         storage.engine.dispose()  # reconnect with the setting
-        self.study = optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
-                                         direction="minimize", load_if_exists=True)
         stem = os.path.splitext(self.storage_file)[0]
         self.checkpoint = SamplerCheckpoint(os.path.join(ctx.study_dir, f"{stem}.{self.name}.sampler.json"))
-        self.checkpoint.restore(sampler, len(self.study.get_trials(deepcopy=False)), ctx.seed)
+        undone = self.checkpoint.undo_unfinished_ask(storage, self.name)  # before Optuna caches the trials
+        self.study = optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
+                                         direction="minimize", load_if_exists=True)
+        n_trials = len(self.study.get_trials(deepcopy=False))
+        how = self.checkpoint.restore(sampler, n_trials, ctx.seed)
+        if undone:
+            log.info("optuna %s: %d trial(s) a kill left half-asked were taken out; the ask is made again",
+                     self.name, undone)
+        if how == "reseeded":
+            log.warning("optuna %s: the sampler's saved random state does not match optuna.db (lost, or from an "
+                        "older version); it continues from fresh streams, so this resumed study proposes "
+                        "other candidates than an uninterrupted one would", self.name)
+        elif n_trials and self.sampler_name == "gp":
+            log.warning("optuna gp: the GP's kernel fit restarts from its default on resume (its warm start is "
+                        "not saved), so proposals may differ from an uninterrupted study's")
         self._orphans: list[FrozenTrial] | None = None  # found at the first ask, after the replay
 
     def ask(self, n: int, ctx: SearchContext) -> list[Candidate]:
@@ -106,9 +127,13 @@ class OptunaSearcher(Searcher):
                 self.reused.append(number)
                 meta["reused"] = True
             else:
+                # Saved before and after: a kill in between leaves trials past the saved count, or
+                # an enqueued one popped from the queue, which the next start takes back before
+                # asking again from the saved streams.
+                self.checkpoint.save(self.study.sampler, self.study.get_trials(deepcopy=False))
                 trial = self.study.ask(fixed_distributions=self.distributions)
                 number, params = trial.number, trial.params
-                self.checkpoint.save(self.study.sampler, number + 1)
+                self.checkpoint.save(self.study.sampler, self.study.get_trials(deepcopy=False))
             meta["optuna_trial"] = number
             values = {k: sp.significant(_external(self.space[k], params[k])) for k in self.space}
             hypothesis = f"{LABELS[self.sampler_name]} #{number}: {sp.describe(values, ctx.baseline_knobs)}"
@@ -136,7 +161,7 @@ class OptunaSearcher(Searcher):
         pending = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         self._orphans = [t for t in pending if t.number not in running]
         for t in [t for t in self._orphans if set(t.params) != set(self.distributions)]:
-            self.study.tell(t.number, state=TrialState.FAIL)  # killed mid-ask, or another space
+            self.study.tell(t.number, state=TrialState.FAIL)  # from another space (a kill mid-ask is undone)
             self._orphans.remove(t)
 
     def tell(self, trial: Trial, result: Result) -> None:
@@ -189,15 +214,16 @@ class OptunaSearcher(Searcher):
 
 
 class SamplerCheckpoint:
-    """An Optuna sampler's random streams, saved in the study folder after each ask so that a
-    sampler rebuilt on resume continues them instead of replaying them from the seed.
+    """An Optuna sampler's random streams, saved in the study folder before and after each Optuna
+    ask so that a sampler rebuilt on resume continues them instead of replaying them from the seed.
 
     Any sampler works (TPE, random, CMA-ES, GP, or one inside a hybrid searcher): its streams are
     found by walking its attributes. The state is JSON, not a pickled sampler, because the study
     folder is also where untrusted candidates run. The checkpoint records how many Optuna trials
-    existed when it was taken; if that is not the storage's count on resume (a study from before
-    checkpoints, a lost file, a kill between an ask and its save), the streams are reseeded from
-    (seed, trial count): a fresh stream, never a replay of the first one."""
+    existed when it was taken. More trials in the storage on resume are a kill inside an ask
+    (`undo_unfinished_ask` takes them out); fewer, or no checkpoint (a study from before
+    checkpoints, a lost file, a replaced optuna.db), and the streams are reseeded from (seed, trial
+    count): a fresh stream, never a replay of the first one."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -220,13 +246,58 @@ class SamplerCheckpoint:
             streams[name].seed([0 if seed is None else seed, n_trials, i])
         return "reseeded"
 
-    def save(self, sampler: optuna.samplers.BaseSampler, n_trials: int) -> None:
+    def undo_unfinished_ask(self, storage: optuna.storages.RDBStorage, study_name: str) -> int:
+        """Take back what a kill inside an ask left in `storage`: trials numbered at or past the
+        checkpoint's count are deleted, and an enqueued trial (the baseline, an agent's knobs) that
+        was waiting then and has been popped since is put back in the queue, its parameters gone.
+        None of them was handed to the loop (a candidate leaves `ask` only after the save that
+        counts it), so the redone ask, from the same streams, makes them again exactly. Only
+        unfinished trials are touched; a finished one past the count means the checkpoint is not
+        this storage's, and nothing is (restore then reseeds). Returns how many were taken back."""
+        try:
+            saved = json.loads(self.path.read_text())
+            count, waiting = saved["n_trials"], set(saved.get("waiting", ()))
+            study_id = storage.get_study_id_from_name(study_name)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        extra = [t for t in trials if t.number >= count]
+        popped = [t for t in trials if t.number in waiting and t.number < count and t.state == TrialState.RUNNING]
+        if any(t.state not in (TrialState.RUNNING, TrialState.WAITING) for t in extra) or not extra + popped:
+            return 0
+
+        def ids(found):
+            return {"ids": [storage.get_trial_id_from_study_id_trial_number(study_id, t.number) for t in found]}
+
+        def where(sql):
+            return sqlalchemy.text(sql).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+
+        with storage.engine.begin() as db:  # Optuna has no delete or un-pop: its own tables, children first
+            if extra:
+                for table in _TRIAL_TABLES:
+                    db.execute(where(f"DELETE FROM {table} WHERE trial_id IN :ids"), ids(extra))
+            if popped:
+                db.execute(where("DELETE FROM trial_params WHERE trial_id IN :ids"), ids(popped))
+                db.execute(where("DELETE FROM trial_system_attributes WHERE trial_id IN :ids "
+                                 "AND key != 'fixed_params'"), ids(popped))  # the enqueued values stay
+                db.execute(where("UPDATE trials SET state = 'WAITING', datetime_start = NULL "
+                                 "WHERE trial_id IN :ids"), ids(popped))
+        return len(extra) + len(popped)
+
+    def save(self, sampler: optuna.samplers.BaseSampler, trials: list[FrozenTrial]) -> None:
+        """The streams, with how many trials the storage holds and which of them wait in its queue."""
         state = {name: [kind, keys.tolist(), pos, has_gauss, gauss]
                  for name, (kind, keys, pos, has_gauss, gauss) in
                  ((name, rng.get_state()) for name, rng in random_streams(sampler).items())}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"n_trials": n_trials, "streams": state}))
+        tmp.write_text(json.dumps({"n_trials": len(trials), "streams": state,
+                                   "waiting": [t.number for t in trials if t.state == TrialState.WAITING]}))
         os.replace(tmp, self.path)
+
+
+# Optuna's RDB tables that hold a trial (optuna/storages/_rdb/models.py), the trial itself last.
+_TRIAL_TABLES = ("trial_params", "trial_values", "trial_intermediate_values", "trial_user_attributes",
+                 "trial_system_attributes", "trial_heartbeats", "trials")
 
 
 def random_streams(sampler: Any, prefix: str = "", depth: int = 3) -> dict[str, np.random.RandomState]:

@@ -43,10 +43,13 @@ class StudyLock:
                 raise
             raise StudyLocked(f"{self.path.parent} is in use by {owner(self.path)}; wait for it to end or "
                               "stop it (a dead owner holds no lock, so a resume is never blocked)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         self._fd = fd
+        try:  # only for the refusal message: a full disk must not cost the lock itself
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        except OSError:
+            pass
         _HELD.add(self.path)
         return self
 

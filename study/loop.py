@@ -10,7 +10,6 @@ searcher as soon as it returns, so a searcher never needs to be thread-safe.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 import logging
 import re
@@ -143,11 +142,26 @@ class StudyLoop:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             self._pool.shutdown(wait=False, cancel_futures=True)
-            with contextlib.suppress(OSError):  # a storage fault being reported already says why
-                self.journal.append(Event.STOPPED, reason=self.state.stop_reason, kind=self.state.stop, at=self.now())
-            with contextlib.suppress(OSError):
-                self.journal.close()
+            closing = self._close_journal()  # an error already on its way says why; this adds nothing
+        if closing is not None:  # the study ended by itself, but its last lines may not be on disk
+            why = storage.describe(closing, self.study_dir) or storage.problem(self.study_dir)
+            if why is None:
+                raise closing
+            raise storage.StudyStorageError(f"{why}; the journal's last lines could not be written") from closing
         return self.state
+
+    def _close_journal(self) -> OSError | None:
+        """The `stopped` line and the final sync; the first failure is returned, not raised."""
+        fault = None
+        try:
+            self.journal.append(Event.STOPPED, reason=self.state.stop_reason, kind=self.state.stop, at=self.now())
+        except OSError as e:
+            fault = e
+        try:
+            self.journal.close()
+        except OSError as e:
+            fault = fault or e
+        return fault
 
     def now(self) -> float:
         """Seconds since the study started, on the launcher's clock (virtual when simulated)."""
@@ -186,8 +200,8 @@ class StudyLoop:
         trial.attempt += 1
         trial.slot, trial.device_kind = slot.name, slot.device_kind
         base = self.study_dir / "trials" / trial.trial_id
+        trial.submitted_at = self.now()  # before the folder: its record carries it
         trial.directory = str(write_trial_dir(base.with_name(f"{trial.trial_id}-a{trial.attempt}"), trial))
-        trial.submitted_at = self.now()
         self.journal.append(Event.RESUBMITTED, trial=trial.to_dict())
         self.journal.append(Event.SUBMITTED, trial=trial.to_dict())
         self.state.running[trial.trial_id] = Running(trial, slot)
@@ -287,8 +301,8 @@ class StudyLoop:
             seed=self.seed if candidate.seed is None else candidate.seed,
             slot=slot.name, device_kind=slot.device_kind,
         )
+        trial.submitted_at = self.now()  # before the folder: its record carries it
         trial.directory = str(write_trial_dir(self.study_dir / "trials" / trial.trial_id, trial))
-        trial.submitted_at = self.now()
         self.journal.append(Event.SUBMITTED, trial=trial.to_dict())
         self.state.running[trial.trial_id] = Running(trial, slot)
         self.launcher.submit(trial, slot)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 from study import mlflow_content as content
 from study.observers import StopKind, StudyEnd, StudyObserver
 from study.records import Result, Trial
+from train.sandbox.scratch import Scratch
 
 log = logging.getLogger("arena.mirror")
 
@@ -134,6 +135,68 @@ def holds_runs(db: Path) -> bool:
         return "no such table" not in str(e)  # an empty or half-made file holds none; a locked one may
 
 
+def open_client(tracking_uri: str, settle_s: float = 10.0):
+    """An MlflowClient; MirrorError (one line) if the store cannot be opened. MLflow creates and
+    migrates a local database as a client first opens it, step by step outside one transaction,
+    so a start killed then (the first seconds of a study) left a half-made database that every
+    later start failed on (`table _alembic_tmp_experiments already exists`, `table
+    evaluation_datasets already exists`). A local database short of MLflow's schema that holds no
+    run is moved aside first and made again: nothing is lost, and the study goes on. A migration
+    another study on the same store is running right now looks the same, so the database must stay
+    unchanged for `settle_s` first."""
+    import mlflow  # the loop imports fine without a tracking stack until a mirror is made
+
+    db = local_database(tracking_uri)
+    if db is not None and _half_made(db, settle_s):
+        aside = db.with_name(f"{db.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("", "-journal", "-wal", "-shm"):  # a journal must never meet another database
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{db}{suffix}").rename(f"{aside}{suffix}")
+        log.warning("MLflow's local database %s was left half-made by a start that was killed and holds no "
+                    "run; moved aside to %s and made again", db, aside.name)
+    try:
+        return mlflow.MlflowClient(tracking_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
+        raise MirrorError(f"MLflow tracking URI {tracking_uri!r} is not usable: {_one_line(e)}") from None
+
+
+def _half_made(db: Path, settle_s: float) -> bool:
+    """A local database behind MLflow's schema (or with a migration's temporary table left), no
+    run in it, and no write for `settle_s`."""
+    import sqlite3
+
+    def looks():
+        try:
+            if not db.exists() or holds_runs(db):
+                return False, None
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as con:
+                names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                version = con.execute("SELECT version_num FROM alembic_version").fetchone() \
+                    if "alembic_version" in names else None
+            behind = version is None or version[0] != _schema_head() or any(n.startswith("_alembic_tmp_") for n in names)
+            stat = db.stat()
+            return behind and bool(names), (stat.st_mtime_ns, stat.st_size)
+        except (sqlite3.Error, OSError):
+            return False, None
+
+    first, state = looks()
+    if not first:
+        return False
+    time.sleep(settle_s)
+    again, later = looks()
+    return again and later == state
+
+
+def _schema_head() -> str | None:
+    """The schema revision this MLflow makes a database at."""
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        return _get_latest_schema_revision()
+    except Exception:  # noqa: BLE001 - without it, only a left temporary table tells
+        return None
+
+
 class Mirror(StudyObserver):
     def __init__(self, tracking_uri: str, experiment: str, study_id: str, study_name: str,
                  searcher: str, tags: dict[str, str], params: dict[str, Any], baseline_source: str,
@@ -174,12 +237,12 @@ class Mirror(StudyObserver):
         if why:
             raise MirrorError(f"MLflow tracking URI {self.tracking_uri!r} is not usable: {why}")
         try:
-            import mlflow  # the loop imports fine without a tracking stack until a mirror is made
-
             with _brief_http():
-                self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+                self.client = open_client(self.tracking_uri)
                 self._ensure_experiment()
                 self.client.set_experiment_tag(self.experiment_id, *content.view_tag(self.study_name, self.study_id))
+        except MirrorError:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
             raise MirrorError(f"MLflow tracking URI {self.tracking_uri!r} is not usable: {_one_line(e)}") from None
 
@@ -205,14 +268,32 @@ class Mirror(StudyObserver):
     def on_end(self, state, end: StudyEnd) -> None:
         """End the parent run (FAILED if the loop died of an error, KILLED after a Ctrl-C), then give
         the queue `flush_timeout_s` to drain."""
-        self.start()  # a study that failed before its first tick still ends its parent run
         status = "FAILED" if end.failed else "KILLED" if end.stop is StopKind.INTERRUPTED else "FINISHED"
-        self.finish(end.metrics, end.artifact_dirs, status=status, tags=end.tags, files=end.files,
-                    description=end.description)
-        if not self.flush(self.flush_timeout_s):
+        try:
+            self.start()  # a study that failed before its first tick still ends its parent run
+            self.finish(end.metrics, end.artifact_dirs, status=status, tags=end.tags, files=end.files,
+                        description=end.description)
+            caught_up = self.flush(self.flush_timeout_s)
+        except KeyboardInterrupt:  # the user will not wait for MLflow: the parent still ends, KILLED
+            self.end_parent_now("KILLED")
+            raise
+        if not caught_up:
             print("MLflow is behind: the journal has every trial; re-run the same command to catch up.",
                   file=sys.stderr)
         self.close()
+
+    def end_parent_now(self, status: str, wait_s: float = 15.0) -> None:
+        """Stop the queue and end the parent run from this thread (what is still queued is found
+        again by the next start's catch-up). The worker may be creating the parent right now, so
+        its current call gets `wait_s` to return first."""
+        self.close()
+        if self._thread.ident is not None:
+            self._thread.join(wait_s)
+        if self.parent_run_id:
+            try:
+                self.client.set_terminated(self.parent_run_id, status=status)
+            except Exception as e:  # noqa: BLE001 - a dead server: the next start ends it
+                log.warning("MLflow mirror: could not end the parent run (%s)", _one_line(e))
 
     # -- the work, queued ----------------------------------------------------------------------
     def trial_finished(self, trial: Trial, result: Result, times: dict[str, float]) -> None:
@@ -415,9 +496,9 @@ class Mirror(StudyObserver):
         for i in range(0, max(1, len(metrics)), 1000):  # MLflow takes at most 1000 metrics a call
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000], params=params if i == 0 else [],
                                   tags=tags if i == 0 else [])
-        with tempfile.TemporaryDirectory() as tmp:
-            content.write_trial_artifacts(Path(tmp), trial, result, self.baseline_source)
-            self.client.log_artifacts(run_id, tmp)
+        with Scratch("mlflow") as tmp:  # a folder an orchestrator killed meanwhile leaves to the host's next sweep
+            content.write_trial_artifacts(tmp.path, trial, result, self.baseline_source)
+            self.client.log_artifacts(run_id, str(tmp.path))
         self.client.set_terminated(run_id, status="FINISHED" if result.ok else "FAILED", end_time=end_ms)
         self.client.set_tag(run_id, "arena.mirrored", "1")
 

@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
@@ -24,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from study.core import PROJECT_ROOT, Launcher, LauncherError, SearchContext, Searcher
 from study import storage
 from study.journal import JournalDamaged, JournalState
-from study.lock import StudyLock, StudyLocked
+from study.lock import LOCK_FILE, StudyLock, StudyLocked
+from study.recovery import FolderRefused, reconcile
 from study.announce import UnequalArms, banner, check_trial_budget
 from study.baseline import failed_baseline, failure_line
 from study.findings import Findings, Floor, learn
@@ -83,18 +86,27 @@ class BuiltStudy:
 def run_study(cfg: DictConfig, *, searcher: Searcher | None = None, launcher: Launcher | None = None):
     """Run (or resume) the study `cfg` describes: validate, build, run, finalise. `searcher`/`launcher`
     may be passed in already built (tests use this to inject a fake Anthropic transport); otherwise
-    Hydra instantiates them. The study folder is locked to this call from where it is made to the end."""
-    with StudyLock(Path(cfg.study.dir).resolve()) as lock:
-        plan = validate(cfg)
-        built = build(plan, lock, searcher, launcher)
+    Hydra instantiates them. The study folder is made and locked before anything reads it (what the
+    journal and the trial folders say decides what runs), and stays locked to this call to the end."""
+    study_dir = Path(cfg.study.dir).resolve()
+    sandbox.sweep()  # what harnesses killed outright left on this host: scratch mounts, folders, cgroups
+    with StudyLock(study_dir) as lock:
+        with _owned(study_dir, _tracking_uri(cfg), lock), _storage_faults(study_dir):
+            plan = validate(cfg)
+            built = build(plan, searcher, launcher)
         loop = StudyLoop(searcher=built.searcher, launcher=built.launcher, ctx=built.ctx, objective=plan.objective,
                          study_dir=plan.study_dir, seed=int(plan.conf["seed"]), rules=plan.rules,
                          observers=built.observers)
         started = time.time()
         failed = True  # until the loop returns: a study that died of an exception is FAILED in MLflow
         try:
-            state = loop.run(plan.header, setup_searcher=False)
+            with _storage_faults(plan.study_dir):  # the journal's header, the replay: before the loop's own guard
+                state = loop.run(plan.header, setup_searcher=False)
             failed = False
+        except KeyboardInterrupt:  # before the loop took SIGINT over (replaying the journal): KILLED
+            loop.state.stop, loop.state.stop_reason = StopKind.INTERRUPTED, "interrupted (Ctrl-C) while starting"
+            failed = False
+            raise
         finally:
             findings = finalise(plan, built, loop, started, failed)
         if state.stop is StopKind.BASELINE_FAILED:
@@ -123,9 +135,9 @@ def validate(cfg: DictConfig) -> StudyPlan:
     if rungs:
         header["searcher"] += "+rungs"
         header["rungs"] = {"rungs": conf["study"]["rungs"], "eta": conf["study"].get("eta", 3)}
-    try:
-        journal = JournalState.load(study_dir / "journal.jsonl")
-    except JournalDamaged as e:
+    try:  # read under the study lock (run_study): no other copy is writing it
+        journal = reconcile(study_dir, JournalState.load(study_dir / "journal.jsonl"))
+    except (JournalDamaged, FolderRefused) as e:
         raise ConfigError(str(e)) from None
     existing = journal.header
     if existing:
@@ -141,8 +153,7 @@ def validate(cfg: DictConfig) -> StudyPlan:
     return StudyPlan(cfg, conf, objective, baseline, space, study_dir, rules, header, rungs, journal)
 
 
-def build(plan: StudyPlan, lock: StudyLock, searcher: Searcher | None = None,
-          launcher: Launcher | None = None) -> BuiltStudy:
+def build(plan: StudyPlan, searcher: Searcher | None = None, launcher: Launcher | None = None) -> BuiltStudy:
     """Instantiate the searcher and launcher, prepare the data, set up what creates something (left
     behind by nothing if a check fails), and the observers."""
     from hydra.utils import get_class, instantiate
@@ -160,9 +171,7 @@ def build(plan: StudyPlan, lock: StudyLock, searcher: Searcher | None = None,
     ctx = SearchContext(
         baseline_source=plan.baseline, baseline_knobs=read_knobs(plan.baseline), space=plan.space,
         seed=int(conf["seed"]), study_dir=str(study_dir), objective=plan.objective)
-    with _removed_if_setup_fails(study_dir, conf["mlflow"]["tracking_uri"] if conf["mlflow"].get("enabled", True)
-                                 else None, lock):
-        mirror = _set_up(conf, plan.header, plan.baseline, searcher, launcher, ctx, study_dir, plan.rungs, lock)
+    mirror = _set_up(conf, plan.header, plan.baseline, searcher, launcher, ctx, study_dir, plan.rungs)
     if mirror:
         mirror.tags = parent_tags(conf, plan.header, launcher, launcher.slots())
 
@@ -184,25 +193,46 @@ def build(plan: StudyPlan, lock: StudyLock, searcher: Searcher | None = None,
 def finalise(plan: StudyPlan, built: BuiltStudy, loop: StudyLoop, started: float, failed: bool) -> Findings:
     """However the loop ended: close the launcher and the searcher, say what the study learned,
     write the leaderboard, and tell the observers the study is over (the mirror ends the parent run,
-    FAILED if it died of an error or its baseline could not score)."""
+    FAILED if it died of an error or its baseline could not score). A Ctrl-C while this closes
+    things is acted on once the parent run has ended; one while MLflow catches up ends the parent at
+    once (KILLED). A leaderboard the study folder refuses is the same storage fault, line and exit
+    code as mid-study."""
     conf, study_dir, state = plan.conf, plan.study_dir, loop.state
-    built.launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
-    searcher_summary = _safe_summary(built.searcher)
-    findings = Findings() if failed else _safe_findings(plan, built, loop)
-    built.searcher.close()
-    board = study_dir / "leaderboard.txt"
-    board_text = "\n".join([leaderboard_text(state, conf, built.ctx.baseline_knobs), *findings.lines]) + "\n"
-    with contextlib.suppress(OSError):  # a study stopped by a full or read-only folder cannot write it
-        board.write_text(board_text)
-    end = StudyEnd(stop=state.stop, reason=state.stop_reason or "",
-                   failed=failed or state.stop is StopKind.BASELINE_FAILED,
-                   metrics=end_metrics(loop, searcher_summary, started),
-                   tags={"stop_reason": state.stop_reason or "", "stop_kind": str(state.stop or ""),
-                         **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}, **findings.tags,
-                         **{k: f"{v:.6g}" for k, v in findings.metrics.items()}},  # tags: no single-bar charts
-                   files=[study_dir / "best_train.py", board, *([findings.figure] if findings.figure else [])],
-                   artifact_dirs=[study_dir / "agent"], description=f"```\n{board_text}```")
-    Observers(built.observers).on_end(state, end)
+    with _sigint_deferred() as interrupted:
+        built.launcher.close(cancel_running=conf["study"].get("cancel_on_exit", True))
+        sandbox.sweep()  # the trials are over: what a harness killed outright left goes with the study
+        searcher_summary = _safe_summary(built.searcher)
+        findings = Findings() if failed else _safe_findings(plan, built, loop)
+        built.searcher.close()
+        board = study_dir / "leaderboard.txt"
+        board_text = "\n".join([leaderboard_text(state, conf, built.ctx.baseline_knobs), *findings.lines]) + "\n"
+        board_fault = None
+        try:
+            board.write_text(board_text)
+        except OSError as e:
+            board_fault = storage.fault(e, study_dir) or f"cannot write {board}: {e}"
+        end = StudyEnd(stop=state.stop, reason=state.stop_reason or "",
+                       failed=failed or board_fault is not None or state.stop is StopKind.BASELINE_FAILED,
+                       metrics=end_metrics(loop, searcher_summary, started),
+                       tags={"stop_reason": state.stop_reason or "", "stop_kind": str(state.stop or ""),
+                             **{k: v for k, v in searcher_summary.items() if isinstance(v, str)}, **findings.tags,
+                             **{k: f"{v:.6g}" for k, v in findings.metrics.items()}},  # tags: no single-bar charts
+                       files=[study_dir / "best_train.py", board, *([findings.figure] if findings.figure else [])],
+                       artifact_dirs=[study_dir / "agent"], description=f"```\n{board_text}```")
+    try:
+        Observers(built.observers).on_end(state, end)
+    except KeyboardInterrupt:
+        if failed:
+            return findings  # the error already on its way is what the user must read
+        raise Interrupted("interrupted while MLflow caught up; nothing was lost: the journal has every trial and "
+                          "the parent run is ended (KILLED); re-run the same command to mirror the rest") from None
+    if failed:
+        return findings
+    if board_fault:
+        raise storage.StudyStorageError(f"{board_fault}; the journal has every trial, but {board.name} "
+                                        "could not be written")
+    if interrupted():
+        raise Interrupted("interrupted while the study was ending; nothing was lost: the journal has every trial")
     return findings
 
 
@@ -234,11 +264,28 @@ def _optuna_study(searcher: Searcher):
     return None
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C the loop did not handle itself; its text is the one line run.py prints."""
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Count Ctrl-Cs instead of raising them inside; yields whether one came."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(1))
+    try:
+        yield lambda: bool(caught)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launcher: Launcher, ctx: SearchContext,
-            study_dir: Path, rungs: list[Rung] | None, lock: StudyLock):
-    """Everything that creates something (the study folder, the searcher's storage, the MLflow
-    store, the launcher's backend); returns the mirror, or None without MLflow."""
-    _own(study_dir, lock)
+            study_dir: Path, rungs: list[Rung] | None):
+    """Everything that creates something (the searcher's storage, the MLflow store, the launcher's
+    backend); returns the mirror, or None without MLflow."""
     try:
         searcher.setup(ctx)
     except (ValueError, RuntimeError) as e:  # the Searcher contract for bad settings; anything else is a bug
@@ -248,12 +295,12 @@ def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launche
     if conf["mlflow"].get("enabled", True):
         from study.mirror import Mirror, MirrorError
 
-        mirror = Mirror(
-            tracking_uri=conf["mlflow"]["tracking_uri"], experiment=conf["study"]["experiment"],
-            study_id=header["study_id"], study_name=conf["study"]["name"], searcher=header["searcher"],
-            tags={}, params=flatten(conf), baseline_source=baseline,
-            flush_timeout_s=float(conf["mlflow"].get("flush_timeout_s", 60)))
         try:
+            mirror = Mirror(
+                tracking_uri=conf["mlflow"]["tracking_uri"], experiment=conf["study"]["experiment"],
+                study_id=header["study_id"], study_name=conf["study"]["name"], searcher=header["searcher"],
+                tags={}, params=flatten(conf), baseline_source=baseline,
+                flush_timeout_s=float(conf["mlflow"].get("flush_timeout_s", 60)))
             mirror.check()
         except MirrorError as e:
             raise ConfigError(str(e)) from None
@@ -271,37 +318,67 @@ def _set_up(conf: dict, header: dict, baseline: str, searcher: Searcher, launche
 
 
 def _own(study_dir: Path, lock: StudyLock) -> None:
-    """Make the study folder, prove it writable and lock it, before anything is written to it."""
+    """Make the study folder and lock it before anything reads it. A copy paused before this
+    (Ctrl-Z) and resumed later reads the folder only once it owns it, so it never runs on what
+    another copy decided meanwhile."""
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(storage.describe(e, study_dir) or f"cannot make the study folder {study_dir}: {e}") from None
-    why = storage.problem(study_dir)
-    if why:
-        raise ConfigError(why)
-    try:
         lock.acquire()
     except StudyLocked as e:
         raise ConfigError(str(e)) from None
+    except OSError as e:
+        why = storage.describe(e, study_dir)
+        if why:
+            raise storage.StudyStorageError(why) from None
+        raise ConfigError(f"cannot make or lock the study folder {study_dir}: {e}") from None
+
+
+def _tracking_uri(cfg: DictConfig) -> str | None:
+    return cfg.mlflow.tracking_uri if cfg.mlflow.get("enabled", True) else None
 
 
 @contextlib.contextmanager
-def _removed_if_setup_fails(study_dir: Path, tracking_uri: str | None, lock: StudyLock):
-    """Bad input found while setting up leaves nothing behind: not the study folder, not a
-    local MLflow database, when this run created them. Only the lock's holder cleans up: a copy
-    started at the same instant as the owner saw no folder yet, then lost the race for the lock, and
-    removing "its" folder would delete the owner's lock file (and with it the one-owner guarantee)."""
+def _storage_faults(study_dir: Path):
+    """A full or read-only study folder while the study starts is the same fault, with the same
+    one line and exit code, as mid-study: not a traceback (the journal header, Optuna's database,
+    config.yaml) and not a configuration error (a searcher that could not create its storage)."""
+    try:
+        yield
+    except (storage.StudyStorageError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        why = storage.fault(e, study_dir)
+        if why is None:
+            raise
+        raise storage.StudyStorageError(why) from e
+
+
+@contextlib.contextmanager
+def _owned(study_dir: Path, tracking_uri: str | None, lock: StudyLock):
+    """Own the study folder (`_own`) and prove it writable; then whatever fails while the study sets
+    up leaves nothing behind: not the study folder, not a local MLflow database, when this run
+    created them. Only the lock's holder cleans up: a copy started at the same instant as the owner
+    saw no folder yet, then lost the race for the lock, and removing "its" folder would delete the
+    owner's lock file (and with it the one-owner guarantee). And the folder is this run's only if it
+    held nothing else once locked: a copy paused before its lock while another ran the study finds
+    that study there."""
     had_dir = study_dir.exists()
     from study.mirror import holds_runs, local_database
 
     db = local_database(tracking_uri)
     had_db = db is None or db.exists()
+    made = False
     try:
+        _own(study_dir, lock)
+        made = not had_dir and {p.name for p in study_dir.iterdir()} <= {LOCK_FILE}
+        why = storage.problem(study_dir)
+        if why:
+            raise storage.StudyStorageError(why)
         yield
     except BaseException:
         if not lock.held:
             raise
-        if not had_dir:
+        if made:
             shutil.rmtree(study_dir, ignore_errors=True)
             _remove_empty_parents(study_dir.parent)
         if not had_db and not holds_runs(db):  # another study may have made it meanwhile

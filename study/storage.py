@@ -26,7 +26,7 @@ class StudyStorageError(RuntimeError):
     """The study folder cannot keep the study's records: stop, loudly."""
 
 
-def problem(folder: str | os.PathLike) -> str | None:
+def problem(folder: str | os.PathLike, what: str = "study folder") -> str | None:
     """One line saying why `folder` cannot take the study's writes, or None if it can."""
     folder = Path(folder)
     try:
@@ -38,24 +38,43 @@ def problem(folder: str | os.PathLike) -> str | None:
             os.close(fd)
             os.unlink(name)
     except OSError as e:
-        return describe(e, folder) or f"study folder unusable ({folder}: {e.strerror or e})"
+        return describe(e, folder, what) or f"{what} unusable ({folder}: {e.strerror or e})"
     free = _free_bytes(folder)
     if free is not None and free < MIN_FREE_BYTES:
-        return f"no space left on the study folder's filesystem ({folder}: {free / 2**20:.1f} MiB free)"
+        return f"no space left on the {what}'s filesystem ({folder}: {free / 2**20:.1f} MiB free)"
     return None
 
 
-def describe(e: BaseException, folder: str | os.PathLike) -> str | None:
+def describe(e: BaseException, folder: str | os.PathLike, what: str = "study folder") -> str | None:
     """The one line for a storage fault anywhere in `e`'s chain (an OSError, or SQLite's own words
     for Optuna's database), or None if `e` is not one."""
     for cause in _chain(e):
         if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
-            return f"no space left on the study folder's filesystem ({folder})"
+            return f"no space left on the {what}'s filesystem ({folder})"
         if isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE:
-            return f"study folder not writable ({folder}: {cause.strerror})"
+            return f"{what} not writable ({folder}: {cause.strerror})"
         if isinstance(cause, sqlite3.OperationalError) and any(s in str(cause).lower() for s in _SQLITE_STORAGE):
-            return f"study folder not writable ({folder}: Optuna's database says {str(cause)!r})"
+            return f"{what} not writable ({folder}: Optuna's database says {str(cause)!r})"
     return None
+
+
+def fault(e: BaseException, folder: str | os.PathLike) -> str | None:
+    """The one line for `e` if it is a storage fault of the study, else None: a full or read-only
+    filesystem wherever it struck, a refused write only inside the study folder (a permission error
+    on, say, a baseline file elsewhere is a configuration error, not the study folder's)."""
+    why = describe(e, folder)
+    for cause in _chain(e):
+        if (isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM)
+                and cause.filename is not None and not _inside(cause.filename, folder)):
+            return None
+    return why
+
+
+def _inside(filename, folder: str | os.PathLike) -> bool:
+    try:
+        return Path(os.fsdecode(filename)).resolve().is_relative_to(Path(folder).resolve())
+    except (TypeError, ValueError, OSError):
+        return False
 
 
 def mentions_no_space(text: str | None) -> bool:

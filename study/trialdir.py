@@ -24,6 +24,11 @@ def write_trial_dir(directory: Path, trial: Trial) -> Path:
         "knobs": trial.candidate.knobs,
         "device_kind": trial.candidate.device_kind,
     }
+    # The journal's record of the trial (its source is TRAIN_FILE): the harness signs this file with
+    # its result, so a result whose journal line was lost can be proven and taken back on resume.
+    record = {**trial.to_dict(), "directory": str(directory)}
+    record["candidate"] = {**record["candidate"], "source": None}
+    spec["record"] = record
     tmp = directory / f"{TRIAL_FILE}.tmp"
     tmp.write_text(json.dumps(spec, indent=2, default=str))
     os.replace(tmp, directory / TRIAL_FILE)

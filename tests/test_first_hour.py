@@ -240,13 +240,11 @@ def test_a_failed_setup_keeps_a_database_another_study_made_and_wrote_meanwhile(
     """Two studies started at once on one local store: the one whose setup fails saw no database
     when it began, but by then the other had made it and started its runs; those are kept."""
     from study.lock import StudyLock
-    from study.runner import ConfigError, _removed_if_setup_fails
+    from study.runner import ConfigError, _owned
 
     uri = sqlite_uri(tmp_path)
     with StudyLock(tmp_path / "studies" / "failing") as lock, pytest.raises(ConfigError):
-        with _removed_if_setup_fails(tmp_path / "studies" / "failing", uri, lock):
-            lock.path.parent.mkdir(parents=True)
-            lock.acquire()
+        with _owned((tmp_path / "studies" / "failing").resolve(), uri, lock):  # makes and locks the folder
             other = mlflow.MlflowClient(uri)  # the other study, meanwhile
             run_id = other.create_run(other.create_experiment("other")).info.run_id
             raise ConfigError("launcher slurm: no cluster")

@@ -176,24 +176,31 @@ def test_a_second_copy_refuses_naming_the_owner_and_a_dead_owner_never_blocks(tm
     assert sorted(c.data.tags["arena.trial_id"] for c in children) == sorted(js.results)
 
 
-def test_a_copy_that_loses_the_race_for_a_new_folder_leaves_the_owners_lock_alone(tmp_path):
+def test_a_copy_that_loses_the_race_for_a_new_folder_leaves_the_owners_lock_alone(tmp_path, monkeypatch):
     """Two copies started at once both see no folder; the loser must not clean up "its" new folder,
     which is the owner's: deleting owner.lock let a third copy in beside the live owner."""
+    import study.runner as runner
     from study.lock import StudyLock, StudyLocked
-    from study.runner import ConfigError, _own, _removed_if_setup_fails
+    from study.runner import ConfigError, _owned
 
     study_dir = tmp_path / "studies" / "s"
     hold = (f"import pathlib, time\nfrom study.lock import StudyLock\n"
             f"pathlib.Path({str(study_dir)!r}).mkdir(parents=True)\n"
             f"lock = StudyLock({str(study_dir)!r}).acquire()\nprint('owned', flush=True)\ntime.sleep(120)")
     owner, loser = None, StudyLock(study_dir)
+    own = runner._own
+
+    def owner_first(*args):  # the loser saw no folder and no database; the owner makes and locks it now
+        nonlocal owner
+        owner = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert owner.stdout.readline().strip() == "owned"
+        own(*args)
+
+    monkeypatch.setattr(runner, "_own", owner_first)
     try:
         with pytest.raises(ConfigError, match="in use by another run"):
-            # the loser saw no folder and no database, then the owner made and locked the folder
-            with _removed_if_setup_fails(study_dir, sqlite_uri(tmp_path), loser):
-                owner = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-                assert owner.stdout.readline().strip() == "owned"
-                _own(study_dir, loser)
+            with _owned(study_dir, sqlite_uri(tmp_path), loser):
+                pass
         assert (study_dir / "owner.lock").exists(), "the loser removed the owner's folder"
         with pytest.raises(StudyLocked, match=f"pid {owner.pid}"):
             StudyLock(study_dir).acquire()
@@ -324,10 +331,13 @@ def small_fs(tmp_path):
 
 
 def test_a_read_only_study_folder_is_refused_before_any_compute(tmp_path, small_fs):
+    """The same fault, line and exit code (3) at startup as mid-study."""
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     proc = run_arena(tmp_path, *TINY, f"study.dir={small_fs}/study", f"mlflow.tracking_uri={sqlite_uri(tmp_path)}",
                      check=False, timeout=120)
-    assert proc.returncode == 2 and "error: study folder not writable" in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 3 and len(errors) == 1 and "study folder not writable" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -345,7 +355,10 @@ def test_a_storage_fault_mid_study_stops_it_loudly_and_the_trial_runs_again(tmp_
         # A read-only bind mount over the folder: files already open stay writable (a remount of the
         # filesystem itself is refused while they are open), everything opened from now on is not.
         subprocess.run(["mount", "--bind", str(small_fs), str(small_fs)], check=True)
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(small_fs)], check=True)
+        # The trial opens steps.log per step through the new bind mount: the remount is refused
+        # ("busy") while one is open for writing, so it is tried until it lands between two.
+        wait_for(lambda: subprocess.run(["mount", "-o", "remount,ro,bind", str(small_fs)],
+                                        capture_output=True).returncode == 0, 60, "a read-only remount")
         expected = "study folder not writable"
     else:
         with open(small_fs / "filler", "wb") as f:

@@ -28,20 +28,19 @@ import os
 import signal
 import stat
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import landlock, limits, namespaces, procfs, seccomp
-from .cgroup import Cgroup
+from .cgroup import Cgroup, cgroup_name
 from .kernel import (PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAPBSET_DROP, PR_SET_DUMPABLE, PR_SET_PDEATHSIG,
                      prctl)
-from .scratch import Scratch
+from .scratch import Scratch, sweep
 from .tree import ProcessTree, become_subreaper
 
 __all__ = ["LEVELS", "Policy", "ProcessTree", "SandboxUnavailable", "Scratch", "allowed_env", "available_level",
            "become_subreaper", "check_level", "confine", "gpu_devices", "harden_orchestrator",
-           "python_readable"]
+           "python_readable", "sweep"]
 
 LEVELS = ("namespaces", "landlock", "none")
 LANDLOCK_LEVEL_ABI = 6  # the `landlock` level needs signal and abstract-socket scoping (Linux 6.12)
@@ -145,19 +144,20 @@ def available_level() -> str:
 
 
 def _probe_namespaces() -> bool:
-    scratch = tempfile.mkdtemp(prefix="arena-sandbox-probe-")
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            readable = python_readable()
-            namespaces.enter(*_identity(readable, "namespaces"), Path(scratch), shm_mb=1, readable=readable)
-            code = 0 if procfs.read(1) is not None and os.getpid() == 2 else 1
-        except BaseException:  # noqa: BLE001 - any failure means the level is not available
-            pass
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    os.rmdir(scratch)
+    """A process killed while it probes (a study stopped as it starts) leaves its folder to the
+    next sweep: it is a Scratch."""
+    with Scratch("sandbox-probe") as scratch:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                readable = python_readable()
+                namespaces.enter(*_identity(readable, "namespaces"), scratch.path, shm_mb=1, readable=readable)
+                code = 0 if procfs.read(1) is not None and os.getpid() == 2 else 1
+            except BaseException:  # noqa: BLE001 - any failure means the level is not available
+                pass
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
 
 
@@ -205,7 +205,7 @@ def confine(policy: Policy, level: str) -> None:
         scratch = Path(policy.scratch).resolve()
         uid, gid = _identity(policy.readable, level)
         if os.geteuid() == 0:
-            Cgroup.create(policy.memory_mb, policy.max_processes)
+            Cgroup.create(cgroup_name(policy.scratch, os.getpid()), policy.memory_mb, policy.max_processes)
             if not limits.mount_scratch(scratch, policy.disk_mb, uid, gid):
                 os.chown(scratch, uid, gid)
         limits.raise_oom_score()

@@ -19,7 +19,7 @@ def report() -> list[str]:
         who = f"uid {os.geteuid()}: trials keep it (no cgroup: limits by rlimits and the parent's watcher)"
         group = "no (not root)"
     else:
-        parent = next(iter(Cgroup.locate(os.getpid()).dirs.values())).parent
+        parent = next(iter(Cgroup.parents().values()))
         group = f"under {parent}" if os.access(parent, os.W_OK) else f"no ({parent} is not writable)"
     return [f"sandbox: strongest level here is {available_level()!r} (levels, strongest first: "
             "namespaces, landlock, none)",

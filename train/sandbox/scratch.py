@@ -11,6 +11,13 @@ process on the host that makes a scratch first removes every scratch whose owner
 A lock, not a pid in the name: pids are reused, and mean nothing to a process in another PID
 namespace (containers, or Slurm jobs, that share /tmp). The sandboxed child never holds the lock:
 confine() closes every descriptor it was not told to keep.
+
+The child's cgroup is named after its scratch (cgroup.py), so the sweep that removes a dead maker's
+scratch also removes its cgroups, killing whatever of the trial still runs in them; the owner file
+goes last, so a cgroup that cannot go yet is tried again by the next sweep. The orchestrator sweeps
+its host when a study starts and when it ends (`sweep()` with no argument: the temporary folder
+trials inherit), so what a harness killed outright left (the launcher's backstop, an operator's
+kill -9, an OOM kill, the last trial of a study) goes with the study, not at the next trial.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from .cgroup import Cgroup
 from .limits import unmount_scratch
 
 PREFIX = "arena-"
@@ -50,7 +58,7 @@ class Scratch:
     def close(self) -> None:
         if self._fd is None:
             return
-        _remove(self.path, self.owner)
+        _remove(self.path, self.owner)  # a cgroup that cannot go yet keeps the owner file: the next sweep's
         os.close(self._fd)
         self._fd = None
 
@@ -61,10 +69,11 @@ class Scratch:
         self.close()
 
 
-def sweep(parent: str | os.PathLike) -> list[Path]:
-    """Remove the scratches under `parent` whose makers are dead; returns them."""
+def sweep(parent: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the scratches under `parent` (the temporary folder by default) whose makers are dead,
+    with their mounts and cgroups; returns them."""
     removed = []
-    for owner in Path(parent).glob(f"{PREFIX}*{OWNER_SUFFIX}"):
+    for owner in Path(parent or tempfile.gettempdir()).glob(f"{PREFIX}*{OWNER_SUFFIX}"):
         try:
             fd = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:  # gone meanwhile, or another user's
@@ -87,11 +96,24 @@ def sweep(parent: str | os.PathLike) -> list[Path]:
 
 
 def _remove(folder: Path, owner: Path) -> None:
-    """Folder first, owner file last (under the lock): a crash in between leaves an owner file that
-    the next sweep finishes."""
+    """Folder and cgroups first, owner file last (under the lock): a crash in between, or a cgroup
+    that will not go yet, leaves an owner file that the next sweep finishes."""
     unmount_scratch(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    owner.unlink(missing_ok=True)
+    if _remove_cgroups(folder.name):
+        owner.unlink(missing_ok=True)
+
+
+def _remove_cgroups(scratch_name: str) -> bool:
+    """The cgroups of the children that used this scratch (`cgroup_name`); True if none is left."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        parents = Cgroup.parents()
+    except OSError:
+        return True
+    names = {d.name for parent in parents.values() for d in parent.glob(f"{scratch_name}-*") if d.is_dir()}
+    return all([Cgroup.locate(name).empty_and_remove() for name in names])
 
 
 def _real_folder(folder: Path) -> bool:

@@ -23,7 +23,7 @@ import weakref
 from pathlib import Path
 
 from . import procfs
-from .cgroup import Cgroup
+from .cgroup import Cgroup, cgroup_name
 from .kernel import PR_SET_CHILD_SUBREAPER, prctl
 from .limits import scratch_is_tmpfs, tree_size_mb, unmount_scratch
 
@@ -49,7 +49,7 @@ class ProcessTree:
         root = procfs.read(pid)
         self._root_start = root.start if root else 0
         self._rusage_start = _children_cpu()
-        self._cgroup = Cgroup.locate(pid) if os.geteuid() == 0 else None
+        self._cgroup = Cgroup.locate(cgroup_name(policy.scratch, pid)) if os.geteuid() == 0 else None
         self._lock = threading.RLock()
         self._peak_private_mb = 0.0
         self._cpu_seen = 0.0
