@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from study.core import PROJECT_ROOT
-from study.records import Result
+from study.records import NO_VERDICT, Result
 from train.contract import INFRA_STATUSES, LOG_FILE, RESULT_FILE, read_tail
 from train.integrity import verify_result
 
@@ -139,7 +139,10 @@ def read_result(trial_dir: str | os.PathLike, *, missing_status: str = "crash", 
         data = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         why = reason or f"no {RESULT_FILE} ({type(e).__name__})"
-        return Result(status=missing_status, reason=why, error=log_tail(trial_dir, 20))
+        # the harness never judged the code (it was killed, or its node lost): study/baseline.py
+        # does not take this for the baseline's own failure
+        return Result(status=missing_status, reason=why, error=log_tail(trial_dir, 20),
+                      extra={NO_VERDICT: True})
     forged = f"{RESULT_FILE} is not an object" if not isinstance(data, dict) else \
         verify_result(trial_dir, data) if signed else None
     if forged:  # only the trusted harness's signed result counts

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from study.records import INFRA_STATUSES, Candidate, Result, Trial
+from study.records import INFRA_STATUSES, NO_VERDICT, Candidate, Result, Trial
 
 
 def is_baseline(candidate: Candidate, baseline_source: str) -> bool:
@@ -19,11 +19,13 @@ def is_baseline(candidate: Candidate, baseline_source: str) -> bool:
 
 
 def failed_baseline(history: list[tuple[Trial, Result]], baseline_source: str) -> tuple[Trial, Result] | None:
-    """The first measured failure of the baseline, when no run of the baseline has scored."""
+    """The first measured failure of the baseline, when no run of the baseline has scored. A
+    harness killed outright (an operator, the OOM killer, a backstop) wrote no verdict on the code:
+    that failure is the trial's, not the baseline's, and the study goes on."""
     runs = [(t, r) for t, r in history if is_baseline(t.candidate, baseline_source)]
     if any(r.ok for _, r in runs):
         return None
-    return next(((t, r) for t, r in runs if r.status not in INFRA_STATUSES), None)
+    return next(((t, r) for t, r in runs if r.status not in INFRA_STATUSES and not r.extra.get(NO_VERDICT)), None)
 
 
 def failure_line(trial: Trial, result: Result, study_dir: str | Path) -> str:

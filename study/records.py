@@ -19,7 +19,12 @@ from typing import Any
 # reach the worker before it reaches the harness.
 from train.contract import HARNESS_STATUSES, INFRA_STATUSES, STATUSES
 
-__all__ = ["HARNESS_STATUSES", "INFRA_STATUSES", "STATUSES", "RESULT_NUMBERS", "Candidate", "Trial", "Result"]
+__all__ = ["HARNESS_STATUSES", "INFRA_STATUSES", "STATUSES", "RESULT_NUMBERS", "NO_VERDICT", "Candidate", "Trial",
+           "Result"]
+
+# Set (true) in `extra` of a result a launcher made because the harness wrote none (killed outright,
+# its node lost): the status is the launcher's, not the harness's verdict on the candidate's code.
+NO_VERDICT = "no_harness_verdict"
 
 # Numbers a result may carry; every one is logged under this same name in the journal and MLflow.
 RESULT_NUMBERS = (

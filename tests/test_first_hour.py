@@ -439,6 +439,27 @@ def test_a_failing_baseline_stops_the_study_at_once_with_its_exception_line(tmp_
     assert len(JournalState.load(tmp_path / "studies" / NAME / "journal.jsonl").trials) == len(js.trials)
 
 
+def test_a_harness_killed_outright_on_the_baseline_is_not_the_baseline_failing(tmp_path):
+    """A harness that wrote no result (killed by an operator, the OOM killer or the launcher's
+    backstop) never judged the code: the study goes on; the harness's own verdict stops it."""
+    from launchers.base import read_result
+    from study.baseline import failed_baseline
+
+    source = "KNOB = 1\n"
+    baseline = Trial(trial_id="t0000", index=0, candidate=Candidate(source=source), objective={},
+                     directory=str(tmp_path))
+    killed = read_result(tmp_path, reason="the harness ended (killed by SIGKILL) without a result.json")
+    assert killed.status == "crash" and "no_harness_verdict" not in killed.numbers()
+    assert failed_baseline([(baseline, killed)], source) is None
+    again = Result.from_dict(json.loads(json.dumps(killed.to_dict())))  # as the journal hands it back on resume
+    assert failed_baseline([(baseline, again)], source) is None
+    judged = Result(status="crash", error="RuntimeError: negative dimension")
+    assert failed_baseline([(baseline, killed), (baseline, judged)], source) == (baseline, judged)
+    other = Trial(trial_id="t0001", index=1, candidate=Candidate(source="KNOB = 2\n"), objective={},
+                  directory=str(tmp_path))
+    assert failed_baseline([(other, judged)], source) is None, "only the baseline's own code stops a study"
+
+
 def test_a_crash_reason_is_the_exception_line_not_the_traceback_header():
     try:
         try:
