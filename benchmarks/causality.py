@@ -84,7 +84,7 @@ def main() -> None:
     table = bigram(spec)
     tau = prepare.CAUSAL_TOLERANCE
     windows = -(-tokens // T)
-    checks = 2 * windows  # each row: one seam probe, one prefix-only run
+    checks = (prepare.SEAMS_PER_ROW + 1) * windows  # each row: its seam probes and one prefix-only run
     print(f"preset {args.preset}: {windows} rows of {T}, {checks} checked (row, cut) pairs an evaluation, "
           f"tolerance {tau:g} nats")
 
