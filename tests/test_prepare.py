@@ -279,6 +279,29 @@ def test_metric_matches_an_independent_computation_for_a_bigram_table(austen):
     assert result["val_bpb"] == pytest.approx(nats / (math.log(2) * nbytes.sum()), rel=1e-5)
 
 
+def test_the_prefix_runs_of_an_evaluation_use_a_few_secret_lengths_and_every_row_is_checked(austen):
+    """The scorer bounds the program at every length it will run before any real row (a meta pass
+    each): the prefix lengths come from a pool of PREFIX_LENGTHS an evaluation, not two fresh ones
+    a batch (17 meta passes for the cpu preset before, 5 now), and each row still gets its seams
+    and one prefix-only run."""
+    table = torch.randn(austen.vocab_size, austen.vocab_size, generator=torch.Generator().manual_seed(9))
+    lengths_seen, calls = [], []
+
+    def model(idx):
+        calls.append(idx.shape[-1])
+        return table[idx]
+
+    for seed in range(5):
+        result = P.evaluate_bpb(model, austen, 64 * 64, 64, 4, "cpu", rng=np.random.default_rng(seed),
+                                check_lengths=lengths_seen.append)
+        [lengths] = lengths_seen[-1:]
+        assert 64 in lengths and len(lengths) <= P.PREFIX_LENGTHS + 1
+        assert set(calls) <= set(lengths), "the model runs only at lengths the scorer bounded first"
+        assert result["causality_checks"] == (P.SEAMS_PER_ROW + 1) * 64
+        calls.clear()
+    assert len({tuple(x) for x in lengths_seen}) > 1, "the pool is drawn afresh each evaluation"
+
+
 def test_every_row_is_a_distinct_window_and_the_model_sees_one_row_at_a_time(austen):
     seen = []
 

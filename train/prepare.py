@@ -49,7 +49,12 @@ NAMED_CORPORA = corpora.NAMED_CORPORA
 # is chosen by shape (GPUs). A model kept just under it gains at most this many nats per token
 # (about 4e-4 bits per byte at 3.3 bytes a token); benchmarks/causality.py measures it.
 CAUSAL_TOLERANCE = 1e-3
-PREFIX_LENGTHS_PER_BATCH = 2  # each row is also scored cut short, at one of this many secret lengths a batch
+# Each row is also scored cut short, at one of PREFIX_LENGTHS_PER_BATCH secret lengths a batch, drawn
+# from PREFIX_LENGTHS secret lengths an evaluation: the scorer bounds the program's cost at every
+# length it will run (a meta pass each, ~20 ms for the cpu preset's model), so the pool keeps those
+# few; the seams below are what checks every position of every row.
+PREFIX_LENGTHS = 4
+PREFIX_LENGTHS_PER_BATCH = 2
 COMPARED_BEFORE_CUT = 16  # positions compared up to each cut: a peek up to this far ahead moves one of them
 # Seam probes a row, each at its own secret cut. The prefix-only runs share their few lengths across
 # a batch, so they check few distinct positions: with one seam a row, a model that peeks at one fixed
@@ -112,9 +117,11 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
     token_bytes = torch.as_tensor(spec.token_bytes().astype(np.int64), device=device)
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     starts = range(0, windows, batch_rows)
-    plans = [_probe_plan(min(batch_rows, windows - start), seq_len, val.size, rng) if check_causal else None
+    pool = _prefix_lengths(seq_len, PREFIX_LENGTHS, rng)
+    plans = [_probe_plan(min(batch_rows, windows - start), seq_len, val.size, rng, pool) if check_causal else None
              for start in starts]
-    seams = [[plan[:2]] + [_probe_plan(len(plan[0]), seq_len, val.size, rng)[:2] for _ in range(SEAMS_PER_ROW - 1)]
+    seams = [[plan[:2]] + [_probe_plan(len(plan[0]), seq_len, val.size, rng, pool)[:2]
+                           for _ in range(SEAMS_PER_ROW - 1)]
              if plan else None for plan in plans]
     if check_lengths is not None:
         check_lengths(sorted({seq_len} | {length for plan in plans if plan for length, _ in plan[2]}))
@@ -144,7 +151,7 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
                     _check_causal(real, both[k * rows:(k + 1) * rows], cuts)
                     checks += rows
                 for length, members in groups:
-                    _check_causal(real[members], logits_of(inputs[members, :length]), np.full(len(members), length - 1))
+                    _check_causal(real, logits_of(inputs[members, :length]), np.full(len(members), length - 1), members)
                     checks += len(members)
             else:
                 real = torch.log_softmax(logits_of(inputs).to(torch.float32), dim=-1)
@@ -165,14 +172,23 @@ def evaluate_bpb(model, spec: "DataSpec", eval_tokens: int, seq_len: int, batch_
     }
 
 
-def _probe_plan(rows: int, seq_len: int, val_size: int, rng: np.random.Generator):
+def _prefix_lengths(seq_len: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct secret prefix lengths in 2..seq_len-1 (none when a row is too short)."""
+    if seq_len < 3:
+        return np.zeros(0, dtype=np.int64)
+    return rng.choice(np.arange(2, seq_len), size=min(count, seq_len - 2), replace=False)
+
+
+def _probe_plan(rows: int, seq_len: int, val_size: int, rng: np.random.Generator, pool: np.ndarray | None = None):
     """One batch's secret checks: each row's seam cut and where its foreign continuation starts,
-    and the batch's rows split among a few prefix lengths (2..seq_len-1) as (length, row indices)."""
+    and the batch's rows split among a few prefix lengths (2..seq_len-1, drawn from `pool` when
+    given) as (length, row indices)."""
     cuts = rng.integers(0, seq_len - 1, size=rows)  # at least one token of every row changes
     offsets = rng.integers(0, val_size - seq_len, size=rows)
     groups = []
     if seq_len >= 3:
-        lengths = rng.choice(np.arange(2, seq_len), size=min(PREFIX_LENGTHS_PER_BATCH, seq_len - 2), replace=False)
+        pool = _prefix_lengths(seq_len, PREFIX_LENGTHS_PER_BATCH, rng) if pool is None else pool
+        lengths = rng.choice(pool, size=min(PREFIX_LENGTHS_PER_BATCH, len(pool)), replace=False)
         which = rng.integers(0, len(lengths), size=rows)
         groups = [(int(length), np.flatnonzero(which == i)) for i, length in enumerate(lengths) if (which == i).any()]
     return cuts, offsets, groups
@@ -188,14 +204,20 @@ def _seam_probes(inputs: torch.Tensor, val: np.ndarray, cuts: np.ndarray, offset
     return probe
 
 
-def _check_causal(reference: torch.Tensor, probe_logits: torch.Tensor, cuts: np.ndarray) -> None:
+def _check_causal(reference: torch.Tensor, probe_logits: torch.Tensor, cuts: np.ndarray,
+                  members: np.ndarray | None = None) -> None:
     """The probe's log-probs at the last COMPARED_BEFORE_CUT positions up to each row's cut must
-    agree with the real row's (`reference`, log-probs); only those positions are computed."""
+    agree with the real row's (`reference`, log-probs of the batch; the probe's rows are its rows
+    `members`, all of them by default); only those positions are computed."""
     window = np.maximum(cuts[:, None] - np.arange(COMPARED_BEFORE_CUT)[None, ::-1], 0)  # [rows, W], clamped at 0
-    at = torch.as_tensor(window, device=probe_logits.device)[..., None]
-    probe = torch.log_softmax(torch.gather(probe_logits, 1, at.expand(-1, -1, probe_logits.shape[-1])).to(
-        torch.float32), dim=-1)
-    real = torch.gather(reference, 1, at.expand(-1, -1, reference.shape[-1]))
+    rows = np.arange(len(cuts)) if members is None else np.asarray(members)
+
+    def pick(logits: torch.Tensor, row: np.ndarray) -> torch.Tensor:  # [rows, W, V]: the windows' positions
+        flat = torch.as_tensor((row[:, None] * logits.shape[1] + window).reshape(-1), device=logits.device)
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, flat).view(*window.shape, logits.shape[-1])
+
+    probe = torch.log_softmax(pick(probe_logits, np.arange(len(cuts))).to(torch.float32), dim=-1)
+    real = pick(reference, rows)
     difference = torch.where(probe == real, 0.0, probe - real)  # -inf == -inf: no move
     moved = float(difference.abs().max())
     if math.isnan(moved):
