@@ -59,9 +59,11 @@ def honest_noise(conf: dict, spec: prepare.DataSpec, tmp: Path) -> float:
     moved = []
     original = prepare._check_causal
 
-    def measure(reference, probe, cuts):
+    def measure(reference, probe_logits, cuts, members=None):  # every position up to each cut, not only a window
+        real = reference if members is None else reference[torch.as_tensor(members)]
+        probe = torch.log_softmax(probe_logits.to(torch.float32), dim=-1)
         kept = torch.as_tensor(np.arange(probe.shape[1])[None, :] <= cuts[:, None])
-        moved.append(float(torch.where(kept, (probe - reference[:, :probe.shape[1]]).abs().amax(-1), 0.0).max()))
+        moved.append(float(torch.where(kept, (probe - real[:, :probe.shape[1]]).abs().amax(-1), 0.0).max()))
 
     prepare._check_causal = measure
     try:

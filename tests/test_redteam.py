@@ -601,11 +601,9 @@ def test_a_header_nested_too_deep_is_a_bad_message_not_a_harness_error():
             wire.recv(ours)
 
 
-def test_a_worker_cannot_make_the_harness_write_without_bound():
-    """Each "started" message was one harness line in run.log: written by the trusted side, so no
-    sandbox disk limit held a worker sending millions of them."""
+def _harness_lines_for_a_flood_of(op: str) -> list[str]:
+    """The lines the harness logs while a worker sends 5,000 `op` messages and then fails."""
     import socket
-    import time as _time
     from types import SimpleNamespace
 
     import numpy as np
@@ -615,7 +613,7 @@ def test_a_worker_cannot_make_the_harness_write_without_bound():
 
     def flood(sock):
         for _ in range(5000):
-            wire.send(sock, {"op": "started"})
+            wire.send(sock, {"op": op})
         wire.send(sock, {"op": "failed", "status": "crash", "error": "x"})
 
     ours, theirs = socket.socketpair()
@@ -625,9 +623,15 @@ def test_a_worker_cannot_make_the_harness_write_without_bound():
         lines: list[str] = []
         with pytest.raises(WorkerFailed):
             serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
-                           _time.time() + 120, lines.append)
+                           time.time() + 120, lines.append)
         sender.join()
-    assert len(lines) == 1
+    return lines
+
+
+def test_a_worker_cannot_make_the_harness_write_without_bound():
+    """Each "started" message was one harness line in run.log: written by the trusted side, so no
+    sandbox disk limit held a worker sending millions of them."""
+    assert len(_harness_lines_for_a_flood_of("started")) == 1
 
 
 def test_showing_the_end_of_a_gigabyte_run_log_reads_only_its_end(tmp_path):
@@ -884,26 +888,4 @@ def test_a_worker_cannot_make_the_harness_hold_a_stream_for_every_request():
 def test_a_worker_cannot_make_the_harness_write_a_line_for_every_exporting_message():
     """As with "started" (above): each "exporting" message was a line of the harness's own in
     run.log, written outside the cap on what the sandbox prints."""
-    import socket
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from train import wire
-    from train.trainer import WorkerFailed, serve_training
-
-    def flood(sock):
-        for _ in range(5000):
-            wire.send(sock, {"op": "exporting"})
-        wire.send(sock, {"op": "failed", "status": "crash", "error": "x"})
-
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        sender = threading.Thread(target=flood, args=(theirs,))
-        sender.start()
-        lines: list[str] = []
-        with pytest.raises(WorkerFailed):
-            serve_training(SimpleNamespace(sock=ours), Ledger("steps", 8, 1, 512), np.zeros(1000, dtype=np.uint16), 0,
-                           time.time() + 120, lines.append)
-        sender.join()
-    assert len(lines) == 1
+    assert len(_harness_lines_for_a_flood_of("exporting")) == 1
