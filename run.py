@@ -31,6 +31,10 @@ def main(cfg: DictConfig):
         print(str(e) or "interrupted while starting; nothing was lost: re-run the same command to resume",
               file=sys.stderr)
         sys.exit(130)
+    from study.observers import StopKind
+
+    if state.stop is StopKind.INTERRUPTED:  # the summary says how to resume; a script (or a multirun) stops here
+        sys.exit(130)
     return state.best[1].val_bpb if state.best else None
 
 

@@ -397,6 +397,7 @@ def test_after_ctrl_c_the_summary_says_the_same_command_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.returncode == 130, "an interrupted study exits as a Ctrl-C does: `run.py && next` stops"
     [line] = [line for line in out.splitlines() if line.startswith("interrupted: ")]
     typed = os.path.relpath(sys.executable, tmp_path) if Path(sys.executable).is_relative_to(tmp_path) else sys.executable
     assert line.endswith("the same command resumes the study: " + " ".join([typed, str(ROOT / "run.py"), *args])), line
