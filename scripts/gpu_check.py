@@ -108,9 +108,11 @@ def scorer(objective: dict, knobs: dict) -> None:
     moved = []
     original = prepare._check_causal
 
-    def measure(reference, probe, cuts):
+    def measure(reference, probe_logits, cuts, members=None):  # prepare._check_causal's arguments; every position
+        real = reference if members is None else reference[torch.as_tensor(members, device=reference.device)]
+        probe = torch.log_softmax(probe_logits.to(torch.float32), dim=-1)
         kept = torch.as_tensor(np.arange(probe.shape[1])[None, :] <= cuts[:, None], device=probe.device)
-        moved.append(float(torch.where(kept, (probe - reference[:, :probe.shape[1]]).abs().amax(-1), 0.0).max()))
+        moved.append(float(torch.where(kept, (probe - real[:, :probe.shape[1]]).abs().amax(-1), 0.0).max()))
 
     from train import scorer as trusted
 
