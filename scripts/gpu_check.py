@@ -6,6 +6,9 @@ the harness on the GPU), and the figures the scorer issue asks for.
     python scripts/gpu_check.py                 # a 90 s gpu-preset trial, then the scorer on the GPU
     python scripts/gpu_check.py --steps 50      # a steps budget instead (reproducible val_bpb)
     python scripts/gpu_check.py --scorer-only   # only part 2 (about a minute)
+    python scripts/gpu_check.py --scorer-only --device cpu --preset tiny   # part 2 on a CPU: a smoke test
+                                                                           # (tests/test_gpu_check.py) that
+                                                                           # keeps this script current
 
 Part 1 runs the real harness on one trial of the gpu preset (conf/objective/gpu.yaml, train/train.py)
 and prints tokens/s, MFU, peak memory, val_bpb, the evaluation's seconds and its share of the trial,
@@ -37,7 +40,7 @@ from train.knobs import write_knobs  # noqa: E402
 
 
 def objective_of(args) -> tuple[dict, dict]:
-    objective = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/objective/gpu.yaml"), resolve=True)
+    objective = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/objective/{args.preset}.yaml"), resolve=True)
     knobs = objective.pop("knobs") or {}
     objective.update(budget_kind="seconds", budget=args.seconds, hard_limit_s=args.seconds * 4 + 300)
     if args.steps:
@@ -70,21 +73,26 @@ def trial(objective: dict, knobs: dict) -> None:
         print(f"{'eval share':>20}: {100 * evaluation / total:.1f}% of the trial")
 
 
-def scorer(objective: dict, knobs: dict) -> None:
-    """Part 2: the crossing and the trusted scorer on the GPU, in this process."""
+def scorer(objective: dict, knobs: dict, device: str = "cuda") -> None:
+    """Part 2: the crossing and the trusted scorer on the device, in this process."""
     import numpy as np
     import torch
 
     from train import graph, prepare
     from train.export import export_model
 
-    assert torch.cuda.is_available(), "no CUDA device"
+    assert device != "cuda" or torch.cuda.is_available(), "no CUDA device"
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     spec = prepare.prepare(objective["corpus"], objective["vocab_size"], objective["cache_dir"])
     namespace: dict = {}
     source = (ROOT / "train" / TRAIN_FILE).read_text()
     exec(compile(write_knobs(source, knobs) if knobs else source, "train.py", "exec"), namespace)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = namespace["build_model"](spec.vocab_size)
     T = objective["eval_seq_len"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,10 +104,10 @@ def scorer(objective: dict, knobs: dict) -> None:
     limits = graph.Limits(**(objective.get("eval_limits") or {}))
     program = graph.load(raw, limits, vocab_size=spec.vocab_size, seq_len=T)
     checked = time.time() - started
-    print(f"export on the GPU: {exported:.1f} s, {size / 2**20:.0f} MB; checked in {checked:.2f} s; "
+    print(f"export on {device}: {exported:.1f} s, {size / 2**20:.0f} MB; checked in {checked:.2f} s; "
           f"{program.work_per_token:.3g} operations per token, {program.peak_memory_bytes / 2**20:.0f} MB a row")
-    program.to("cuda")
-    rows = torch.as_tensor(np.asarray(spec.val_tokens()[:4 * T], dtype=np.int64).reshape(4, T), device="cuda")
+    program.to(device)
+    rows = torch.as_tensor(np.asarray(spec.val_tokens()[:4 * T], dtype=np.int64).reshape(4, T), device=device)
     with torch.no_grad():
         by_graph = torch.vmap(program)(rows[:, None, :])[:, 0]
         by_module = model.eval()(rows)
@@ -118,17 +126,17 @@ def scorer(objective: dict, knobs: dict) -> None:
 
     prepare._check_causal = measure
     try:
-        torch.cuda.synchronize()
+        synchronize()
         started = time.time()
         scores = prepare.evaluate_bpb(program, spec, objective["eval_tokens"], T, trusted.batch_rows(program, objective),
-                                      torch.device("cuda"), check_lengths=program.check_lengths)
-        torch.cuda.synchronize()
+                                      torch.device(device), check_lengths=program.check_lengths)
+        synchronize()
         seconds = time.time() - started
     finally:
         prepare._check_causal = original
-    print(f"evaluation on the GPU: {scores['rows']} rows of {T} and {scores['causality_checks']} causality checks in "
+    print(f"evaluation on {device}: {scores['rows']} rows of {T} and {scores['causality_checks']} causality checks in "
           f"{seconds:.1f} s (untrained model, val_bpb {scores['val_bpb']:.3f})")
-    print(f"honest causal-check noise on this GPU: {max(moved):.3g} nats (tolerance {prepare.CAUSAL_TOLERANCE:g}): "
+    print(f"honest causal-check noise on {device}: {max(moved):.3g} nats (tolerance {prepare.CAUSAL_TOLERANCE:g}): "
           + ("fits" if max(moved) <= prepare.CAUSAL_TOLERANCE / 10 else "TOO CLOSE: raise the tolerance or fix the kernels"))
 
 
@@ -138,6 +146,8 @@ def main() -> None:
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--steps", type=int, default=None, help="a steps budget instead (reproducible)")
     ap.add_argument("--scorer-only", action="store_true", help="skip the training trial")
+    ap.add_argument("--device", default="cuda", help="where part 2 runs (cpu: a smoke test of this script)")
+    ap.add_argument("--preset", default="gpu", help="the objective preset (conf/objective/)")
     args = ap.parse_args()
     objective, knobs = objective_of(args)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ARENA_CACHE": objective["cache_dir"]}
@@ -145,7 +155,7 @@ def main() -> None:
                     "--vocab-size", str(objective["vocab_size"])], env=env, check=True)
     if not args.scorer_only:
         trial(objective, knobs)
-    scorer(objective, knobs)
+    scorer(objective, knobs, args.device)
 
 
 if __name__ == "__main__":
