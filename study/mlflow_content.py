@@ -239,14 +239,22 @@ class RunningBest:
     in (step, timestamp) order, so a best logged once per trial slopes from one improvement to the
     next. Where a trial improves the best, both the old and the new best are logged at its step
     (the new one a millisecond later): the line runs flat, then drops straight down. Kept
-    incrementally: a 10,000-trial study adds each point in constant time."""
+    incrementally: a 10,000-trial study adds each point in constant time. Trials are told in the
+    order their results are collected, which is not always the order they finished in (two slots,
+    one polled later): a point never goes back in time, or a trial told late that finished early
+    would sort before the improvement it follows and draw a slope."""
 
     def __init__(self):
         self.best: float | None = None
         self.index = -1
+        self.latest_seconds: float | None = None
 
     def add(self, trial: Trial, result: Result, study_seconds: float | None) -> list[BestPoint]:
         self.index += 1
+        if study_seconds is not None:
+            if self.latest_seconds is not None:
+                study_seconds = max(study_seconds, self.latest_seconds)
+            self.latest_seconds = study_seconds
         previous = self.best
         if result.ok and trial.candidate.full_budget and (self.best is None or result.val_bpb < self.best):
             self.best = result.val_bpb

@@ -592,6 +592,27 @@ def test_a_trial_that_ran_through_the_gap_between_sessions_makes_that_time_study
     assert StudyClock.from_journal(records, simulated=True).gaps == [], "a virtual clock has no idle time"
 
 
+def test_the_running_best_by_time_stays_a_staircase_when_a_trial_is_told_after_a_later_one():
+    """Two slots: t0002 finished at 3.5 s but its result was collected after t0001's (3.6 s), which
+    improved the best. In MLflow's (step, timestamp) order t0002's point came before the
+    improvement's old-best point and the chart sloped (seen in CI: test_mlflow_ui's staircase)."""
+    from study.mlflow_content import RunningBest
+
+    best = RunningBest()
+    told = [("t0000", 3.80, 3.4), ("t0001", 3.74, 3.6), ("t0002", 3.90, 3.5), ("t0003", 3.70, 7.2)]
+    points = [p for i, (trial_id, score, seconds) in enumerate(told) for p in best.add(
+        Trial(trial_id=trial_id, index=i, candidate=Candidate(source=""), objective={}),
+        Result(status="ok", val_bpb=score), seconds)]
+    for key in ("best_val_bpb", "best_val_bpb_by_time"):
+        drawn = sorted((p for p in points if p.key == key),
+                       key=lambda p: (p.step, (p.study_seconds or 0) * 1000 + p.offset_ms))
+        assert all(a.value == b.value or a.step == b.step for a, b in zip(drawn, drawn[1:])), [
+            (p.step, p.value) for p in drawn]
+        assert [p.value for p in drawn][-1] == 3.70
+    by_time = [p for p in points if p.key == "best_val_bpb_by_time"]
+    assert [p.study_seconds for p in by_time] == sorted(p.study_seconds for p in by_time), "never back in time"
+
+
 def test_the_running_best_of_a_long_study_is_logged_as_steps_in_batches_mlflow_accepts(tmp_path):
     """A study resumed with 600 improving trials to catch up logs ~2,400 points; MLflow takes 1,000 a call."""
     from study.mirror import Mirror
